@@ -1,0 +1,291 @@
+"""The one TrainConfig: every option of a training run, typed, documented and validated.
+
+A config is read from TOML or JSON (`load_config`), checked once (`TrainConfig.validate`,
+called by `from_dict`), and then travels through the trainer as this object. Each field
+carries its help text, its allowed values and its range in the dataclass metadata; the
+README's option table and the error messages are both made from that metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be trained: every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training config:\n  - " + "\n  - ".join(problems))
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, section: str = "train", factory: bool = False) -> Any:
+    """A config field with its documentation and constraints in the metadata."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "section": section}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------
+    pretrained_model: str = opt("", "Base model: a single-file checkpoint (.safetensors, .ckpt) or a diffusers folder.", section="model")
+    tokenizer: str = opt("", "Folder with the CLIP tokenizer (vocab.json, merges.txt). Empty: the diffusers folder's own, else ComfyUI's bundled one.", section="model")
+    prediction_type: str = opt("auto", "What the model predicts. 'auto' reads it from the model (a `v_pred` key or the scheduler config).", choices=("auto", "epsilon", "v_prediction"), section="model")
+
+    # --- data ------------------------------------------------------------------------
+    instance_dir: str = opt("", "Folder of training images (png, jpg, jpeg, webp). `N_name` subfolders repeat their images N times.", section="data")
+    instance_prompt: str = opt("", "Prompt with the trigger word, e.g. 'a photo of sks dog'. Used for images without a caption file.", section="data")
+    caption_mode: str = opt("file_or_prompt", "'file_or_prompt': the .txt beside an image, else the instance prompt; 'prompt': always the instance prompt; 'prompt_and_file': instance prompt, then the caption.", choices=("file_or_prompt", "prompt", "prompt_and_file"), section="data")
+    caption_extension: str = opt(".txt", "Extension of caption files beside the images.", section="data")
+    repeats: int = opt(1, "How often each image is seen per epoch (folders named `N_name` override it).", min=1, max=10000, section="data")
+    resolution: int = opt(512, "Training resolution: the side of the square of equal area (512 for SD1.5, 1024 for SDXL).", min=8, max=4096, section="data")
+    buckets: bool = opt(True, "Aspect-ratio buckets: keep each image's shape instead of cropping to a square.", section="data")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this (pixels; 8 at least).", min=8, max=512, section="data")
+    upscale: bool = opt(False, "Upscale images smaller than their bucket (otherwise they train at a smaller bucket).", section="data")
+    crop: str = opt("center", "How an image is cropped to its bucket.", choices=("center", "random"), section="data")
+    flip_p: float = opt(0.0, "Probability of a horizontal flip per sample (0 for asymmetric subjects and text).", min=0.0, max=1.0, section="data")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with an empty caption.", min=0.0, max=1.0, section="data")
+    shuffle_captions: bool = opt(False, "Shuffle the comma-separated tags of a caption each time it is used.", section="data")
+    keep_tokens: int = opt(0, "With shuffle_captions: the first K comma-separated tags stay in place (the trigger word).", min=0, max=1000, section="data")
+
+    # --- prior preservation ----------------------------------------------------------------
+    with_prior_preservation: bool = opt(False, "Train on class images too, so the class ('dog') keeps its meaning.", section="prior")
+    class_dir: str = opt("", "Folder of class images; missing ones are generated there with the base model and reused.", section="prior")
+    class_prompt: str = opt("", "Prompt of the class, e.g. 'a photo of dog'.", section="prior")
+    num_class_images: int = opt(100, "Class images to use (generated if the folder has fewer).", min=1, max=100000, section="prior")
+    prior_loss_weight: float = opt(1.0, "Weight of the class-image loss.", min=0.0, max=100.0, section="prior")
+    class_sample_steps: int = opt(25, "Sampling steps when generating class images.", min=1, max=1000, section="prior")
+
+    # --- LoRA ------------------------------------------------------------------------------
+    rank: int = opt(16, "LoRA rank (dimension).", min=1, max=1024, section="lora")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0, max=4096.0, section="lora")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0, section="lora")
+    lora_targets: str = opt("attention", "'attention': the q/k/v/out projections of the UNet attention; 'all_linear': every linear layer of the transformer blocks.", choices=("attention", "all_linear"), section="lora")
+    train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder(s) (both on SDXL).", section="lora")
+    text_encoder_lr: float = opt(0.0, "Learning rate of the text-encoder LoRA; 0 uses learning_rate.", min=0.0, max=1.0, section="lora")
+    use_dora: bool = opt(False, "DoRA (weight-decomposed LoRA). Exported with `dora_scale` keys.", section="lora")
+
+    # --- optimisation ----------------------------------------------------------------------
+    max_train_steps: int = opt(800, "Optimizer steps to train.", min=1, max=10_000_000)
+    learning_rate: float = opt(1e-4, "Peak learning rate of the UNet LoRA.", min=0.0, max=10.0)
+    batch_size: int = opt(1, "Instance images per step (the same number of class images is added with prior preservation).", min=1, max=4096)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimizer step.", min=1, max=4096)
+    optimizer: str = opt("adamw", "'adamw' (fused where available), 'adamw8bit' (needs bitsandbytes), 'prodigy' (needs prodigyopt; use learning_rate 1.0).", choices=("adamw", "adamw8bit", "prodigy"))
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=1.0)
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.", min=0.0, max=1.0)
+    weight_decay: float = opt(1e-2, "Decoupled weight decay.", min=0.0, max=10.0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this; 0 disables clipping.", min=0.0, max=1e6)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule after warm-up.", choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=10_000_000)
+    mixed_precision: str = opt("auto", "'auto': bf16 on a GPU that has it, else fp16 on GPU, 'no' on CPU. LoRA weights stay fp32.", choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, about 25% slower.")
+    snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=1000.0)
+    noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
+    cache_latents: str = opt("auto", "Cache VAE latents and text embeddings per sample. 'auto': when no augmentation or text-encoder training changes them.", choices=("auto", "yes", "no"))
+    seed: int = opt(42, "Seed for noise, data order, augmentation and LoRA initialisation: the same seed repeats a run.", min=0, max=2**32 - 1)
+
+    # --- samples ---------------------------------------------------------------------------
+    validation_prompts: list[str] = opt(list, "Prompts sampled during and after training; empty uses the instance prompt.", section="sample", factory=True)
+    sample_every: int = opt(0, "Sample the validation prompts every N steps; 0 only at the end.", min=0, max=10_000_000, section="sample")
+    sample_at_end: bool = opt(True, "Sample the validation prompts when training ends.", section="sample")
+    sample_steps: int = opt(25, "Sampling steps for validation images.", min=1, max=1000, section="sample")
+    sample_guidance: float = opt(7.0, "Classifier-free guidance scale of validation images.", min=0.0, max=100.0, section="sample")
+    sample_seed: int = opt(1234, "Seed of the first validation image (the next ones use seed+1, ...); fixed so samples compare across steps.", min=0, max=2**32 - 1, section="sample")
+    sample_resolution: int = opt(0, "Side of validation images; 0 uses resolution.", min=0, max=4096, section="sample")
+
+    # --- checkpoints and output --------------------------------------------------------------
+    output_dir: str = opt("output", "Run folder: checkpoints, samples, the event log and the LoRA.", section="output")
+    output_name: str = opt("my_lora", "Name of the LoRA file (no folders, no extension).", section="output")
+    lora_dir: str = opt("", "Where the finished LoRA is written; empty uses output_dir.", section="output")
+    save_dtype: str = opt("fp16", "Precision of the exported LoRA.", choices=("fp16", "bf16", "fp32"), section="output")
+    export_format: str = opt("kohya", "'kohya' loads in ComfyUI, A1111, Forge and diffusers; 'diffusers' is diffusers' own layout; 'both' writes both.", choices=("kohya", "diffusers", "both"), section="output")
+    checkpoint_every: int = opt(250, "Write a resumable checkpoint (and a partial LoRA) every N steps; 0 only when stopped.", min=0, max=10_000_000, section="output")
+    keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep.", min=1, max=1000, section="output")
+    resume: str = opt("", "'latest' continues from the newest checkpoint in output_dir; a checkpoint folder resumes from it; empty starts fresh.", section="output")
+    overwrite: bool = opt(False, "Replace an existing LoRA of the same name (otherwise the run refuses to start).", section="output")
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build and validate a config; unknown keys and wrong types are errors, all listed at once."""
+        problems: list[str] = []
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in _flatten_sections(data).items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append(f"{key}: unknown option{hint}")
+                continue
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except (TypeError, ValueError):
+                problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
+        if problems:
+            raise ConfigError(problems)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """All options as plain JSON-able values (the form written into LoRA metadata)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every value against its constraints and the rules between options."""
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                allowed = ", ".join(repr(c) for c in meta["choices"])
+                problems.append(f"{f.name}: {value!r} is not allowed; choose one of {allowed}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and not math.isfinite(value):
+                    problems.append(f"{f.name}: {value!r} is not a finite number")
+                elif meta.get("min") is not None and value < meta["min"]:
+                    problems.append(f"{f.name}: {value!r} is below the minimum {meta['min']}")
+                elif meta.get("max") is not None and value > meta["max"]:
+                    problems.append(f"{f.name}: {value!r} is above the maximum {meta['max']}")
+        if not self.pretrained_model:
+            problems.append("pretrained_model: required; a checkpoint file or a diffusers folder")
+        if not self.instance_dir:
+            problems.append("instance_dir: required; the folder of training images")
+        if not self.instance_prompt.strip():
+            problems.append("instance_prompt: required; e.g. 'a photo of sks dog'")
+        if self.with_prior_preservation:
+            if not self.class_prompt.strip():
+                problems.append("class_prompt: required with with_prior_preservation; e.g. 'a photo of dog'")
+            if not self.class_dir:
+                problems.append("class_dir: required with with_prior_preservation; a folder for class images (created if missing)")
+        problems += _check_output_name(self.output_name)
+        if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
+            problems.append(f"resume: {self.resume!r} is neither 'latest' nor an existing checkpoint folder")
+        if self.bucket_step % 8:
+            problems.append(f"bucket_step: {self.bucket_step} must be a multiple of 8 (the VAE downsamples by 8)")
+        if self.resolution % 8:
+            problems.append(f"resolution: {self.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+        if self.keep_tokens and not self.shuffle_captions:
+            problems.append("keep_tokens: only has an effect with shuffle_captions = true")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def use_cached_latents(self) -> bool:
+        """Whether latents and text embeddings can be computed once per sample."""
+        if self.cache_latents != "auto":
+            return self.cache_latents == "yes"
+        augmented = self.flip_p > 0 or (self.crop == "random") or self.shuffle_captions or self.caption_dropout > 0
+        return not augmented and not self.train_text_encoder
+
+    @property
+    def unet_targets_all_linear(self) -> bool:
+        return self.lora_targets == "all_linear"
+
+
+def _check_output_name(name: str) -> list[str]:
+    if not name or not name.strip():
+        return ["output_name: required; a plain file name such as 'my_dog'"]
+    if name in (".", "..") or ".." in name or "/" in name or "\\" in name or os.path.isabs(name) or ":" in name:
+        return [f"output_name: {name!r} must be a plain file name without folders, '..' or a drive"]
+    if any(ord(c) < 32 for c in name):
+        return [f"output_name: {name!r} contains control characters"]
+    return []
+
+
+def _flatten_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept both a flat table and TOML sections ([data], [lora], ...) as the README shows."""
+    sections = {f.metadata["section"] for f in dataclasses.fields(TrainConfig)}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise TypeError
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError
+        return list(value)
+    raise TypeError(f"unsupported type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list of strings")
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML or JSON config file; relative paths in it are relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file ({e.strerror})"]) from e
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}"]) from e
+    data = _flatten_sections(data)
+    data.update(overrides or {})
+    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            data[key] = str((path.parent / value).resolve())
+    return TrainConfig.from_dict(data)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the config as JSON (atomically), the form `load_config` reads back."""
+    from .fileio import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(config.to_dict(), indent=2).encode("utf-8"))
+
+
+def option_table() -> str:
+    """The README's option reference, made from the field metadata."""
+    rows = ["| section | option | default | meaning |", "|---|---|---|---|"]
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        allowed = f" One of: {', '.join(f'`{c}`' for c in meta['choices'])}." if meta.get("choices") else ""
+        default = json.dumps(getattr(defaults, f.name))
+        rows.append(f"| {meta['section']} | `{f.name}` | `{default}` | {meta['help']}{allowed} |")
+    return "\n".join(rows)

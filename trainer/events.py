@@ -1,0 +1,75 @@
+"""The JSON-lines event stream of a training run.
+
+One JSON object per line, written to `<output_dir>/events.jsonl` (appended, flushed per
+event) and, from the CLI, to stdout when `--events stdout` is given. Every event has
+`event` (its kind) and `time` (Unix seconds). The kinds and their fields:
+
+- `start`: `total_steps`, `start_step` (> 0 when resumed), `model` (architecture),
+  `num_images`, `buckets` (list of [width, height]), `device`.
+- `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`.
+- `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
+- `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
+- `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).
+- `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file).
+- `error`: `message`, `kind` (the exception class), `step` (or null).
+- `log`: `level`, `message` (warnings such as small images or skipped files).
+
+The ComfyUI node and the CLI read this stream; only the main process writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+
+class EventWriter:
+    """Writes events to a JSON-lines file and to any number of listeners."""
+
+    def __init__(self, path: Path | None = None, stream: TextIO | None = None, enabled: bool = True):
+        self.enabled = enabled
+        self._file = None
+        if enabled and path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+        self._stream = stream if enabled else None
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Record one event; returns it."""
+        event = {"event": kind, "time": round(time.time(), 3), **fields}
+        if not self.enabled:
+            return event
+        line = json.dumps(event, default=str)
+        for out in (self._file, self._stream):
+            if out is not None:
+                out.write(line + "\n")
+                out.flush()
+        for listener in self.listeners:
+            listener(event)
+        return event
+
+    def log(self, message: str, level: str = "warning") -> None:
+        """A human-readable message; also printed to stderr so the CLI user sees it."""
+        self.emit("log", level=level, message=message)
+        if self.enabled and self._stream is not sys.stderr:
+            print(f"[{level}] {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Parse an event file, skipping a last line that is still being written."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
