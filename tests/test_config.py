@@ -1,0 +1,87 @@
+"""TrainConfig: reading, validation errors that name the field, round trips, README coverage."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, load_config, save_config
+
+REQUIRED = {"pretrained_model": "model.safetensors", "instance_dir": "data", "instance_prompt": "a photo of sks dog"}
+
+
+def test_toml_sections_and_relative_paths(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'pretrained_model = "models/base.safetensors"\n'
+        '[data]\ninstance_dir = "photos"\ninstance_prompt = "a photo of sks dog"\nresolution = 768\n'
+        '[lora]\nrank = 8\nalpha = 4\n', encoding="utf-8")
+    config = load_config(tmp_path / "run.toml")
+    assert config.resolution == 768 and config.rank == 8 and config.alpha == 4.0
+    assert Path(config.instance_dir) == tmp_path / "photos"
+    assert Path(config.pretrained_model) == tmp_path / "models" / "base.safetensors"
+
+
+def test_every_problem_is_listed_with_field_value_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({**REQUIRED, "rank": 0, "optimizer": "sgd", "resolution": 500, "flip_p": 2.0})
+    text = str(e.value)
+    assert "rank: 0 is below the minimum 1" in text
+    assert "optimizer: 'sgd' is not allowed; choose one of 'adamw', 'adamw8bit', 'prodigy'" in text
+    assert "resolution: 500 must be a multiple of 8" in text
+    assert "flip_p: 2.0 is above the maximum 1.0" in text
+    assert len(e.value.problems) == 4
+
+
+def test_unknown_key_suggests_the_close_one_and_types_are_checked():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({**REQUIRED, "learning_rat": 1e-4, "max_train_steps": "many", "buckets": 1})
+    text = str(e.value)
+    assert "learning_rat: unknown option; did you mean 'learning_rate'?" in text
+    assert "max_train_steps: expected an integer, got 'many'" in text
+    assert "buckets: expected true or false, got 1" in text
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", ""])
+def test_output_name_must_be_a_plain_file_name(name):
+    with pytest.raises(ConfigError, match="output_name"):
+        TrainConfig.from_dict({**REQUIRED, "output_name": name})
+
+
+def test_prior_preservation_needs_class_prompt_and_folder():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({**REQUIRED, "with_prior_preservation": True})
+    assert "class_prompt: required with with_prior_preservation" in str(e.value)
+    assert "class_dir: required with with_prior_preservation" in str(e.value)
+
+
+def test_json_round_trip(tmp_path):
+    config = TrainConfig.from_dict({**REQUIRED, "validation_prompts": ["a", "b"], "snr_gamma": 5})
+    save_config(config, tmp_path / "run.json")
+    assert load_config(tmp_path / "run.json") == dataclasses.replace(
+        config, pretrained_model=str(tmp_path / "model.safetensors"), instance_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "output"))
+    assert json.loads((tmp_path / "run.json").read_text())["snr_gamma"] == 5.0
+
+
+def test_bad_file_is_named(tmp_path):
+    (tmp_path / "run.toml").write_text("rank = = 3", encoding="utf-8")
+    with pytest.raises(ConfigError, match="run.toml: not valid TOML"):
+        load_config(tmp_path / "run.toml")
+    with pytest.raises(ConfigError, match="missing.toml: cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_caching_only_when_nothing_changes_the_inputs():
+    base = TrainConfig(**REQUIRED)
+    assert base.use_cached_latents
+    assert not dataclasses.replace(base, flip_p=0.5).use_cached_latents
+    assert not dataclasses.replace(base, train_text_encoder=True).use_cached_latents
+    assert not dataclasses.replace(base, crop="random").use_cached_latents
+    assert dataclasses.replace(base, flip_p=0.5, cache_latents="yes").use_cached_latents
+
+
+def test_readme_documents_every_option():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in readme]
+    assert not missing, f"README lacks options: {missing} (paste `python -m comfyui_dreambooth_lora.trainer options`)"

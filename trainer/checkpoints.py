@@ -1,0 +1,112 @@
+"""Resumable training states: `<output_dir>/checkpoints/step_<N>/`.
+
+A checkpoint folder holds the LoRA weights (`lora_state.safetensors`), the optimizer and
+learning-rate scheduler states (`optimizer.pt`, loaded with `weights_only=True`), the
+data position and the config (`trainer_state.json`), and the partial LoRA as a kohya
+file (`lora.safetensors`). It is written under a temporary name and renamed when
+complete, so a crash never leaves a half checkpoint that `latest` would pick.
+Random numbers in the loop are derived from (seed, step), so the step restores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+# Options that may change between a stop and its resume without changing what is trained.
+RESUMABLE_CHANGES = {"max_train_steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
+                     "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
+                     "sample_resolution", "validation_prompts", "output_dir", "lora_dir", "export_format",
+                     "save_dtype"}
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run."""
+
+
+@dataclass
+class TrainingState:
+    step: int          # optimizer steps done
+    epoch: int         # epoch of the next batch
+    position: int      # index of the next batch within that epoch
+    lora: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    config: dict[str, Any]
+    path: Path
+
+
+def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
+                    lora_metadata: dict[str, str]) -> Path:
+    """Write a checkpoint folder atomically (temp folder, then rename); returns it."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f".tmp_step_{state.step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
+        torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
+        save_file(partial_lora, tmp / "lora.safetensors", metadata=lora_metadata)
+        meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if final.exists():  # the same step written again (a resumed run stopped at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint folder `config.resume` names, or None to start fresh."""
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = list_checkpoints(Path(config.output_dir))
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ResumeError(f"resume: {path} is not a checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, config: TrainConfig) -> TrainingState:
+    """Read a checkpoint and check it belongs to a run with the same training options."""
+    path = Path(path)
+    meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved, current = meta["config"], config.to_dict()
+    differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
+                   for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if differences:
+        raise ResumeError(f"cannot resume from {path}: options that change training differ "
+                          f"(start a new run, or set them back):\n  " + "\n  ".join(differences))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
+                         lora=load_file(path / "lora_state.safetensors"), optimizer=opt["optimizer"],
+                         lr_scheduler=opt["lr_scheduler"], config=saved, path=path)

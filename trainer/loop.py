@@ -1,0 +1,426 @@
+"""The training loop: DreamBooth LoRA with prior preservation, under accelerate.
+
+Read `train` from top to bottom: prepare the run, load data and model, attach LoRA,
+then one optimizer step per loop iteration, with checkpoints, samples and a graceful
+stop. The loss is in `diffusion_loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import TrainingState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .conditioning import encode_prompts, sdxl_time_ids, tokenize
+from .config import TrainConfig
+from .data import DatasetScan, ImageDataset, count_images, scan_images
+from .events import EventWriter
+from .export import export_lora, kohya_state_dict, lora_metadata
+from .lora import add_lora, load_lora_state, lora_parameters, lora_state
+from .models import BaseModel, load_base_model
+from .sample import build_pipeline, ensure_class_images, generate_images, save_png
+from .stop import STOP_FILE_NAME, StopRequest
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, an existing output, a missing optional package)."""
+
+
+class _Stopped(Exception):
+    """Raised inside long preparation work when a stop was requested."""
+
+
+@dataclass
+class TrainResult:
+    status: str                                  # "done" or "stopped"
+    step: int
+    lora_files: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequest | None = None) -> TrainResult:
+    """Run (or resume) one training run described by `config`; returns what it wrote."""
+    from accelerate import Accelerator
+
+    output_dir = Path(config.output_dir)
+    lora_path = Path(config.lora_dir or config.output_dir) / f"{config.output_name}.safetensors"
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config))
+    main = accelerator.is_main_process
+    events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
+    stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
+    step = 0
+    try:
+        # --- everything that can be checked before a model loads --------------------------
+        resume_from = resolve_resume(config)
+        if lora_path.exists() and not config.overwrite and resume_from is None:
+            raise TrainingError(f"{lora_path} already exists; choose another output_name, "
+                                "or set overwrite = true (or resume = 'latest' to continue its run)")
+        state = load_checkpoint(resume_from, config) if resume_from else None
+        if main:
+            (output_dir / STOP_FILE_NAME).unlink(missing_ok=True)
+        instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
+        for warning in instance_scan.warnings:
+            events.log(warning)
+        instance_data = ImageDataset(instance_scan, config)
+
+        # --- model, class images, LoRA -----------------------------------------------------
+        base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
+                               prediction_type=config.prediction_type)
+        class_data = None
+        if config.with_prior_preservation:
+            class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
+        add_lora(base.unet, base.text_encoders, config)
+        trained_encoders = base.text_encoders if config.train_text_encoder else []
+        if state is not None:
+            load_lora_state(base.unet, base.text_encoders, state.lora)
+            step = state.step
+
+        device = accelerator.device
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        _place_models(base, device, weight_dtype)
+        if config.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            for encoder in trained_encoders:
+                encoder.gradient_checkpointing_enable()
+
+        param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
+        for encoder in trained_encoders:
+            param_groups.append({"params": lora_parameters(encoder), "lr": config.text_encoder_lr or config.learning_rate})
+        optimizer = build_optimizer(config, param_groups, device)
+        lr_scheduler = build_lr_scheduler(config, optimizer)
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            lr_scheduler.load_state_dict(state.lr_scheduler)
+        unet, optimizer, *trained_encoders = accelerator.prepare(base.unet, optimizer, *trained_encoders)
+        encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
+
+        cache = ConditioningCache(config.use_cached_latents)
+        batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
+        events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
+                     num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
+                     device=str(device), summary=instance_data.summary())
+        samples: list[Path] = []
+        epoch, position = (state.epoch, state.position) if state else (0, 0)
+        last_checkpoint = state.path if state else None
+
+        # --- the loop: one iteration = one optimizer step -----------------------------------
+        unet.train()
+        while step < config.max_train_steps:
+            started = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(config.gradient_accumulation_steps):
+                epoch, position, batch = next(batches)
+                rng = torch.Generator().manual_seed(derive_seed(config.seed, step, micro))
+                torch.manual_seed(derive_seed(config.seed, step, micro, 1))  # LoRA dropout
+                sync = micro == config.gradient_accumulation_steps - 1
+                with nullcontext() if sync else accelerator.no_sync(unet):
+                    latents, embeds, added = _batch_inputs(batch, epoch, step, micro, instance_data, class_data,
+                                                           base, encoders, cache, config, rng, device, weight_dtype)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(unet, base.noise_scheduler, latents, embeds, added, config, rng,
+                                              num_instance=len(batch))
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                step_loss += loss.detach().float().item() / config.gradient_accumulation_steps
+            if not torch.isfinite(torch.tensor(step_loss)):
+                raise TrainingError(f"the loss became {step_loss} at step {step + 1}; nothing from this step was "
+                                    f"saved (last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, "
+                                    "or use mixed_precision 'bf16' or 'no'.")
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position += 1  # the next batch to read after this step
+            events.emit("step", step=step, total_steps=config.max_train_steps, loss=round(step_loss, 6),
+                        lr=lr_scheduler.get_last_lr()[0], seconds_per_step=round(time.perf_counter() - started, 4))
+
+            stopping = _stop_everywhere(stop, accelerator)
+            finished = step >= config.max_train_steps
+            if config.checkpoint_every and step % config.checkpoint_every == 0 or stopping or finished:
+                state = TrainingState(step=step, epoch=epoch, position=position,
+                                      lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
+                                      optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                                      config=config.to_dict(), path=output_dir)
+                if main:
+                    last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
+                                                        config, events)
+                accelerator.wait_for_everyone()
+            if stopping:
+                partial = []
+                if main:
+                    partial = export_lora(lora_path.with_name(f"{config.output_name}_step{step:06d}.safetensors"),
+                                          accelerator.unwrap_model(unet), base.text_encoders, base.info.arch, config,
+                                          _metadata(config, base, step, instance_data))
+                    events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
+                                reason=stop.reason)
+                return TrainResult("stopped", step, partial, samples, last_checkpoint)
+            if main and config.sample_every and step % config.sample_every == 0 and not finished:
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events)
+                unet.train()
+
+        # --- the finished LoRA ---------------------------------------------------------------
+        written = []
+        if main:
+            if config.sample_at_end:
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events)
+            written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
+                                  config, _metadata(config, base, step, instance_data))
+            events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
+        accelerator.wait_for_everyone()
+        return TrainResult("done", step, written, samples, last_checkpoint)
+    except _Stopped:
+        events.emit("stopped", step=step, checkpoint=None, lora=[], reason=stop.reason)
+        return TrainResult("stopped", step)
+    except BaseException as e:
+        events.emit("error", message=str(e), kind=type(e).__name__, step=step)
+        raise
+    finally:
+        stop.close()
+        events.close()
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeds: torch.Tensor, added: dict | None,
+                   config: TrainConfig, rng: torch.Generator, num_instance: int) -> torch.Tensor:
+    """Denoising loss of one batch; the first `num_instance` samples are instance images, the rest class images.
+
+    Noise and timesteps come from `rng` (seeded per step), so a resumed run draws the same ones.
+    """
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=rng).to(device)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng).to(device)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=rng).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.snr_gamma:
+        loss = loss * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
+    instance_loss = loss[:num_instance].mean()
+    if loss.shape[0] == num_instance:
+        return instance_loss
+    return instance_loss + config.prior_loss_weight * loss[num_instance:].mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), for epsilon and v targets."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+# --- inputs of a step ------------------------------------------------------------------------------
+
+class ConditioningCache:
+    """Latent distributions and prompt embeddings computed once per sample (keyed by the sample).
+
+    Only used when nothing that changes them (augmentation, caption shuffle/dropout,
+    text-encoder training) is on; otherwise every lookup computes afresh.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+
+def _batch_inputs(batch, epoch, step, micro, instance_data, class_data, base: BaseModel, encoders, cache,
+                  config: TrainConfig, rng, device, weight_dtype):
+    """Latents, prompt embeddings and SDXL added conditioning for one micro-batch (+ class images)."""
+    bucket = instance_data.buckets[batch[0]]
+    parts = [(instance_data, i) for i in batch]
+    if class_data is not None:
+        first = (step * config.gradient_accumulation_steps + micro) * len(batch)
+        parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
+    samples, keys = [], []
+    for dataset, index in parts:
+        samples.append(dataset.prepare(index, bucket, epoch=epoch, seed=config.seed))
+        keys.append(dataset.cache_key(index, bucket))
+
+    means, stds = [], []
+    for sample, key in zip(samples, keys):
+        if cache.enabled and key in cache.latents:
+            mean, std = cache.latents[key]
+        else:
+            with torch.no_grad():
+                dist = base.vae.encode(sample.pixels[None].to(device, base.vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+            if cache.enabled:
+                cache.latents[key] = (mean, std)
+        means.append(mean)
+        stds.append(std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    latents = mean + std * torch.randn(mean.shape, generator=rng).to(device)
+    latents = (latents * base.vae.config.scaling_factor).to(weight_dtype)
+
+    captions = [s.caption for s in samples]
+    embeds, pooled = _encode_captions(captions, base, encoders, cache, device, config.train_text_encoder)
+    added = None
+    if base.info.arch == "sdxl":
+        time_ids = torch.stack([sdxl_time_ids(s.original_size, s.crop_top_left, s.target_size) for s in samples])
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
+    return latents, embeds.to(weight_dtype), added
+
+
+def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained: bool):
+    if cache.enabled and all(c in cache.prompts for c in captions):
+        found = [cache.prompts[c] for c in captions]
+        embeds = torch.cat([e for e, _ in found])
+        pooled = torch.cat([p for _, p in found]) if found[0][1] is not None else None
+        return embeds, pooled
+    ids = [tokenize(tok, captions).to(device) for tok in base.tokenizers]
+    with torch.set_grad_enabled(trained):
+        embeds, pooled = encode_prompts(base.info.arch, encoders, ids)
+    if cache.enabled:
+        for i, caption in enumerate(captions):
+            cache.prompts[caption] = (embeds[i:i + 1].detach(), None if pooled is None else pooled[i:i + 1].detach())
+    return embeds, pooled
+
+
+def batch_stream(dataset: ImageDataset, epoch: int, position: int, config: TrainConfig) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, position, batch) from a given point on, forever; the order depends only on the seed."""
+    while True:
+        batches = dataset.epoch_batches(epoch, config.batch_size, config.seed)
+        while position < len(batches):
+            yield epoch, position, batches[position]
+            position += 1
+        epoch, position = epoch + 1, 0
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, so each (run seed, step, micro-batch) gets its own stream."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --- building blocks -------------------------------------------------------------------------------
+
+def resolve_mixed_precision(config: TrainConfig) -> str:
+    """'auto' -> bf16 on a GPU that supports it, fp16 on other GPUs, 'no' on CPU."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_optimizer(config: TrainConfig, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU), 8-bit AdamW or Prodigy; a clear error when an optional package is missing."""
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "adamw":
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(param_groups, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay,
+                                 fused=fused or None, foreach=None if fused else True)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package: pip install bitsandbytes "
+                                "(or choose optimizer 'adamw')") from e
+        return bnb.optim.AdamW8bit(param_groups, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as e:
+        raise TrainingError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt "
+                            "(or choose optimizer 'adamw')") from e
+    return Prodigy(param_groups, betas=betas, weight_decay=config.weight_decay)
+
+
+def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Warm-up, then constant, cosine or linear decay over max_train_steps."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.max_train_steps)
+
+
+def _place_models(base: BaseModel, device, weight_dtype) -> None:
+    """Frozen weights in the compute dtype, LoRA weights in fp32, everything on the device."""
+    base.unet.to(device, dtype=weight_dtype)
+    base.vae.to(device, dtype=torch.float32 if base.info.arch == "sdxl" else weight_dtype)  # SDXL's VAE overflows in fp16
+    for encoder in base.text_encoders:
+        encoder.to(device, dtype=weight_dtype)
+    for module in (base.unet, *base.text_encoders):
+        for p in lora_parameters(module):
+            p.data = p.data.float()
+
+
+def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWriter, stop: StopRequest, main: bool,
+                        accelerator) -> ImageDataset:
+    """Class images for prior preservation: generate the missing ones once, then load them as a dataset."""
+    class_dir = Path(config.class_dir)
+    existing = count_images(class_dir)
+    if existing < config.num_class_images and main:
+        events.log(f"generating {config.num_class_images - existing} class images for '{config.class_prompt}' "
+                   f"in {class_dir} (once; later runs reuse them)", level="info")
+
+        def progress(done: int, total: int) -> None:
+            events.emit("class_images", done=done, total=total)
+            if stop.requested():
+                raise _Stopped
+
+        ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images, size=config.resolution,
+                            steps=config.class_sample_steps, guidance=config.sample_guidance, seed=config.seed,
+                            existing=existing, on_progress=progress)
+    accelerator.wait_for_everyone()
+    class_config = dataclasses.replace(config, caption_mode="prompt", repeats=1)
+    scan = scan_images(class_dir, config.class_prompt, class_config)
+    scan = DatasetScan(scan.folder, scan.items[:config.num_class_images], scan.skipped, scan.warnings)
+    return ImageDataset(scan, class_config)
+
+
+def _metadata(config: TrainConfig, base: BaseModel, step: int, data: ImageDataset) -> dict[str, str]:
+    return lora_metadata(config, arch=base.info.arch, base_model_name=base.name, base_model_hash=base.sha256(),
+                         steps=step, dataset_summary={"images": len(data), "summary": data.summary()})
+
+
+def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDataset, config: TrainConfig,
+                      events: EventWriter) -> Path:
+    partial = kohya_state_dict(unet, base.text_encoders, base.info.arch, config, torch.float16)
+    path = save_checkpoint(Path(config.output_dir), state, partial, _metadata(config, base, state.step, data))
+    prune_checkpoints(Path(config.output_dir), config.keep_checkpoints)
+    events.emit("checkpoint", step=state.step, path=str(path), lora=str(path / "lora.safetensors"))
+    return path
+
+
+def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter) -> list[Path]:
+    """Validation images with fixed seeds, written as samples/step_<N>_<i>.png."""
+    prompts = config.validation_prompts or [config.instance_prompt]
+    seeds = [config.sample_seed + i for i in range(len(prompts))]
+    unet.eval()
+    pipe = build_pipeline(base, unet)
+    images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
+                             steps=config.sample_steps, guidance=config.sample_guidance)
+    paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
+             for i, img in enumerate(images)]
+    events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)
+    return paths
+
+
+def _stop_everywhere(stop: StopRequest, accelerator) -> bool:
+    """A stop asked of any process stops all of them at the same step."""
+    requested = stop.requested()
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
