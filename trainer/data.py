@@ -108,6 +108,7 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
         accepted = ", ".join(IMAGE_EXTENSIONS)
         problems.append(f"{folder}: no images found (accepted: {accepted}, in any case, also in `N_name` "
                         f"subfolders); {len(skipped)} other {_plural(len(skipped), 'file')} skipped")
+        problems += notes  # images in a plain subfolder are the usual cause
 
     items: list[ImageItem] = []
     for path, repeats in images:
@@ -125,6 +126,14 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
     if problems:
         raise DatasetError(folder, problems)
     return DatasetScan(folder, items, skipped, notes)
+
+
+def count_images(folder: Path) -> int:
+    """Image files directly in `folder` (0 when it does not exist): how many class images are there already."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:

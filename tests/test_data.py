@@ -1,0 +1,378 @@
+"""The dataset: scanning and validation, captions, image conversion, buckets, batches and samples."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image, ImageFile
+
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.data import (DatasetError, ImageDataset, build_buckets, load_image,
+                                                  scan_images)
+from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+
+PROMPT = "a photo of sks disc"
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"resolution": 64, "bucket_step": 8, **overrides})
+
+
+def save(path: Path, size=(64, 64), colour=(200, 50, 50), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def scan(folder: Path, **overrides):
+    return scan_images(folder, PROMPT, config(**overrides))
+
+
+# --- scanning and captions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("file_or_prompt", ["tag one, tag two", PROMPT, PROMPT]),
+    ("prompt", [PROMPT, PROMPT, PROMPT]),
+    ("prompt_and_file", [f"{PROMPT}, tag one, tag two", PROMPT, PROMPT]),
+])
+def test_captions_per_mode(tmp_path, mode, expected):
+    save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeff  tag one, tag two \n".encode("utf-8"))  # with a byte-order mark
+    save(tmp_path / "b.png")  # no caption file
+    save(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("  \n", encoding="utf-8")  # empty caption: the prompt
+    result = scan(tmp_path, caption_mode=mode)
+    assert [item.caption for item in result.items] == expected
+    assert result.skipped == []  # caption files are part of the dataset
+
+
+def test_caption_extension_is_configurable(tmp_path):
+    save(tmp_path / "a.jpg")
+    (tmp_path / "a.caption").write_text("from caption", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("from txt", encoding="utf-8")
+    result = scan(tmp_path, caption_extension=".caption")
+    assert result.items[0].caption == "from caption"
+    assert result.items[0].caption_file == tmp_path / "a.caption"
+    assert result.skipped == [tmp_path / "a.txt"]
+
+
+def test_kohya_folders_set_repeats(tmp_path):
+    save(tmp_path / "top.png")
+    save(tmp_path / "10_sks dog" / "inner.PNG")
+    save(tmp_path / "3_more" / "x.webp")
+    save(tmp_path / "unrelated" / "ignored.png")
+    result = scan(tmp_path, repeats=2)
+    got = {item.path.relative_to(tmp_path).as_posix(): item.repeats for item in result.items}
+    assert got == {"top.png": 2, "10_sks dog/inner.PNG": 10, "3_more/x.webp": 3}
+    assert [item.path for item in result.items] == sorted(item.path for item in result.items)
+    assert any("unrelated" in w for w in result.warnings)
+
+
+def test_non_image_files_are_skipped_and_counted(tmp_path):
+    save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("caption", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("hello", encoding="utf-8")
+    (tmp_path / "orphan.txt").write_text("no image", encoding="utf-8")
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a")
+    result = scan(tmp_path)
+    assert [item.path.name for item in result.items] == ["a.png"]
+    assert sorted(p.name for p in result.skipped) == ["anim.gif", "notes.md", "orphan.txt"]
+    assert ImageDataset(result, config()).summary().endswith("3 non-image files skipped")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan(tmp_path / "nope")
+
+
+def test_empty_folder_names_extensions_and_skipped_count(tmp_path):
+    (tmp_path / "readme.md").write_text("x", encoding="utf-8")
+    (tmp_path / "photo.bmp").write_bytes(b"BM")
+    with pytest.raises(DatasetError) as info:
+        scan(tmp_path)
+    message = str(info.value)
+    assert "no images" in message and ".png" in message and ".webp" in message and ".jpg" in message
+    assert "2 other files skipped" in message
+
+    save(tmp_path / "dog" / "a.png")  # a plain subfolder is not read, and the error says so
+    with pytest.raises(DatasetError, match="dog: subfolder ignored"):
+        scan(tmp_path)
+
+
+def test_every_bad_file_is_listed_in_one_error(tmp_path):
+    save(tmp_path / "good.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    save(tmp_path / "full.png", size=(64, 64))
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "full.png").unlink()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(os.urandom(2000))
+    save(tmp_path / "latin1.png")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+
+    with pytest.raises(DatasetError) as info:
+        scan(tmp_path)
+    problems = info.value.problems
+    assert len(problems) == 4
+    message = str(info.value)
+    for name in ("zero.png", "truncated.png", "garbage.jpg", "latin1.txt"):
+        assert str(tmp_path / name) in message
+    assert "good.png" not in message
+    assert "0 bytes" in message and "UTF-8" in message
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_decompression_bomb_is_reported_with_pixel_count(tmp_path, monkeypatch):
+    save(tmp_path / "small.png", size=(20, 20))
+    save(tmp_path / "warn.png", size=(40, 40))  # between 1x and 2x the limit: Pillow only warns
+    save(tmp_path / "huge.png", size=(100, 100))  # above 2x: Pillow raises
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DatasetError) as info:
+        scan(tmp_path)
+    message = str(info.value)
+    assert len(info.value.problems) == 2
+    assert "warn.png" in message and "1600" in message
+    assert "huge.png" in message and "10000" in message
+    assert "small.png" not in message
+
+
+def test_small_image_warning(tmp_path):
+    save(tmp_path / "small.png", size=(40, 30))
+    save(tmp_path / "big.png", size=(64, 64))
+    result = scan(tmp_path)
+    assert len(result.warnings) == 1
+    assert "small.png" in result.warnings[0] and "40x30" in result.warnings[0]
+
+
+# --- image conversion ----------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # display rotated 90 degrees clockwise
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    assert scan(tmp_path).items[0].size == (20, 40)
+    upright = load_image(tmp_path / "rotated.jpg")
+    assert upright.size == (20, 40)
+    top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # the left half went to the top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_mode_conversions(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.putpixel((1, 1), (255, 0, 0, 255))
+    rgba.putpixel((2, 2), (255, 0, 0, 128))
+    rgba.save(tmp_path / "rgba.png")
+    out = load_image(tmp_path / "rgba.png")
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
+    assert out.getpixel((1, 1)) == (255, 0, 0)
+    assert out.getpixel((2, 2)) == (255, 127, 127)
+
+    save(tmp_path / "grey.png", colour=100, mode="L")
+    assert load_image(tmp_path / "grey.png").getpixel((0, 0)) == (100, 100, 100)
+
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 255, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    out = load_image(tmp_path / "palette.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((1, 1)) == (10, 20, 30)
+
+    deep = np.zeros((8, 8), dtype=np.uint16)
+    deep[0, 0], deep[0, 1], deep[0, 2] = 65535, 32896, 257
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = load_image(tmp_path / "deep.png")
+    assert [out.getpixel((x, 0)) for x in range(4)] == [(255,) * 3, (128,) * 3, (1,) * 3, (0,) * 3]
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    r, g, b = load_image(tmp_path / "cmyk.jpg").getpixel((4, 4))
+    assert r > 240 and g < 15 and b < 15
+
+
+# --- buckets -------------------------------------------------------------------------------
+
+SIZES = [(w, h) for w in (300, 512, 640, 777, 1024, 1500, 2000) for h in (300, 512, 700, 1024, 1999)]
+
+
+def test_buckets_keep_aspect_area_and_step():
+    cfg = config(resolution=512, bucket_step=64)
+    for (w, h), (bw, bh) in zip(SIZES, build_buckets(SIZES, cfg)):
+        assert bw % 64 == 0 and bh % 64 == 0
+        assert bw * bh <= 512 * 512
+        ratio = w / h
+        # within one step: the bucket's width fits its height at the image's aspect, or vice versa
+        assert min(abs(bw - bh * ratio), abs(bh - bw / ratio)) <= 64, ((w, h), (bw, bh))
+        if w * h >= 512 * 512 and 0.5 <= ratio <= 2:
+            assert bw * bh >= 0.75 * 512 * 512  # large images train near the full resolution
+
+
+def test_square_and_common_buckets():
+    cfg = config(resolution=512, bucket_step=64)
+    assert build_buckets([(1000, 1000), (1200, 1600), (1600, 1200)], cfg) == [(512, 512), (448, 576), (576, 448)]
+
+
+def test_small_images_are_not_upscaled_unless_asked():
+    sizes = [(200, 150), (100, 300), (40, 40), (600, 300)]
+    cfg = config(resolution=512, bucket_step=64)
+    for (w, h), (bw, bh) in zip(sizes, build_buckets(sizes, cfg)):
+        assert bw % 64 == 0 and bh % 64 == 0 and bw * bh <= 512 * 512
+        assert (bw <= max(w, 64) and bh <= max(h, 64)), ((w, h), (bw, bh))
+    assert build_buckets([(200, 150)], cfg) == [(192, 128)]
+    assert build_buckets([(40, 40)], cfg) == [(64, 64)]  # at least one step
+
+    upscaled = build_buckets(sizes, config(resolution=512, bucket_step=64, upscale=True))
+    assert upscaled == build_buckets([(w * 20, h * 20) for w, h in sizes], cfg)  # as large images
+    assert upscaled[0][0] > 200
+
+
+def test_buckets_off_gives_squares():
+    cfg = config(resolution=512, bucket_step=64, buckets=False)
+    assert build_buckets([(2000, 500), (100, 100), (512, 768)], cfg) == [(512, 512)] * 3
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+def mixed_dataset(tmp_path: Path, **overrides) -> ImageDataset:
+    for i, size in enumerate([(64, 64), (64, 64), (64, 64), (80, 48), (80, 48), (48, 80)]):
+        draw_subject_image(size, seed=i).save(tmp_path / f"img{i}.png")
+    (tmp_path / "3_rep").mkdir()
+    draw_subject_image((64, 64), seed=9).save(tmp_path / "3_rep" / "r.png")
+    return ImageDataset(scan(tmp_path, **overrides), config(**overrides))
+
+
+def test_epoch_batches_cover_repeats_without_mixing_buckets(tmp_path):
+    data = mixed_dataset(tmp_path, repeats=2)
+    assert len(data) == 7
+    batches = data.epoch_batches(epoch=0, batch_size=2, seed=1)
+    expected = Counter({i: data.items[i].repeats for i in range(len(data))})
+    assert Counter(i for batch in batches for i in batch) == expected
+    assert expected[data.items.index(next(it for it in data.items if it.path.name == "r.png"))] == 3
+    assert all(1 <= len(batch) <= 2 for batch in batches)
+    assert all(len({data.buckets[i] for i in batch}) == 1 for batch in batches)
+    assert len(set(data.buckets)) == 3  # the test covers several buckets
+    incomplete = Counter(data.buckets[b[0]] for b in batches if len(b) < 2)
+    assert all(n == 1 for n in incomplete.values())  # at most the last batch of each bucket
+    # the batch order interleaves the buckets instead of training one bucket after another
+    order = [data.buckets[batch[0]] for batch in data.epoch_batches(epoch=0, batch_size=1, seed=1)]
+    assert sum(a != b for a, b in zip(order, order[1:])) > len(set(order)) - 1
+
+
+def test_epoch_batches_depend_only_on_epoch_and_seed(tmp_path):
+    data = mixed_dataset(tmp_path, repeats=2)
+    first = data.epoch_batches(epoch=3, batch_size=2, seed=7)
+    again = ImageDataset(data.scan, data.config).epoch_batches(epoch=3, batch_size=2, seed=7)
+    assert first == again
+    assert first != data.epoch_batches(epoch=4, batch_size=2, seed=7)
+    assert first != data.epoch_batches(epoch=3, batch_size=2, seed=8)
+
+
+# --- samples -------------------------------------------------------------------------------
+
+
+def one_image_dataset(tmp_path: Path, size=(96, 64), caption=None, **overrides) -> ImageDataset:
+    draw_subject_image(size, seed=3).save(tmp_path / "img.png")
+    if caption is not None:
+        (tmp_path / "img.txt").write_text(caption, encoding="utf-8")
+    return ImageDataset(scan(tmp_path, **overrides), config(**overrides))
+
+
+def test_prepare_is_deterministic_with_sdxl_conditioning(tmp_path):
+    data = one_image_dataset(tmp_path, size=(96, 64), crop="random", flip_p=0.5)
+    a = data.prepare(0, (64, 64), epoch=2, seed=5)
+    b = data.prepare(0, (64, 64), epoch=2, seed=5)
+    assert torch.equal(a.pixels, b.pixels) and a.crop_top_left == b.crop_top_left
+    assert a.pixels.shape == (3, 64, 64) and a.pixels.dtype == torch.float32
+    assert a.pixels.min() >= -1 and a.pixels.max() <= 1 and a.pixels.max() - a.pixels.min() > 1
+    assert a.original_size == (64, 96) and a.target_size == (64, 64)
+    wide = data.prepare(0, (72, 40), epoch=2, seed=5)  # another bucket, e.g. of an instance batch
+    assert wide.pixels.shape == (3, 40, 72) and wide.target_size == (40, 72)
+
+
+def test_prepare_resizes_to_cover_then_center_crops(tmp_path):
+    data = one_image_dataset(tmp_path, size=(192, 128))
+    sample = data.prepare(0, (64, 64), epoch=0, seed=0)
+    assert sample.crop_top_left == (0, 16)  # resized to 96x64, 32 columns cropped evenly
+    expected = load_image(tmp_path / "img.png").resize((96, 64), Image.Resampling.LANCZOS).crop((16, 0, 80, 64))
+    expected = torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(sample.pixels, expected)
+
+
+def test_flip_mirrors_the_sample(tmp_path):
+    plain = one_image_dataset(tmp_path, size=(160, 64), crop="random", flip_p=0.0)
+    flipped = one_image_dataset(tmp_path, size=(160, 64), crop="random", flip_p=1.0)
+    a = plain.prepare(0, (64, 64), epoch=1, seed=0)
+    b = flipped.prepare(0, (64, 64), epoch=1, seed=0)
+    assert not torch.equal(a.pixels, b.pixels)
+    assert torch.equal(a.pixels.flip(-1), b.pixels)
+    # SDXL sees the crop's position in the mirrored image: 160 - left - 64
+    assert a.crop_top_left[1] != 48 and b.crop_top_left == (0, 160 - a.crop_top_left[1] - 64)
+    unaugmented = ImageDataset(flipped.scan, flipped.config, augment=False).prepare(0, (64, 64), epoch=1, seed=0)
+    centered = one_image_dataset(tmp_path, size=(160, 64)).prepare(0, (64, 64), epoch=1, seed=0)
+    assert torch.equal(unaugmented.pixels, centered.pixels) and unaugmented.crop_top_left == (0, 48)
+
+
+def test_random_crop_varies_by_epoch_center_crop_does_not(tmp_path):
+    random_crop = one_image_dataset(tmp_path, size=(160, 64), crop="random")
+    lefts = {random_crop.prepare(0, (64, 64), epoch=e, seed=0).crop_top_left for e in range(10)}
+    assert len(lefts) > 3 and all(0 <= left <= 96 for _, left in lefts)
+
+    center = one_image_dataset(tmp_path, size=(160, 64), crop="center")
+    assert {center.prepare(0, (64, 64), epoch=e, seed=0).crop_top_left for e in range(10)} == {(0, 48)}
+
+    unaugmented = ImageDataset(random_crop.scan, random_crop.config, augment=False)
+    samples = [unaugmented.prepare(0, (64, 64), epoch=e, seed=e) for e in range(3)]
+    assert all(s.crop_top_left == (0, 48) and torch.equal(s.pixels, samples[0].pixels) for s in samples)
+
+
+def test_caption_shuffle_keeps_first_tokens(tmp_path):
+    caption = "sks, red, round, star, outdoors, sunny, photo"
+    data = one_image_dataset(tmp_path, caption=caption, shuffle_captions=True, keep_tokens=1)
+    shuffled = [data.prepare(0, (64, 64), epoch=e, seed=0).caption for e in range(8)]
+    assert all(c.split(", ")[0] == "sks" for c in shuffled)
+    assert all(sorted(c.split(", ")) == sorted(caption.split(", ")) for c in shuffled)
+    assert len(set(shuffled)) > 1
+    assert data.prepare(0, (64, 64), epoch=3, seed=0).caption == shuffled[3]
+
+
+def test_caption_dropout(tmp_path):
+    always = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=1.0)
+    assert always.prepare(0, (64, 64), epoch=0, seed=0).caption == ""
+    half = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=0.5)
+    captions = {half.prepare(0, (64, 64), epoch=e, seed=0).caption for e in range(20)}
+    assert captions == {"", "sks, red"}
+    never = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=0.0)
+    assert never.prepare(0, (64, 64), epoch=0, seed=0).caption == "sks, red"
+
+
+def test_cache_key_changes_with_bucket_and_file(tmp_path):
+    data = one_image_dataset(tmp_path)
+    key = data.cache_key(0, (64, 64))
+    assert key == data.cache_key(0, (64, 64))
+    assert key != data.cache_key(0, (72, 56))
+    stat = (tmp_path / "img.png").stat()
+    os.utime(tmp_path / "img.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert key != data.cache_key(0, (64, 64))
+
+
+def test_summary_on_demo_dataset(tmp_path):
+    make_demo_dataset(tmp_path, count=6, size=64)
+    (tmp_path / "notes.md").write_text("x", encoding="utf-8")
+    data = ImageDataset(scan(tmp_path), config())
+    text = data.summary()
+    assert text.startswith("6 images (3 captioned), 3 buckets: ")
+    assert "64x64 x2" in text and "72x56 x2" in text and "56x72 x2" in text
+    assert text.endswith(", 1 non-image file skipped")

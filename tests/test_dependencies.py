@@ -1,0 +1,50 @@
+"""The declared dependency ranges hold in this environment and the stack works together.
+
+transformers 5.24 broke peft 0.21; when the next release breaks the pair, these tests
+say so before a user's install does.
+"""
+
+import importlib.metadata
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def declared() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return [Requirement(r) for r in project["dependencies"]]
+
+
+def test_installed_versions_are_inside_the_declared_ranges():
+    for req in declared():
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = importlib.metadata.version(req.name)
+        assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} is outside {req.specifier}"
+
+
+def test_torch_is_never_a_dependency_and_requirements_txt_agrees():
+    names = {r.name.lower() for r in declared()}
+    assert not names & {"torch", "torchvision", "torchaudio"}
+    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert {str(Requirement(l)) for l in lines} == {str(r) for r in declared() if r.marker is None}
+
+
+def test_peft_adapters_work_on_transformers_and_diffusers_models():
+    import torch
+    from peft import LoraConfig
+
+    from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components
+
+    parts = build_tiny_components("sd1")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    parts["text_encoder"].add_adapter(config)
+    parts["unet"].add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights="gaussian"))
+    names = [n for n, _ in parts["text_encoder"].named_parameters() if "lora_" in n]
+    assert len(names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert any("lora_A" in n for n, _ in parts["unet"].named_parameters())
+    out = parts["text_encoder"](torch.tensor([[512, 1, 2, 513]]))[0]
+    assert torch.isfinite(out).all()

@@ -1,0 +1,324 @@
+"""The training loop end to end on tiny models: learning, prior preservation, resume, stop, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_dreambooth_lora.trainer import loop
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
+from comfyui_dreambooth_lora.trainer.stop import StopRequest
+from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("photos"), count=4, size=32, captions=False)
+
+
+def make_config(model: Path, photos: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(pretrained_model=str(model), instance_dir=str(photos), instance_prompt="a photo of sks disc",
+                  resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=6,
+                  checkpoint_every=0, sample_at_end=False, output_dir=str(out), output_name="test_lora", seed=7)
+    values.update(overrides)
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def lora_file(config: TrainConfig) -> dict[str, torch.Tensor]:
+    return load_file(Path(config.output_dir) / f"{config.output_name}.safetensors")
+
+
+def losses(config: TrainConfig) -> list[float]:
+    return [e["loss"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+
+
+def eval_loss(model: Path, lora: Path | None, photos: Path, prompt: str, seeds=range(8)) -> float:
+    """Denoising loss of `prompt` on the training images with fixed noise and timesteps."""
+    from comfyui_dreambooth_lora.trainer.conditioning import encode_prompts, tokenize
+    from comfyui_dreambooth_lora.trainer.models import load_base_model
+
+    base = load_base_model(model)
+    unet = base.unet
+    if lora is not None:
+        apply_kohya(unet, load_file(lora))
+    images = [draw_subject_image((32, 32), seed=i) for i in range(4)]
+    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
+                          for im in images])
+    with torch.no_grad():
+        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
+        ids = [tokenize(t, [prompt] * len(images)) for t in base.tokenizers]
+        embeds, _ = encode_prompts(base.info.arch, base.text_encoders, ids)
+        total = 0.0
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, 1000, (len(images),), generator=g)
+            noisy = base.noise_scheduler.add_noise(latents, noise, t)
+            total += torch.nn.functional.mse_loss(unet(noisy, t, embeds).sample, noise).item()
+    return total / len(seeds)
+
+
+def apply_kohya(unet, sd: dict[str, torch.Tensor]) -> int:
+    """W += alpha/rank * up @ down for every UNet module in a kohya file; returns how many."""
+    modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()}
+    applied = 0
+    for key in sd:
+        if key.endswith(".lora_down.weight") and key.startswith("lora_unet_"):
+            stem = key[: -len(".lora_down.weight")]
+            down, up = sd[key].float(), sd[stem + ".lora_up.weight"].float()
+            scale = sd[stem + ".alpha"].float() / down.shape[0]
+            weight = modules[stem].weight
+            weight.data += (scale * (up.flatten(1) @ down.flatten(1))).reshape(weight.shape)
+            applied += 1
+    return applied
+
+
+# --- learning ----------------------------------------------------------------------------------
+
+def test_short_run_learns_the_subject_and_the_lora_changes_the_output(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=40, learning_rate=3e-3)
+    result = loop.train(config)
+    assert result.status == "done" and result.step == 40
+    lora = Path(config.output_dir) / "test_lora.safetensors"
+    assert result.lora_files == [lora]
+    before = eval_loss(tiny_sd1, None, photos, config.instance_prompt)
+    after = eval_loss(tiny_sd1, lora, photos, config.instance_prompt)
+    assert after < 0.9 * before, (before, after)
+    sd = load_file(lora)
+    assert any(k.startswith("lora_unet_") for k in sd)
+    assert max(v.abs().max().item() for k, v in sd.items() if "lora_up" in k) > 0  # the LoRA is not a no-op
+
+
+def test_sdxl_run_trains_and_exports(tiny_sdxl, photos, tmp_path):
+    config = make_config(tiny_sdxl, photos, tmp_path / "run", max_train_steps=3, train_text_encoder=True,
+                         sample_at_end=True, sample_steps=2)
+    result = loop.train(config)
+    assert result.status == "done" and len(result.samples) == 1 and result.samples[0].exists()
+    keys = lora_file(config).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+
+
+def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):
+    a = make_config(tiny_sd1, photos, tmp_path / "a", cache_latents="yes", max_train_steps=4)
+    b = dataclasses.replace(a, output_dir=str(tmp_path / "b"), cache_latents="no")
+    loop.train(a)
+    loop.train(b)
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    for key, value in lora_file(a).items():
+        torch.testing.assert_close(value, lora_file(b)[key])
+
+
+def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, tmp_path):
+    a = make_config(tiny_sd1, photos, tmp_path / "a", max_train_steps=3, flip_p=0.5)
+    loop.train(a)
+    loop.train(dataclasses.replace(a, output_dir=str(tmp_path / "b")))
+    loop.train(dataclasses.replace(a, output_dir=str(tmp_path / "c"), seed=8))
+    assert losses(a) == losses(dataclasses.replace(a, output_dir=str(tmp_path / "b")))
+    assert losses(a) != losses(dataclasses.replace(a, output_dir=str(tmp_path / "c")))
+
+
+# --- prior preservation --------------------------------------------------------------------------
+
+def class_drift(model: Path, lora: Path, photos: Path) -> float:
+    base = eval_loss(model, None, photos, "a photo of disc", seeds=range(4))
+    return abs(eval_loss(model, lora, photos, "a photo of disc", seeds=range(4)) - base)
+
+
+def test_prior_preservation_generates_class_images_once_and_limits_drift(tiny_sd1, photos, tmp_path):
+    class_dir = tmp_path / "class"
+    common = dict(max_train_steps=30, learning_rate=3e-3, class_prompt="a photo of disc", class_dir=str(class_dir),
+                  num_class_images=4, class_sample_steps=2)
+    with_prior = make_config(tiny_sd1, photos, tmp_path / "prior", with_prior_preservation=True,
+                             prior_loss_weight=1.0, **common)
+    without = make_config(tiny_sd1, photos, tmp_path / "plain", **common)
+    loop.train(with_prior)
+    made = sorted(class_dir.glob("*.png"))
+    assert len(made) == 4
+    mtimes = [p.stat().st_mtime_ns for p in made]
+    loop.train(without)
+    loop.train(dataclasses.replace(with_prior, output_dir=str(tmp_path / "again"), max_train_steps=1))
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes  # reused, not regenerated
+    drift_with = class_drift(tiny_sd1, Path(with_prior.output_dir) / "test_lora.safetensors", photos)
+    drift_without = class_drift(tiny_sd1, Path(without.output_dir) / "test_lora.safetensors", photos)
+    assert drift_with < drift_without, (drift_with, drift_without)
+
+
+# --- checkpoints, resume, stop ----------------------------------------------------------------------
+
+class StopAtStep:
+    """An event listener that asks the run to stop after a given step."""
+
+    def __init__(self, stop: StopRequest, step: int):
+        self.stop, self.step = stop, step
+
+    def __call__(self, event):
+        if event["event"] == "step" and event["step"] == self.step:
+            self.stop.request("test")
+
+
+def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_path):
+    common = dict(max_train_steps=7, gradient_accumulation_steps=2, batch_size=2, lr_scheduler="cosine",
+                  lr_warmup_steps=2, flip_p=0.5, lora_dropout=0.1, checkpoint_every=3, snr_gamma=5.0)
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
+    loop.train(whole)
+
+    parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
+    events = EventWriter(Path(parts.output_dir) / "events.jsonl")
+    stop = StopRequest(handle_signals=False)
+    events.listeners.append(StopAtStep(stop, 4))
+    first = loop.train(parts, events=events, stop=stop)
+    assert first.status == "stopped" and first.step == 4
+    assert first.checkpoint.name == "step_00000004" and (first.checkpoint / "lora.safetensors").exists()
+    assert first.lora_files[0].name == "test_lora_step000004.safetensors"
+    assert not (Path(parts.output_dir) / "test_lora.safetensors").exists()
+    second = loop.train(dataclasses.replace(parts, resume="latest"))
+    assert second.status == "done" and second.step == 7
+    assert losses(parts)[4:] == pytest.approx(losses(whole)[4:], rel=1e-5)
+    for key, value in lora_file(whole).items():
+        torch.testing.assert_close(lora_file(parts)[key], value, rtol=0, atol=1e-6)
+    kept = sorted(p.name for p in (Path(parts.output_dir) / "checkpoints").iterdir())
+    assert kept == ["step_00000006", "step_00000007"]  # keep_checkpoints = 2
+
+
+def test_resume_refuses_a_checkpoint_with_other_training_options(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    with pytest.raises(Exception, match="rank: checkpoint has 4, config has 8"):
+        loop.train(dataclasses.replace(config, resume="latest", rank=8, alpha=8.0))
+
+
+def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=500)
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    out = Path(config.output_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config",
+                             str(tmp_path / "run.json"), "--events", "stdout"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:
+        if line.startswith('{"event": "step"'):
+            (out / "STOP").touch()
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    assert kinds[0] == "start" and kinds[-1] == "stopped"
+    stopped = read_events(out / "events.jsonl")[-1]
+    assert Path(stopped["checkpoint"]).is_dir() and Path(stopped["lora"][0]).is_file()
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+def test_existing_output_is_refused_unless_overwrite(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "test_lora.safetensors").write_bytes(b"precious")
+    with pytest.raises(loop.TrainingError, match="already exists"):
+        loop.train(config)
+    assert (tmp_path / "run" / "test_lora.safetensors").read_bytes() == b"precious"
+    assert loop.train(dataclasses.replace(config, overwrite=True)).status == "done"
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=10, checkpoint_every=2)
+    real = loop.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    with pytest.raises(loop.TrainingError, match="at step 5") as e:
+        loop.train(config)
+    assert "step_00000004" in str(e.value)
+    checkpoints = sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002", "step_00000004"]
+    assert read_events(Path(config.output_dir) / "events.jsonl")[-1]["event"] == "error"
+
+
+def test_disk_full_while_exporting_keeps_the_old_lora(tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
+    loop.train(config)
+    path = Path(config.output_dir) / "test_lora.safetensors"
+    old = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        loop.train(dataclasses.replace(config, overwrite=True, output_dir=str(tmp_path / "run")))
+    assert path.read_bytes() == old
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+class EchoUNet(torch.nn.Module):
+    """Returns a fixed prediction, to check what the loss compares it with."""
+
+    def __init__(self, prediction):
+        super().__init__()
+        self.prediction = prediction
+
+    def forward(self, noisy, t, embeds, added_cond_kwargs=None):
+        return type("Out", (), {"sample": self.prediction})()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_target_follows_the_prediction_type(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from comfyui_dreambooth_lora.trainer.tiny import sd_noise_scheduler_config
+
+    scheduler = DDPMScheduler(**sd_noise_scheduler_config(prediction_type))
+    config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x")
+    latents = torch.randn(2, 4, 4, 4)
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=rng)
+    t = torch.randint(0, 1000, (2,), generator=rng)
+    velocity = scheduler.get_velocity(latents, noise, t)
+    for prediction, expected_zero in ((noise, prediction_type == "epsilon"), (velocity, prediction_type == "v_prediction")):
+        loss = loop.diffusion_loss(EchoUNet(prediction), scheduler, latents, None, None, config,
+                                   torch.Generator().manual_seed(0), num_instance=2)
+        assert (loss.item() < 1e-10) == expected_zero
+
+
+def test_min_snr_weights():
+    from diffusers import DDPMScheduler
+
+    from comfyui_dreambooth_lora.trainer.tiny import sd_noise_scheduler_config
+
+    scheduler = DDPMScheduler(**sd_noise_scheduler_config())
+    t = torch.tensor([0, 500, 999])
+    w = loop.min_snr_weights(scheduler, t, gamma=5.0)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    assert w[0] == pytest.approx(5.0 / snr[0].item(), rel=1e-5)  # low noise: high SNR is clipped
+    assert w[2] == pytest.approx(1.0)  # high noise: SNR < gamma, weight 1
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "run.toml").write_text(f'pretrained_model = "{tiny_sd1}"\ninstance_dir = "empty"\n'
+                                       'instance_prompt = "a photo of sks disc"\nrank = 0\n')
+    run = [sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(tmp_path / "run.toml")]
+    bad_config = subprocess.run(run, capture_output=True, text=True)
+    assert bad_config.returncode == 2 and "rank: 0 is below the minimum 1" in bad_config.stderr
+    no_images = subprocess.run(run + ["--set", "rank=4"], capture_output=True, text=True)
+    assert no_images.returncode == 2 and str(empty) in no_images.stderr
