@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
+from .export import save_safetensors
 
 CHECKPOINTS = "checkpoints"
 # Options that may change between a stop and its resume without changing what is trained.
@@ -57,7 +58,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
         torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
-        save_file(partial_lora, tmp / "lora.safetensors", metadata=lora_metadata)
+        save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if final.exists():  # the same step written again (a resumed run stopped at once)

@@ -361,3 +361,17 @@ class ImageDataset:
 
 def _plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
+
+
+def dataset_summary(dataset: ImageDataset) -> dict:
+    """What a LoRA's metadata says about its data: counts, folders with repeats, caption tag frequencies."""
+    dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for item in dataset.items:
+        folder = item.path.parent.name
+        entry = dirs.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                tags.setdefault(folder, {})[tag] = tags.get(folder, {}).get(tag, 0) + 1
+    return {"num_images": len(dataset), "summary": dataset.summary(), "dataset_dirs": dirs, "tag_frequency": tags}

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from .checkpoints import TrainingState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig
-from .data import DatasetScan, ImageDataset, count_images, scan_images
+from .data import DatasetScan, ImageDataset, count_images, dataset_summary, scan_images
 from .events import EventWriter
-from .export import export_lora, kohya_state_dict, lora_metadata
+from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .models import BaseModel, load_base_model
 from .sample import build_pipeline, ensure_class_images, generate_images, save_png
@@ -80,13 +80,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
         add_lora(base.unet, base.text_encoders, config)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
-        if state is not None:
-            load_lora_state(base.unet, base.text_encoders, state.lora)
-            step = state.step
-
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         _place_models(base, device, weight_dtype)
+        if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
+            load_lora_state(base.unet, base.text_encoders, state.lora)
+            step = state.step
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for encoder in trained_encoders:
@@ -391,12 +390,12 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
 
 def _metadata(config: TrainConfig, base: BaseModel, step: int, data: ImageDataset) -> dict[str, str]:
     return lora_metadata(config, arch=base.info.arch, base_model_name=base.name, base_model_hash=base.sha256(),
-                         steps=step, dataset_summary={"images": len(data), "summary": data.summary()})
+                         steps=step, dataset_summary=dataset_summary(data))
 
 
 def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDataset, config: TrainConfig,
                       events: EventWriter) -> Path:
-    partial = kohya_state_dict(unet, base.text_encoders, base.info.arch, config, torch.float16)
+    partial = kohya_state_dict(unet, base.text_encoders, base.info.arch, config, SAVE_DTYPES[config.save_dtype])
     path = save_checkpoint(Path(config.output_dir), state, partial, _metadata(config, base, state.step, data))
     prune_checkpoints(Path(config.output_dir), config.keep_checkpoints)
     events.emit("checkpoint", step=state.step, path=str(path), lora=str(path / "lora.safetensors"))

@@ -1,0 +1,171 @@
+"""The exported kohya LoRA loads completely in ComfyUI: its own key maps, its own loader, its own math.
+
+The full-size SD1.5 and SDXL models (ours in diffusers / transformers, ComfyUI's own) are
+built on the meta device: only names and shapes exist, so this is fast and small. ComfyUI
+recognises the architectures from our UNet's state dict with its own model detection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.export import kohya_state_dict
+from comfyui_dreambooth_lora.trainer.lora import add_lora
+from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components
+
+pytestmark = pytest.mark.comfyui
+
+NOT_LOADED = "lora key not loaded"
+
+
+def full_size_models(arch: str) -> tuple[nn.Module, list[nn.Module]]:
+    """The UNet and text encoders of SD1.5 / SDXL base with their real configs, on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                            projection_dim=768, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        if arch == "sd1":
+            # UNet2DConditionModel's defaults are SD1.5's, but for the text width.
+            return UNet2DConditionModel(sample_size=64, cross_attention_dim=768), [CLIPTextModel(clip_l)]
+        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                                projection_dim=1280, hidden_act="gelu")
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        return unet, [CLIPTextModel(clip_l), CLIPTextModelWithProjection(clip_g)]
+
+
+def comfyui_models(unet_state_dict: dict[str, torch.Tensor]):
+    """ComfyUI's model and text-encoder module for the architecture it detects in a diffusers UNet, on meta."""
+    import comfy.model_detection
+
+    model_config = comfy.model_detection.model_config_from_diffusers_unet(unet_state_dict)
+    model = model_config.get_model({}, device="meta")
+    target = model_config.clip_target()
+    clip_model = target.clip(**target.params, device="meta", dtype=torch.float16, model_options={})
+    return model_config, model, clip_model
+
+
+def comfyui_key_map(comfy_lora, model, clip_model) -> dict:
+    """The key map ComfyUI's LoraLoader builds (comfy.sd.load_lora_for_models)."""
+    key_map = comfy_lora.model_lora_keys_unet(model, {})
+    return comfy_lora.model_lora_keys_clip(clip_model, key_map)
+
+
+def load_in_comfyui(comfy_lora, lora: dict[str, torch.Tensor], key_map: dict, caplog) -> tuple[dict, list[str]]:
+    """ComfyUI's loading of a LoRA dict: the patches and the keys it reports as not loaded."""
+    import comfy.lora_convert
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        patches = comfy_lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
+    return patches, [r.getMessage() for r in caplog.records if NOT_LOADED in r.getMessage()]
+
+
+# Adapted modules of the full-size models: SD1.5 has 16 transformer blocks, SDXL 70 (+ 11
+# linear proj_in/proj_out pairs); CLIP-L 12 layers, OpenCLIP-G 32.
+@pytest.mark.parametrize("arch, targets, use_dora, unet_modules, te_modules", [
+    ("sd1", "attention", False, 16 * 8, [12 * 4]),
+    ("sd1", "all_linear", True, 16 * 10, [12 * 6]),
+    ("sdxl", "attention", False, 70 * 8, [12 * 4, 32 * 4]),
+    ("sdxl", "all_linear", True, 70 * 10 + 11 * 2, [12 * 6, 32 * 6]),
+])
+def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, unet_modules, te_modules):
+    import comfy.supported_models
+
+    unet, text_encoders = full_size_models(arch)
+    model_config, model, clip_model = comfyui_models(unet.state_dict())
+    assert type(model_config) is {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
+
+    config = TrainConfig(rank=8, alpha=4.0, lora_targets=targets, train_text_encoder=True, use_dora=use_dora)
+    with torch.device("meta"):
+        add_lora(unet, text_encoders, config)
+    lora = kohya_state_dict(unet, text_encoders, arch, config, torch.float16)
+    te_prefixes = ["lora_te_"] if arch == "sd1" else ["lora_te1_", "lora_te2_"]
+    modules = {key.split(".")[0] for key in lora}
+    assert len([m for m in modules if m.startswith("lora_unet_")]) == unet_modules
+    assert [len([m for m in modules if m.startswith(p)]) for p in te_prefixes] == te_modules
+
+    key_map = comfyui_key_map(comfyui, model, clip_model)
+    patches, not_loaded = load_in_comfyui(comfyui, lora, key_map, caplog)
+    assert not_loaded == []
+
+    # Every trained module became one patch, on a ComfyUI weight of the right shape.
+    assert len(patches) == len(modules)
+    comfy_weights = {**model.state_dict(), **clip_model.state_dict()}
+    for target, adapter in patches.items():
+        up, down, alpha, _, dora_scale, _ = adapter.weights
+        assert comfy_weights[target].shape == (up.shape[0], down.shape[1]), target
+        assert alpha == 4.0
+        assert (dora_scale is not None) == use_dora
+    on_text_encoders = [t for t in patches if not t.startswith("diffusion_model.")]
+    assert len(on_text_encoders) == sum(te_modules)
+    if arch == "sdxl":
+        assert any(t.startswith("clip_g.") for t in on_text_encoders)
+        assert any(t.startswith("clip_l.") for t in on_text_encoders)
+
+    # The check can fail: a key ComfyUI does not know is reported.
+    bogus = {**lora, "lora_unet_no_such_block_to_q.lora_down.weight": torch.zeros(8, 320)}
+    _, not_loaded = load_in_comfyui(comfyui, bogus, key_map, caplog)
+    assert not_loaded == ["lora key not loaded: lora_unet_no_such_block_to_q.lora_down.weight"]
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
+    """ComfyUI's own weight patching (comfy.lora.calculate_weight) applied to our file gives the adapted model."""
+    config = TrainConfig(rank=4, alpha=3.0, lora_targets="all_linear", train_text_encoder=True, use_dora=use_dora)
+    parts = build_tiny_components("sd1", seed=0)
+    unet, text_encoder = parts["unet"].eval(), parts["text_encoder"].eval()
+    add_lora(unet, [text_encoder], config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in [*unet.named_parameters(), *text_encoder.named_parameters()]:
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif ".lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    lora = kohya_state_dict(unet, [text_encoder], "sd1", config, torch.float32)
+
+    fresh = build_tiny_components("sd1", seed=0)
+    fresh_unet, fresh_te = fresh["unet"].eval(), fresh["text_encoder"].eval()
+    # The tiny model is no architecture ComfyUI detects, so the key map is written out here:
+    # kohya module name -> our parameter name (ComfyUI's map for SD1.5 is checked above).
+    weights = {f"unet.{n}": p for n, p in fresh_unet.named_parameters()}
+    weights.update({f"te.{n}": p for n, p in fresh_te.named_parameters()})
+    key_map = {}
+    for name, module in fresh_unet.named_modules():
+        if isinstance(module, nn.Linear):
+            key_map["lora_unet_" + name.replace(".", "_")] = f"unet.{name}.weight"
+    for name, module in fresh_te.named_modules():
+        if isinstance(module, nn.Linear):
+            key_map["lora_te_text_model_" + name.replace(".", "_")] = f"te.{name}.weight"
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 7, 32, generator=generator)
+    ids = torch.tensor([[512, 5, 17, 99, 513]])
+
+    def run(unet_, text_encoder_):
+        with torch.no_grad():
+            return unet_(sample, 10, context).sample, text_encoder_(ids).last_hidden_state
+
+    base = run(fresh_unet, fresh_te)
+    patches = comfyui.load_lora(lora, key_map)
+    assert len(patches) == 40 + 12
+    with torch.no_grad():
+        for key, adapter in patches.items():
+            # A ModelPatcher patch: (strength, adapter, strength_model, offset, function).
+            weights[key].copy_(comfyui.calculate_weight([(1.0, adapter, 1.0, None, None)], weights[key].clone(), key))
+
+    for patched, adapted, original in zip(run(fresh_unet, fresh_te), run(unet, text_encoder), base):
+        assert (patched - adapted).abs().max() <= 1e-4
+        assert (patched - original).abs().max() > 1e-2
