@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -54,8 +55,7 @@ def eval_loss(model: Path, lora: Path | None, photos: Path, prompt: str, seeds=r
     if lora is not None:
         apply_kohya(unet, load_file(lora))
     images = [draw_subject_image((32, 32), seed=i) for i in range(4)]
-    pixels = torch.stack([torch.from_numpy(__import__("numpy").asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                          for im in images])
+    pixels = torch.stack([torch.tensor(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
     with torch.no_grad():
         latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
         ids = [tokenize(t, [prompt] * len(images)) for t in base.tokenizers]
@@ -88,14 +88,14 @@ def apply_kohya(unet, sd: dict[str, torch.Tensor]) -> int:
 # --- learning ----------------------------------------------------------------------------------
 
 def test_short_run_learns_the_subject_and_the_lora_changes_the_output(tiny_sd1, photos, tmp_path):
-    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=40, learning_rate=3e-3)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=150, learning_rate=1e-2)
     result = loop.train(config)
-    assert result.status == "done" and result.step == 40
+    assert result.status == "done" and result.step == 150
     lora = Path(config.output_dir) / "test_lora.safetensors"
     assert result.lora_files == [lora]
     before = eval_loss(tiny_sd1, None, photos, config.instance_prompt)
     after = eval_loss(tiny_sd1, lora, photos, config.instance_prompt)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)
     sd = load_file(lora)
     assert any(k.startswith("lora_unet_") for k in sd)
     assert max(v.abs().max().item() for k, v in sd.items() if "lora_up" in k) > 0  # the LoRA is not a no-op
@@ -131,28 +131,43 @@ def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, t
 
 # --- prior preservation --------------------------------------------------------------------------
 
-def class_drift(model: Path, lora: Path, photos: Path) -> float:
-    base = eval_loss(model, None, photos, "a photo of disc", seeds=range(4))
-    return abs(eval_loss(model, lora, photos, "a photo of disc", seeds=range(4)) - base)
-
-
-def test_prior_preservation_generates_class_images_once_and_limits_drift(tiny_sd1, photos, tmp_path):
+def test_prior_preservation_generates_class_images_once_and_trains_on_them(tiny_sd1, photos, tmp_path, monkeypatch):
     class_dir = tmp_path / "class"
-    common = dict(max_train_steps=30, learning_rate=3e-3, class_prompt="a photo of disc", class_dir=str(class_dir),
-                  num_class_images=4, class_sample_steps=2)
-    with_prior = make_config(tiny_sd1, photos, tmp_path / "prior", with_prior_preservation=True,
-                             prior_loss_weight=1.0, **common)
-    without = make_config(tiny_sd1, photos, tmp_path / "plain", **common)
-    loop.train(with_prior)
+    config = make_config(tiny_sd1, photos, tmp_path / "prior", with_prior_preservation=True, max_train_steps=2,
+                         class_prompt="a photo of disc", class_dir=str(class_dir), num_class_images=3,
+                         class_sample_steps=2)
+    seen = []
+    real = loop.diffusion_loss
+
+    def spy(unet, scheduler, latents, embeds, added, cfg, rng, num_instance):
+        seen.append((latents.shape[0], num_instance))
+        return real(unet, scheduler, latents, embeds, added, cfg, rng, num_instance)
+
+    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    loop.train(config)
     made = sorted(class_dir.glob("*.png"))
-    assert len(made) == 4
+    assert len(made) == 3
+    assert seen == [(2, 1), (2, 1)]  # one instance + one class image per step
     mtimes = [p.stat().st_mtime_ns for p in made]
-    loop.train(without)
-    loop.train(dataclasses.replace(with_prior, output_dir=str(tmp_path / "again"), max_train_steps=1))
-    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes  # reused, not regenerated
-    drift_with = class_drift(tiny_sd1, Path(with_prior.output_dir) / "test_lora.safetensors", photos)
-    drift_without = class_drift(tiny_sd1, Path(without.output_dir) / "test_lora.safetensors", photos)
-    assert drift_with < drift_without, (drift_with, drift_without)
+    loop.train(dataclasses.replace(config, output_dir=str(tmp_path / "again"), num_class_images=4))
+    after = sorted(class_dir.glob("*.png"))
+    assert len(after) == 4 and [p.stat().st_mtime_ns for p in after[:3]] == mtimes  # reused; only the missing one made
+
+
+def test_prior_loss_adds_the_weighted_class_loss():
+    from diffusers import DDPMScheduler
+
+    from comfyui_dreambooth_lora.trainer.tiny import sd_noise_scheduler_config
+
+    scheduler = DDPMScheduler(**sd_noise_scheduler_config())
+    latents = torch.randn(4, 4, 4, 4)
+    prediction = torch.randn(4, 4, 4, 4)
+    config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x", prior_loss_weight=0.25)
+    rng = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    total = loop.diffusion_loss(EchoUNet(prediction), scheduler, latents, None, None, config, rng(), num_instance=2)
+    noise = torch.randn(latents.shape, generator=rng())
+    losses = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+    assert total.item() == pytest.approx((losses[:2].mean() + 0.25 * losses[2:].mean()).item(), rel=1e-5)
 
 
 # --- checkpoints, resume, stop ----------------------------------------------------------------------

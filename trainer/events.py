@@ -38,9 +38,9 @@ class EventWriter:
         self._stream = stream if enabled else None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Record one event; returns it."""
-        event = {"event": kind, "time": round(time.time(), 3), **fields}
+    def emit(self, name: str, /, **fields: Any) -> dict[str, Any]:
+        """Record one event named `name` with its fields; returns it."""
+        event = {"event": name, "time": round(time.time(), 3), **fields}
         if not self.enabled:
             return event
         line = json.dumps(event, default=str)
