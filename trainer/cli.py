@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("model", type=Path)
     p_demo = sub.add_parser("demo", help="train on a small local model and generated images (CPU, about 2 minutes)")
     p_demo.add_argument("--output", type=Path, default=Path("demo_output"))
-    p_demo.add_argument("--steps", type=int, default=120)
+    p_demo.add_argument("--steps", type=int, default=200)
     sub.add_parser("options", help="print every config option with its default (markdown)")
     args = parser.parse_args(argv)
 

@@ -265,6 +265,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ConfigError([f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}"]) from e
     data = _flatten_sections(data)
     data.update(overrides or {})
+    data.setdefault("output_dir", "output")  # beside the config file, not wherever the command ran
     for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir"):
         value = data.get(key)
         if isinstance(value, str) and value and not os.path.isabs(value):

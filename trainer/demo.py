@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 
-def run_demo(output: Path, steps: int = 120) -> int:
+def run_demo(output: Path, steps: int = 200) -> int:
     """Build the demo model and data if missing, train, and print where the results are."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .cli import run_training
@@ -27,7 +27,7 @@ def run_demo(output: Path, steps: int = 120) -> int:
         make_demo_dataset(data, count=6, size=48)
     config = TrainConfig(
         pretrained_model=str(model), instance_dir=str(data), instance_prompt="a photo of sks disc",
-        resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=steps,
+        resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=5e-3, max_train_steps=steps,
         checkpoint_every=max(1, steps // 2), sample_every=max(1, steps // 2), sample_steps=10,
         validation_prompts=["a photo of sks disc", "a photo of sks disc on grass"],
         output_dir=str(output / "run"), output_name="demo_lora", overwrite=True, resume="",
@@ -36,7 +36,6 @@ def run_demo(output: Path, steps: int = 120) -> int:
     code = run_training(config)
     if code == 0:
         run = output / "run"
-        print(f"\nLoRA:    {run / 'demo_lora.safetensors'}")
         print(f"samples: {run / 'samples'}")
         print(f"events:  {run / 'events.jsonl'}")
     return code
