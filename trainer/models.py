@@ -557,8 +557,9 @@ def _unet_config(layout: UNetLayout, arch: str, addition_time_embed_dim: int | N
     up_layers = layout.layers_per_block + 1
     mirrored = [(v,) * up_layers if isinstance(v, int) else None for v in reversed(per_level)]
     reverse = None
-    if any(isinstance(v, list) for v in per_level) or any(
-            attn and mirrored[i] != depths for i, (depths, attn) in enumerate(zip(layout.up_depths, up_attention, strict=True))):
+    differs = [attn and mirrored[i] != depths
+               for i, (depths, attn) in enumerate(zip(layout.up_depths, up_attention, strict=True))]
+    if any(isinstance(v, list) for v in per_level) or any(differs):
         reverse = [(d[0] if len(set(d)) == 1 else list(d)) if attn else 1
                    for d, attn in zip(layout.up_depths, up_attention, strict=True)]
 
@@ -646,7 +647,7 @@ def _open_clip_config(shapes: dict[str, tuple[int, ...]], p: str) -> dict | None
 # Tokenizers
 # --------------------------------------------------------------------------------------------
 
-def _comfyui_tokenizer_dir() -> Path | None:
+def comfyui_tokenizer_dir() -> Path | None:
     """ComfyUI's bundled CLIP tokenizer (comfy/sd1_tokenizer), when ComfyUI is importable."""
     try:
         spec = importlib.util.find_spec("comfy")
@@ -677,7 +678,7 @@ def resolve_tokenizer_dirs(arch: str, tokenizer_dir: str | Path | None = None,
     if model_folder is not None and (model_folder / "tokenizer" / "vocab.json").is_file():
         first, second = model_folder / "tokenizer", model_folder / "tokenizer_2"
         return [first, second if (second / "vocab.json").is_file() else first][:count]
-    comfy = _comfyui_tokenizer_dir()
+    comfy = comfyui_tokenizer_dir()
     if comfy is not None:
         return [comfy] * count
     raise ModelError("no CLIP tokenizer found: a single-file checkpoint does not include one, and ComfyUI (which "
