@@ -103,7 +103,7 @@ def test_short_run_learns_the_subject_and_the_lora_changes_the_output(tiny_sd1, 
 
 def test_sdxl_run_trains_and_exports(tiny_sdxl, photos, tmp_path):
     config = make_config(tiny_sdxl, photos, tmp_path / "run", max_train_steps=3, train_text_encoder=True,
-                         sample_at_end=True, sample_steps=2)
+                         sample_at_end=True, sample_steps=2, gradient_checkpointing=True, mixed_precision="bf16")
     result = loop.train(config)
     assert result.status == "done" and len(result.samples) == 1 and result.samples[0].exists()
     keys = lora_file(config).keys()
@@ -337,3 +337,29 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
     assert bad_config.returncode == 2 and "rank: 0 is below the minimum 1" in bad_config.stderr
     no_images = subprocess.run(run + ["--set", "rank=4"], capture_output=True, text=True)
     assert no_images.returncode == 2 and str(empty) in no_images.stderr
+
+
+@pytest.mark.parametrize("optimizer, package", [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
+def test_missing_optional_optimizer_package_is_a_clear_error(optimizer, package, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_package(name, *args, **kwargs):
+        if name == package:
+            raise ImportError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x", optimizer=optimizer)
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    with pytest.raises(loop.TrainingError, match=f"pip install {package}"):
+        loop.build_optimizer(config, params, torch.device("cpu"))
+
+
+def test_rank_larger_than_a_layer_is_bad_input(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", rank=64, alpha=64.0)
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    run = subprocess.run([sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config",
+                          str(tmp_path / "run.json")], capture_output=True, text=True)
+    assert run.returncode == 2 and "choose rank <= 32" in run.stderr

@@ -68,12 +68,13 @@ def run_training(config, events_to_stdout: bool = False) -> int:
         events.listeners.append(ProgressPrinter())
     try:
         result = train(config, events)
-    except (DatasetError, ModelError, ResumeError, ConfigError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
     except TrainingError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
+    except (DatasetError, ModelError, ResumeError, ConfigError, ValueError) as e:
+        # bad input found before or while setting up (e.g. a rank larger than a layer)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
     if main_process:
         print(f"\n{result.status} at step {result.step}", file=sys.stderr)
         for path in result.lora_files:
