@@ -58,10 +58,10 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .checkpoints import ResumeError
     from .data import DatasetError
     from .events import EventWriter
-    from .loop import TrainingError, train
+    from .loop import TrainingError, train, use_cpu
     from .models import ModelError
 
-    main_process = PartialState().is_main_process
+    main_process = PartialState(cpu=use_cpu()).is_main_process
     events = EventWriter(Path(config.output_dir) / "events.jsonl", stream=sys.stdout if events_to_stdout else None,
                          enabled=main_process)
     if main_process and not events_to_stdout:

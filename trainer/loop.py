@@ -50,10 +50,14 @@ class TrainResult:
 def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequest | None = None) -> TrainResult:
     """Run (or resume) one training run described by `config`; returns what it wrote."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one state per process; a second run in the same process (a test, a
+    # library user) may ask for another precision. The distributed setup (PartialState) stays.
+    AcceleratorState._reset_state()
     output_dir = Path(config.output_dir)
     lora_path = Path(config.lora_dir or config.output_dir) / f"{config.output_name}.safetensors"
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config))
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu())
     main = accelerator.is_main_process
     events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
@@ -115,20 +119,30 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         unet.train()
         while step < config.max_train_steps:
             started = time.perf_counter()
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for micro in range(config.gradient_accumulation_steps):
-                epoch, position, batch = next(batches)
-                rng = torch.Generator().manual_seed(derive_seed(config.seed, step, micro))
-                torch.manual_seed(derive_seed(config.seed, step, micro, 1))  # LoRA dropout
+                # Every process reads the same batch stream and keeps its own share, so the
+                # data order, and the checkpointed position, do not depend on the process count.
+                for rank in range(accelerator.num_processes):
+                    epoch, position, drawn = next(batches)
+                    if rank == accelerator.process_index:
+                        batch, batch_epoch = drawn, epoch
+                # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
+                # draw what 1 process x N micro-batches would.
+                index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
+                    + accelerator.process_index
+                rng = torch.Generator().manual_seed(derive_seed(config.seed, index))
+                torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
                 sync = micro == config.gradient_accumulation_steps - 1
                 with nullcontext() if sync else accelerator.no_sync(unet):
-                    latents, embeds, added = _batch_inputs(batch, epoch, step, micro, instance_data, class_data,
+                    latents, embeds, added = _batch_inputs(batch, batch_epoch, index, instance_data, class_data,
                                                            base, encoders, cache, config, rng, device, weight_dtype)
                     with accelerator.autocast():
                         loss = diffusion_loss(unet, base.noise_scheduler, latents, embeds, added, config, rng,
                                               num_instance=len(batch))
                     accelerator.backward(loss / config.gradient_accumulation_steps)
-                step_loss += loss.detach().float().item() / config.gradient_accumulation_steps
+                step_loss += loss.detach().float() / config.gradient_accumulation_steps
+            step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # one host sync per step
             if not torch.isfinite(torch.tensor(step_loss)):
                 raise TrainingError(f"the loss became {step_loss} at step {step + 1}; nothing from this step was "
                                     f"saved (last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, "
@@ -242,13 +256,13 @@ class ConditioningCache:
         self.prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
-def _batch_inputs(batch, epoch, step, micro, instance_data, class_data, base: BaseModel, encoders, cache,
+def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseModel, encoders, cache,
                   config: TrainConfig, rng, device, weight_dtype):
-    """Latents, prompt embeddings and SDXL added conditioning for one micro-batch (+ class images)."""
+    """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images)."""
     bucket = instance_data.buckets[batch[0]]
     parts = [(instance_data, i) for i in batch]
     if class_data is not None:
-        first = (step * config.gradient_accumulation_steps + micro) * len(batch)
+        first = index * len(batch)  # class images in turn, the same ones whatever the process count
         parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
     samples, keys = [], []
     for dataset, index in parts:
@@ -312,6 +326,17 @@ def derive_seed(*parts: int) -> int:
 
 
 # --- building blocks -------------------------------------------------------------------------------
+
+def use_cpu() -> bool:
+    """Train on the CPU when there is no GPU or ACCELERATE_USE_CPU asks for it.
+
+    Saying so explicitly also makes several processes on a CPU-only machine
+    (`accelerate launch --multi_gpu`) talk over gloo instead of each training alone.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
 
 def resolve_mixed_precision(config: TrainConfig) -> str:
     """'auto' -> bf16 on a GPU that supports it, fp16 on other GPUs, 'no' on CPU."""

@@ -1,0 +1,60 @@
+"""Scale-out through accelerate: 2 CPU processes (gloo) train what 1 process trains with the same global batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from comfyui_dreambooth_lora.trainer import loop
+from comfyui_dreambooth_lora.trainer.events import read_events
+from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+from test_training import make_config
+
+
+def launch(config, tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{Path(config.output_dir).name}.json"
+    path.write_text(json.dumps(config.to_dict()))
+    # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes the processes talk over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517", "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tmp_path):
+    photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
+    common = dict(max_train_steps=4, learning_rate=3e-3, flip_p=0.5, checkpoint_every=2)
+    two = make_config(tiny_sd1, photos, tmp_path / "two", **common)
+    result = launch(two, tmp_path, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = make_config(tiny_sd1, photos, tmp_path / "one", gradient_accumulation_steps=2, **common)
+    loop.train(one)
+
+    a = load_file(Path(one.output_dir) / "test_lora.safetensors")
+    b = load_file(Path(two.output_dir) / "test_lora.safetensors")
+    assert a.keys() == b.keys()
+    changed = 0
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=2e-3)  # fp16 file
+        changed += int("lora_up" in key and a[key].abs().max() > 0)
+    assert changed > 0
+    steps_one = [e["loss"] for e in read_events(Path(one.output_dir) / "events.jsonl") if e["event"] == "step"]
+    steps_two = [e["loss"] for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "step"]
+    assert len(steps_two) == 4  # only the main process writes events
+    for x, y in zip(steps_one, steps_two):
+        assert abs(x - y) < 1e-4
+
+    # The checkpoint written by 2 processes resumes in 1 process.
+    resumed = loop.train(dataclasses.replace(two, resume="latest", max_train_steps=6))
+    assert resumed.status == "done" and resumed.step == 6
+    start = [e for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "start"][-1]
+    assert start["start_step"] == 4
