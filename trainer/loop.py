@@ -69,6 +69,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             raise TrainingError(f"{lora_path} already exists; choose another output_name, "
                                 "or set overwrite = true (or resume = 'latest' to continue its run)")
         state = load_checkpoint(resume_from, config) if resume_from else None
+        if config.resume == "latest" and state is None:
+            events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         if main:
             (output_dir / STOP_FILE_NAME).unlink(missing_ok=True)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
