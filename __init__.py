@@ -2,5 +2,12 @@
 
 Nothing heavy (torch, diffusers, peft) is imported here, so the pack costs ComfyUI's
 start-up nothing and the trainer (`comfyui_dreambooth_lora.trainer`) imports without ComfyUI.
-The nodes are registered here once `nodes/` has them (issue: the ComfyUI node pack).
+ComfyUI calls `comfy_entrypoint` (its V3 node API); only then are the nodes imported.
 """
+
+
+async def comfy_entrypoint():
+    """The pack's ComfyUI extension: the nodes of `nodes/comfy_nodes.py`."""
+    from .nodes.comfy_nodes import DreamBoothExtension
+
+    return DreamBoothExtension()

@@ -1,0 +1,767 @@
+"""The ComfyUI nodes (V3 schema), category "DreamBooth LoRA".
+
+Thin by design: widgets become a TrainConfig (`config_build`), training runs in a worker
+process (`worker`), pictures are drawn in `pictures`. This module is imported only by
+ComfyUI (through `comfy_entrypoint`), so it may import ComfyUI's modules at the top; torch,
+diffusers and the trainer's heavy modules are imported inside `execute`.
+
+Types passed between the nodes (plain dicts, so they cache and print well):
+- DREAMBOOTH_DATASET: folder, instance_prompt, class_prompt and the data options;
+- DREAMBOOTH_BASE: path, name, kind (checkpoint / diffusers), arch, variant, prediction_type;
+- DREAMBOOTH_SETTINGS: memory_preset and TrainConfig options;
+- LORA_MODEL: ComfyUI's own type, a dict of tensors in kohya keys (UNet part).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui
+
+from . import config_build as cb
+from . import pictures
+from .worker import WorkerProcess, worker_command, worker_environment
+
+CATEGORY = "DreamBooth LoRA"
+LOG = logging.getLogger("dreambooth_lora")
+
+Dataset = io.Custom("DREAMBOOTH_DATASET")
+BaseModel = io.Custom("DREAMBOOTH_BASE")
+Settings = io.Custom("DREAMBOOTH_SETTINGS")
+LoraModel = io.Custom("LORA_MODEL")
+
+DATASETS_PREFIX = "[datasets] "
+DIFFUSERS_PREFIX = "[diffusers] "
+NO_LORA = "[none]"
+OUTPUT_ROOT = "dreambooth_lora"  # under ComfyUI's output folder: runs/, datasets/, class_images/
+
+# Float widget steps for the options that need a finer or coarser one than 0.01.
+FLOAT_STEPS = {"learning_rate": 1e-6, "text_encoder_lr": 1e-6, "weight_decay": 1e-3, "snr_gamma": 0.5,
+               "max_grad_norm": 0.1, "sample_guidance": 0.5, "prior_loss_weight": 0.1, "alpha": 1.0,
+               "noise_offset": 0.01, "flip_p": 0.05}
+
+
+# --- folders ---------------------------------------------------------------------------------
+
+def _output_root() -> Path:
+    return Path(folder_paths.get_output_directory()) / OUTPUT_ROOT
+
+
+def _inside(root: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Whether `target` lies inside `root` (lexically, after making both absolute)."""
+    root, target = os.path.abspath(root), os.path.abspath(target)
+    try:
+        return os.path.commonpath([root, target]) == root and root != target
+    except ValueError:
+        return False
+
+
+def _dataset_roots() -> list[str]:
+    try:
+        return [p for p in folder_paths.get_folder_paths("datasets") if os.path.isdir(p)]
+    except KeyError:
+        return []
+
+
+def dataset_folder_options() -> list[str]:
+    """Subfolders of ComfyUI's input folder, then of the registered `datasets` folders."""
+    options = [f for f in folder_paths.get_input_subfolders()
+               if not any(part.startswith(".") for part in f.split("/"))]
+    for root in _dataset_roots():
+        for dirpath, dirs, _ in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            if rel != ".":
+                options.append(DATASETS_PREFIX + rel.replace(os.sep, "/"))
+            if rel.count(os.sep) >= 2:
+                dirs[:] = []
+    return options or ["(put a folder of images into ComfyUI/input)"]
+
+
+def resolve_dataset_folder(choice: str) -> Path:
+    """The folder a Dataset node choice names; only input subfolders and registered dataset folders."""
+    if DATASETS_PREFIX and choice.startswith(DATASETS_PREFIX):
+        rel, roots = choice[len(DATASETS_PREFIX):], _dataset_roots()
+    else:
+        rel, roots = choice, [folder_paths.get_input_directory()]
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or os.path.isabs(rel) or ".." in parts or ":" in rel:
+        raise ValueError(f"folder {choice!r}: choose a subfolder of ComfyUI's input folder")
+    for root in roots:
+        target = Path(root, *parts)
+        if _inside(root, target) and target.is_dir():
+            return target
+    raise ValueError(f"folder {choice!r} not found; put the images into a subfolder of "
+                     f"{folder_paths.get_input_directory()} (or a registered datasets folder) and refresh")
+
+
+def _allowed_dataset_folder(folder: str | os.PathLike) -> bool:
+    roots = [folder_paths.get_input_directory(), *_dataset_roots(), str(_output_root() / "datasets"),
+             str(_output_root() / "class_images")]
+    return any(_inside(root, folder) for root in roots)
+
+
+def base_model_options() -> list[str]:
+    """Checkpoint files, then diffusers folders (with a model_index.json)."""
+    options = list(folder_paths.get_filename_list("checkpoints"))
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            for entry in sorted(os.listdir(root)):
+                if os.path.isfile(os.path.join(root, entry, "model_index.json")):
+                    options.append(DIFFUSERS_PREFIX + entry)
+    return options or ["(put a checkpoint into ComfyUI/models/checkpoints)"]
+
+
+def resolve_base_model(choice: str) -> tuple[Path, str]:
+    """(path, kind) of a Base model node choice."""
+    if choice.startswith(DIFFUSERS_PREFIX):
+        name = choice[len(DIFFUSERS_PREFIX):]
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"model {choice!r}: not a diffusers folder name")
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isfile(os.path.join(root, name, "model_index.json")):
+                return Path(root, name), "diffusers"
+        raise ValueError(f"diffusers folder {name!r} not found in {folder_paths.get_folder_paths('diffusers')}")
+    return Path(folder_paths.get_full_path_or_raise("checkpoints", choice)), "checkpoint"
+
+
+def _allowed_base_model(path: str | os.PathLike) -> bool:
+    roots = folder_paths.get_folder_paths("checkpoints") + folder_paths.get_folder_paths("diffusers")
+    return any(_inside(root, path) for root in roots)
+
+
+def comfy_tokenizer_dir() -> str:
+    """ComfyUI's bundled CLIP tokenizer (the one every SD1.x / SDXL checkpoint uses)."""
+    import comfy.sd1_clip
+
+    return os.path.join(os.path.dirname(os.path.abspath(comfy.sd1_clip.__file__)), "sd1_tokenizer")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of every file's name, size and modification time (images, captions, `N_name` subfolders)."""
+    digest = hashlib.sha256()
+    if not folder.is_dir():
+        return "missing"
+    for dirpath, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), folder)
+            digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+# --- widgets from TrainConfig options ----------------------------------------------------------
+
+def option_input(name: str, *, tooltip: str | None = None, optional: bool = False, **overrides) -> io.Input:
+    """The widget of a TrainConfig option, its tooltip the option's help text."""
+    info = cb.field_info(name)
+    default = overrides.pop("default", info["default"])
+    tip = tooltip or info["help"]
+    kind = info["type"]
+    if info["choices"]:
+        return io.Combo.Input(name, options=list(info["choices"]), default=default, tooltip=tip, optional=optional)
+    if kind is bool:
+        return io.Boolean.Input(name, default=default, tooltip=tip, optional=optional)
+    if kind is int:
+        lo = overrides.pop("min", info["min"])
+        hi = overrides.pop("max", info["max"])
+        return io.Int.Input(name, default=default, min=None if lo is None else int(lo),
+                            max=None if hi is None else int(hi), tooltip=tip, optional=optional, **overrides)
+    if kind is float:
+        return io.Float.Input(name, default=default, min=overrides.pop("min", info["min"]),
+                              max=overrides.pop("max", info["max"]), step=FLOAT_STEPS.get(name, 0.01),
+                              round=FLOAT_STEPS.get(name, 0.01) / 10, tooltip=tip, optional=optional)
+    if kind is list:
+        return io.String.Input(name, multiline=True, default="\n".join(default), tooltip=tip + " One per line.",
+                               optional=optional)
+    return io.String.Input(name, default=default, tooltip=tip, optional=optional)
+
+
+def _dataset_inputs() -> list[io.Input]:
+    return [
+        io.String.Input("instance_prompt", default="a photo of sks dog",
+                        tooltip="Prompt with the trigger word (a rare token such as 'sks' plus the class), used for "
+                                "images without a caption file: 'a photo of sks dog'."),
+        io.String.Input("class_prompt", default="a photo of dog",
+                        tooltip="Prompt of the class without the trigger word ('a photo of dog'); used for prior "
+                                "preservation (turn it on in Train LoRA)."),
+        option_input("caption_mode"),
+        option_input("repeats"),
+        option_input("resolution", default=0, min=0,
+                     tooltip="Training resolution (the side of a square of equal area). 0 = the model's own: "
+                             "512 for SD1.x, 1024 for SDXL. A multiple of 8."),
+        option_input("buckets"),
+        option_input("crop"),
+        option_input("flip_p"),
+    ]
+
+
+def _dataset_outputs() -> list[io.Output]:
+    return [
+        Dataset.Output(display_name="dataset", tooltip="The training images and their captions; connect to Train LoRA."),
+        io.Image.Output(display_name="preview", tooltip="A grid of up to 16 of the images, to check the folder."),
+        io.String.Output(display_name="summary",
+                         tooltip="Images, captions found and aspect-ratio buckets, in one line."),
+    ]
+
+
+def _scan_dataset(folder: Path, instance_prompt: str, class_prompt: str, caption_mode: str, repeats: int,
+                  resolution: int, buckets: bool, crop: str, flip_p: float) -> io.NodeOutput:
+    """Check a folder the way the trainer will (every image decoded) and describe it."""
+    from ..trainer.config import TrainConfig
+    from ..trainer.data import DatasetError, ImageDataset, scan_images
+
+    if not instance_prompt.strip():
+        raise ValueError("instance_prompt is empty: type the prompt with the trigger word, e.g. 'a photo of sks dog'")
+    if resolution % 8:
+        raise ValueError(f"resolution {resolution} must be a multiple of 8 (or 0 for the model's own)")
+    shown_resolution = resolution or 512
+    config = TrainConfig(instance_dir=str(folder), instance_prompt=instance_prompt, caption_mode=caption_mode,
+                         repeats=repeats, resolution=shown_resolution, buckets=buckets, crop=crop, flip_p=flip_p)
+    try:
+        scan = scan_images(folder, instance_prompt, config)
+    except DatasetError as e:
+        raise ValueError(str(e)) from None
+    for warning in scan.warnings:
+        LOG.info("[DreamBooth LoRA] %s", warning)
+    summary = ImageDataset(scan, config).summary()
+    if not resolution:
+        summary += " (buckets shown at 512; SDXL trains at 1024)"
+    dataset = {"folder": str(folder), "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+               "caption_mode": caption_mode, "repeats": repeats, "resolution": resolution, "buckets": buckets,
+               "crop": crop, "flip_p": flip_p, "num_images": len(scan.items), "summary": summary,
+               "fingerprint": folder_fingerprint(folder)}
+    grid = pictures.to_image_tensor([pictures.preview_grid([item.path for item in scan.items])])
+    return io.NodeOutput(dataset, grid, summary, ui=ui.PreviewText(summary))
+
+
+# --- nodes -------------------------------------------------------------------------------------------
+
+class DreamBoothDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothDataset",
+            display_name="DreamBooth Dataset",
+            category=CATEGORY,
+            description="Training images from a subfolder of ComfyUI's input folder (png, jpg, webp; optional .txt "
+                        "captions beside them; kohya `N_name` subfolders repeat N times). Every image is checked "
+                        "here, so a bad file fails in seconds, not in the middle of training.",
+            inputs=[io.Combo.Input("folder", options=dataset_folder_options(),
+                                   tooltip="A subfolder of ComfyUI/input (or of a `datasets` folder registered in "
+                                           "extra_model_paths.yaml) holding the photos. Refresh after adding one."),
+                    *_dataset_inputs()],
+            outputs=_dataset_outputs(),
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, **kwargs):
+        try:
+            return folder_fingerprint(resolve_dataset_folder(folder))
+        except ValueError:
+            return "missing"
+
+    @classmethod
+    def execute(cls, folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets, crop,
+                flip_p) -> io.NodeOutput:
+        return _scan_dataset(resolve_dataset_folder(folder), instance_prompt, class_prompt, caption_mode, repeats,
+                             resolution, buckets, crop, flip_p)
+
+
+class DreamBoothDatasetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothDatasetFromImages",
+            display_name="DreamBooth Dataset from Images",
+            category=CATEGORY,
+            description="Training images from any ComfyUI node (a batch of IMAGE), with captions. They are written "
+                        "as PNG files (and .txt captions) to output/dreambooth_lora/datasets/<name>/.",
+            inputs=[io.Image.Input("images", tooltip="The training images (a batch; e.g. from Load Image or a "
+                                                     "crop / upscale node)."),
+                    io.String.Input("name", default="my_subject",
+                                    tooltip="Name of the dataset folder under output/dreambooth_lora/datasets/."),
+                    io.String.Input("captions", multiline=True, default="",
+                                    tooltip="One caption per line, for the images in order; images without a line "
+                                            "(or with an empty one) use the instance prompt."),
+                    *_dataset_inputs()],
+            outputs=_dataset_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, images, name, captions, instance_prompt, class_prompt, caption_mode, repeats, resolution,
+                buckets, crop, flip_p) -> io.NodeOutput:
+        folder = _output_root() / "datasets" / cb.slug(cb.sanitize_output_name(name))
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("image_*"):  # only the files this node writes
+            if old.suffix in (".png", ".txt"):
+                old.unlink()
+        lines = captions.splitlines()
+        for i, image in enumerate(pictures.from_image_tensor(images)):
+            image.save(folder / f"image_{i:04d}.png")
+            caption = lines[i].strip() if i < len(lines) else ""
+            if caption:
+                (folder / f"image_{i:04d}.txt").write_text(caption, encoding="utf-8")
+        return _scan_dataset(folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
+                             crop, flip_p)
+
+
+class DreamBoothBaseModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothBaseModel",
+            display_name="DreamBooth Base Model",
+            category=CATEGORY,
+            description="The model to train on: a checkpoint from models/checkpoints or a diffusers folder from "
+                        "models/diffusers. Shows what it is (SD1.x / SDXL family, v-prediction) before training.",
+            inputs=[io.Combo.Input("model", options=base_model_options(),
+                                   tooltip="A single-file SD1.x / SDXL checkpoint (models/checkpoints) or a "
+                                           "diffusers folder (models/diffusers, listed as '[diffusers] name')."),
+                    option_input("prediction_type")],
+            outputs=[BaseModel.Output(display_name="base_model",
+                                      tooltip="The base model to train; connect to Train LoRA (and Sample)."),
+                     io.AnyType.Output(display_name="ckpt_name",
+                                       tooltip="The checkpoint's name: connect it to Load Checkpoint's ckpt_name so "
+                                               "the graph names the checkpoint once (single-file checkpoints)."),
+                     io.String.Output(display_name="info",
+                                      tooltip="What was detected: architecture, variant and prediction type.")],
+        )
+
+    @classmethod
+    def execute(cls, model, prediction_type) -> io.NodeOutput:
+        from ..trainer.models import ModelError, inspect_model
+
+        path, kind = resolve_base_model(model)
+        try:
+            detected = inspect_model(path, prediction_type=prediction_type)
+        except ModelError as e:
+            raise ValueError(f"{model}: {e}") from None
+        info = f"{detected.variant} ({detected.arch}), {detected.prediction_type}, {kind}: {model}"
+        base = {"path": str(path), "name": model, "kind": kind, "arch": detected.arch, "variant": detected.variant,
+                "prediction_type": detected.prediction_type}
+        return io.NodeOutput(base, model, info, ui=ui.PreviewText(info))
+
+
+class DreamBoothTrainingSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothTrainingSettings",
+            display_name="DreamBooth Training Settings",
+            category=CATEGORY,
+            description="The advanced options of a training run, so Train LoRA stays readable. Without this node "
+                        "Train LoRA uses these defaults. A memory preset overrides the memory-related options.",
+            inputs=[io.Combo.Input("memory_preset", options=list(cb.PRESET_CHOICES), default=cb.PRESET_NONE,
+                                   tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size "
+                                           "and text-encoder training for the base model's architecture (SD1.x or "
+                                           "SDXL), overriding those options below."),
+                    *[option_input(name) for name in cb.SETTINGS_OPTIONS]],
+            outputs=[Settings.Output(display_name="settings", tooltip="Connect to Train LoRA's settings input.")],
+        )
+
+    @classmethod
+    def execute(cls, memory_preset, **options) -> io.NodeOutput:
+        return io.NodeOutput({"memory_preset": memory_preset, "options": options})
+
+
+class DreamBoothTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothTrainLoRA",
+            display_name="DreamBooth Train LoRA",
+            category=CATEGORY,
+            description="Trains a LoRA in a separate worker process and writes it to models/loras/<output_name>."
+                        "safetensors, where Load LoRA lists it. Cancel stops gracefully: a resumable checkpoint "
+                        "and a partial LoRA are written first. Run folder: output/dreambooth_lora/runs/<output_name>.",
+            is_output_node=True,
+            inputs=[
+                BaseModel.Input("base_model", tooltip="From DreamBooth Base Model."),
+                Dataset.Input("dataset", tooltip="From DreamBooth Dataset (or Dataset from Images)."),
+                io.String.Input("output_name", default="my_lora",
+                                tooltip="File name of the LoRA in models/loras (no folders; '.safetensors' is "
+                                        "added). Also names the run folder, so resume finds its checkpoints."),
+                option_input("max_train_steps", tooltip="Optimizer steps to train (about 100 per training image is "
+                                                        "a common start for a subject)."),
+                option_input("learning_rate", tooltip="Learning rate of the LoRA (1e-4 is a safe start for SD1.5 "
+                                                      "and SDXL)."),
+                option_input("rank"),
+                option_input("alpha"),
+                option_input("seed", control_after_generate=io.ControlAfterGenerate.fixed),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue the run of this output_name from its newest checkpoint (after a "
+                                         "Cancel, or with more steps). Off starts a new run."),
+                io.Boolean.Input("prior_preservation", default=False,
+                                 tooltip="Also train on class images with the dataset's class prompt, so the class "
+                                         "('dog') keeps its meaning. Images come from class_images, else they are "
+                                         "generated once with the base model and reused."),
+                Settings.Input("settings", optional=True,
+                               tooltip="From DreamBooth Training Settings; defaults when not connected."),
+                Dataset.Input("class_images", optional=True,
+                              tooltip="Class images for prior preservation (a DreamBooth Dataset node on a folder of "
+                                      "them). Not connected: they are generated once into "
+                                      "output/dreambooth_lora/class_images/ and reused."),
+            ],
+            outputs=[
+                io.AnyType.Output(display_name="lora_name",
+                                  tooltip="The LoRA's file name in models/loras; connect to Load LoRA's lora_name."),
+                LoraModel.Output(display_name="lora",
+                                 tooltip="The UNet part of the LoRA as ComfyUI's LORA_MODEL (kohya keys), for "
+                                         "Load LoRA Model. Text-encoder weights load through the file."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step, with a moving average."),
+                io.Image.Output(display_name="samples",
+                                tooltip="The validation images made at the end of training (one per validation "
+                                        "prompt); a black square when sampling is off."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, base_model, dataset, output_name, max_train_steps, learning_rate, rank, alpha, seed, resume,
+                prior_preservation, settings=None, class_images=None) -> io.NodeOutput:
+        from ..trainer.config import ConfigError, save_config
+
+        if not _allowed_base_model(base_model.get("path", "")):
+            raise ValueError("base_model must come from the DreamBooth Base Model node")
+        if not _allowed_dataset_folder(dataset.get("folder", "")):
+            raise ValueError("dataset must come from a DreamBooth Dataset node")
+        name = cb.sanitize_output_name(output_name)
+        lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        run_dir = _output_root() / "runs" / name
+        class_dir, class_count = None, None
+        if prior_preservation:
+            if class_images is not None:
+                from ..trainer.data import count_images
+
+                if not _allowed_dataset_folder(class_images.get("folder", "")):
+                    raise ValueError("class_images must come from a DreamBooth Dataset node")
+                class_dir = Path(class_images["folder"])
+                class_count = count_images(class_dir)  # a user's folder is read, never written to
+                if not class_count:
+                    raise ValueError(f"class_images: {class_dir} has no images directly in it")
+            else:
+                class_dir = _output_root() / "class_images" / cb.slug(
+                    f"{Path(base_model['name']).stem}_{dataset.get('class_prompt', '')}", 100)
+        train = dict(output_name=name, steps=max_train_steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
+                     seed=seed, resume=resume, prior_preservation=prior_preservation)
+        try:
+            config = cb.build_train_config(base=base_model, dataset=dataset, settings=settings, train=train,
+                                           run_dir=run_dir, lora_dir=lora_dir, tokenizer=comfy_tokenizer_dir(),
+                                           class_dir=class_dir, class_images_available=class_count)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        lora_path = lora_dir / f"{name}.safetensors"
+        identity = _run_identity(config, base_model, dataset, class_images)
+        if _finished_before(config, run_dir, lora_path, identity):
+            LOG.info("[DreamBooth LoRA] %s: trained before with these inputs; reusing %s", name, lora_path)
+            return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
+        _check_fresh_run(config, run_dir, lora_path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "run.json"
+        save_config(config, config_path)
+        (run_dir / RUN_IDENTITY).unlink(missing_ok=True)
+
+        import comfy.model_management as mm
+
+        mm.unload_all_models()  # the worker needs the GPU memory ComfyUI's loaded models hold
+        mm.soft_empty_cache(True)
+        worker = WorkerProcess(worker_command(config_path, run_dir), run_dir,
+                               worker_environment(force_cpu=_comfy_on_cpu()))
+        progress = _Progress(cls.hidden.unique_id, config.max_train_steps)
+        interrupted: BaseException | None = None
+        worker.start()
+        LOG.info("[DreamBooth LoRA] training %s in worker %s (log: %s)", name, worker.pid, worker.log_path)
+        try:
+            while not worker.finished:
+                event = worker.poll(0.1)
+                try:
+                    if event is not None:
+                        progress.show(event)
+                    mm.throw_exception_if_processing_interrupted()
+                except mm.InterruptProcessingException as e:
+                    if interrupted is None:
+                        interrupted = e
+                        worker.request_stop()
+                        progress.text("stopping: finishing the step, writing a checkpoint and a partial LoRA "
+                                      "(Cancel again to kill the worker)", force=True)
+                    else:
+                        worker.kill()
+            worker.wait()
+        finally:
+            worker.close()
+        if interrupted is not None:
+            stopped = worker.last("stopped")
+            LOG.info("[DreamBooth LoRA] stopped at step %s; checkpoint %s; partial LoRA %s",
+                     stopped and stopped.get("step"), stopped and stopped.get("checkpoint"),
+                     stopped and stopped.get("lora"))
+            raise interrupted
+        failure = worker.failure()
+        if failure is not None:
+            raise failure
+        if worker.last("stopped"):  # stopped from outside (a STOP file, a signal): not an error, but no result
+            raise RuntimeError(f"training stopped at step {worker.last('stopped').get('step')} before the end "
+                               f"(STOP file or signal); turn resume on and queue again to finish it")
+        (run_dir / RUN_IDENTITY).write_text(json.dumps(identity, sort_keys=True), encoding="utf-8")
+        return _train_outputs(config, worker.events, lora_dir, name, cls)
+
+
+def _comfy_on_cpu() -> bool:
+    try:
+        from comfy.cli_args import args
+
+        return bool(args.cpu)
+    except Exception:
+        return False
+
+
+RUN_IDENTITY = "node_run.json"  # what a finished run was trained from, to reuse it instead of training again
+
+
+def _file_stamp(path: str | os.PathLike) -> list:
+    try:
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        return []
+
+
+def _run_identity(config, base_model: dict, dataset: dict, class_images: dict | None) -> dict:
+    """Everything a finished run's LoRA depends on: the options, the base model file and the image files."""
+    options = {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")}
+    base_path = Path(base_model["path"])
+    base_stamp = _file_stamp(base_path / "model_index.json" if base_path.is_dir() else base_path)
+    return {"config": options, "base": base_stamp, "dataset": dataset.get("fingerprint"),
+            "class_images": class_images.get("fingerprint") if class_images else None}
+
+
+def read_run_events(run_dir: Path) -> list[dict]:
+    from ..trainer.events import read_events
+
+    path = run_dir / "events.jsonl"
+    return read_events(path) if path.is_file() else []
+
+
+def _finished_before(config, run_dir: Path, lora_path: Path, identity: dict) -> bool:
+    """Whether this exact run finished before (e.g. the same graph queued after a restart)."""
+    if config.resume or config.overwrite or not lora_path.is_file() or not (run_dir / RUN_IDENTITY).is_file():
+        return False
+    try:
+        saved = json.loads((run_dir / RUN_IDENTITY).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    done = [e for e in read_run_events(run_dir) if e.get("event") == "done"]
+    return saved == json.loads(json.dumps(identity)) and bool(done) and done[-1].get("step") == config.max_train_steps
+
+
+def _check_fresh_run(config, run_dir: Path, lora_path: Path) -> None:
+    """A new run must not mix with the checkpoints of an earlier one, nor replace a LoRA silently."""
+    if config.resume:
+        return
+    old = sorted((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+    if lora_path.exists() and not config.overwrite:
+        raise ValueError(f"{lora_path} already exists. Choose another output_name, turn resume on to continue its "
+                         f"run, or turn overwrite on in DreamBooth Training Settings to replace it.")
+    if old:
+        if not config.overwrite:
+            raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({old[-1].name}). Turn resume on to "
+                             f"continue it, choose another output_name, or turn overwrite on in DreamBooth Training "
+                             f"Settings to start over.")
+        shutil.rmtree(run_dir / "checkpoints")
+
+
+class _Progress:
+    """The node's progress bar, progress text and sample previews, from worker events."""
+
+    def __init__(self, node_id: str | None, total: int):
+        import comfy.utils
+
+        self.node_id = node_id
+        self.total = total
+        self.step = 0
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self._last_text = 0.0
+
+    def text(self, message: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_text < 0.25:
+            return
+        self._last_text = now
+        try:
+            from server import PromptServer
+
+            if PromptServer.instance is not None and self.node_id is not None:
+                PromptServer.instance.send_progress_text(message, self.node_id)
+        except Exception:  # no server (e.g. a script driving the node): the log still has it
+            pass
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self.total = int(event.get("total_steps", self.total))
+            self.step = int(event.get("start_step", 0))
+            self.bar.update_absolute(self.step, self.total)
+            resumed = f", resumed at step {self.step}" if self.step else ""
+            self.text(f"training {event.get('model')} on {event.get('num_images')} images ({event.get('device')})"
+                      f"{resumed}", force=True)
+        elif kind == "step":
+            self.step = int(event["step"])
+            self.bar.update_absolute(self.step, int(event.get("total_steps", self.total)))
+            seconds = float(event.get("seconds_per_step", 0.0))
+            eta = seconds * (self.total - self.step)
+            self.text(f"step {self.step}/{self.total}  loss {float(event['loss']):.4f}  {seconds:.2f} s/step  "
+                      f"~{_duration(eta)} left", force=self.step == self.total)
+        elif kind == "sample":
+            paths = event.get("paths") or []
+            if paths:
+                image = pictures.load_images(paths[:1])[0]
+                self.bar.update_absolute(self.step, self.total, ("JPEG", image, 512))
+            self.text(f"samples at step {event.get('step')}", force=True)
+        elif kind == "class_images":
+            self.text(f"generating class images: {event.get('done')}/{event.get('total')}")
+        elif kind == "checkpoint":
+            self.text(f"checkpoint at step {event.get('step')}", force=True)
+        elif kind == "log":
+            LOG.info("[DreamBooth LoRA] %s", event.get("message"))
+        elif kind == "stopped":
+            self.text(f"stopped at step {event.get('step')}; checkpoint written, resume to continue", force=True)
+        elif kind == "done":
+            self.bar.update_absolute(self.total, self.total)
+            self.text(f"done: {', '.join(Path(p).name for p in event.get('lora', []))}", force=True)
+        elif kind == "error":
+            self.text(f"error: {event.get('message')}", force=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{seconds // 60}min"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}"
+
+
+def _train_outputs(config, events: list[dict], lora_dir: Path, name: str, cls) -> io.NodeOutput:
+    """The Train LoRA outputs of a finished run: file name, LORA_MODEL, loss curve, last samples."""
+    from safetensors.torch import load_file
+
+    lora_file = lora_dir / f"{name}.safetensors"
+    if not lora_file.is_file():
+        raise RuntimeError(f"the worker finished but {lora_file} was not written; see "
+                           f"{Path(config.output_dir) / 'worker.log'}")
+    lora = {k: v for k, v in load_file(lora_file).items() if k.startswith("lora_unet_")}
+    losses = pictures.losses_of_run(read_run_events(Path(config.output_dir)))
+    curve = pictures.to_image_tensor([pictures.loss_curve(losses)])
+    sample_event = next((e for e in reversed(events) if e.get("event") == "sample"), None)
+    if sample_event and sample_event.get("paths"):
+        images = pictures.same_size(pictures.load_images(sample_event["paths"]))
+        samples = pictures.to_image_tensor(images)
+        preview = ui.PreviewImage(samples, cls=cls)
+    else:
+        samples = pictures.to_image_tensor([pictures.blank_image()])
+        preview = None
+    return io.NodeOutput(lora_file.name, lora, curve, samples, ui=preview)
+
+
+class DreamBoothSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="DreamBoothSample",
+            display_name="DreamBooth Sample",
+            category=CATEGORY,
+            description="Images from the base model with a LoRA applied (a file from models/loras and/or a "
+                        "LORA_MODEL), with ComfyUI's own samplers: one image per prompt line. SD1.x and SDXL.",
+            inputs=[
+                BaseModel.Input("base_model", tooltip="From DreamBooth Base Model."),
+                io.Combo.Input("lora_name", options=[NO_LORA] + folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file from models/loras (connect Train LoRA's lora_name here), or "
+                                       f"{NO_LORA} for the base model alone."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly the LoRA changes the UNet (0 = not at all)."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly the LoRA changes the text encoder(s), if it trained them."),
+                io.String.Input("prompt", multiline=True, default="a photo of sks dog",
+                                tooltip="One image per line; use the trigger word of the LoRA."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="What to steer away from (applies to every line)."),
+                io.Int.Input("seed", default=1234, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the first image; the next lines use seed+1, seed+2, ..."),
+                io.Int.Input("steps", default=25, min=1, max=1000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Classifier-free guidance scale."),
+                io.Int.Input("width", default=512, min=64, max=8192, step=8,
+                             tooltip="Image width (512 for SD1.5, 1024 for SDXL)."),
+                io.Int.Input("height", default=512, min=64, max=8192, step=8,
+                             tooltip="Image height (512 for SD1.5, 1024 for SDXL)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="The sampling algorithm (as KSampler's)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="The noise schedule (as KSampler's)."),
+                LoraModel.Input("lora", optional=True,
+                                tooltip="A LORA_MODEL (e.g. Train LoRA's lora output), applied to the UNet at "
+                                        "strength_model, on top of lora_name."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="One image per prompt line.")],
+        )
+
+    @classmethod
+    def execute(cls, base_model, lora_name, strength_model, strength_clip, prompt, negative_prompt, seed, steps, cfg,
+                width, height, sampler_name, scheduler, lora=None) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+        import nodes as comfy_nodes
+        import torch
+
+        path = base_model.get("path", "")
+        if not _allowed_base_model(path):
+            raise ValueError("base_model must come from the DreamBooth Base Model node")
+        embeddings = folder_paths.get_folder_paths("embeddings")
+        if base_model.get("kind") == "diffusers":
+            import comfy.diffusers_load
+
+            model, clip, vae = comfy.diffusers_load.load_diffusers(path, output_vae=True, output_clip=True,
+                                                                  embedding_directory=embeddings)[:3]
+        else:
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                                     embedding_directory=embeddings)[:3]
+        if lora_name and lora_name != NO_LORA:
+            lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            lora_sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
+            model, clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip)
+        if lora is not None:
+            model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength_model, 0)
+        prompts = [p.strip() for p in prompt.splitlines() if p.strip()] or [""]
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative_prompt))
+        images = []
+        for i, text in enumerate(prompts):
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            latent = {"samples": torch.zeros([1, 4, height // 8, width // 8])}
+            out = comfy_nodes.common_ksampler(model, seed + i, steps, cfg, sampler_name, scheduler, positive,
+                                              negative, latent)[0]
+            images.append(vae.decode(out["samples"]))
+        return io.NodeOutput(torch.cat(images, dim=0))
+
+
+class DreamBoothExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+NODES = [DreamBoothDataset, DreamBoothDatasetFromImages, DreamBoothBaseModel, DreamBoothTrainingSettings,
+         DreamBoothTrainLoRA, DreamBoothSample]

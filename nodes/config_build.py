@@ -1,0 +1,159 @@
+"""From node widgets to one TrainConfig: names, memory presets, the options the nodes expose.
+
+The nodes pass plain dicts between them (a dataset, a base model, training settings);
+`build_train_config` turns them and the Train LoRA widgets into the trainer's validated
+`TrainConfig`. No ComfyUI import here, so all of it is tested without ComfyUI; the
+tooltips of option widgets come from the TrainConfig field help, so the node and the
+CLI document an option with the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from ..trainer.config import TrainConfig
+
+# Options of the Dataset nodes (the same names as TrainConfig fields).
+DATASET_OPTIONS = ("caption_mode", "repeats", "resolution", "buckets", "crop", "flip_p")
+
+# Options of the Training settings node, in widget order. This order is part of the
+# saved-workflow format (`widgets_values` is positional): append new options at the end.
+SETTINGS_OPTIONS = (
+    "mixed_precision", "gradient_checkpointing", "batch_size", "gradient_accumulation_steps", "optimizer",
+    "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "weight_decay",
+    "train_text_encoder", "text_encoder_lr", "lora_targets", "lora_dropout", "use_dora",
+    "snr_gamma", "noise_offset", "caption_dropout", "shuffle_captions", "keep_tokens", "upscale", "bucket_step",
+    "cache_latents", "prediction_type",
+    "num_class_images", "prior_loss_weight", "class_sample_steps",
+    "validation_prompts", "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
+    "sample_resolution",
+    "checkpoint_every", "keep_checkpoints", "save_dtype", "export_format", "overwrite",
+)
+
+# Memory presets: what each one sets, per architecture. The values trade speed for memory
+# in the order that costs least quality: gradient checkpointing first (slower, same result),
+# then the batch size, then text-encoder training (a UNet-only LoRA). LoRA optimizer states
+# are small, so 8-bit Adam is not needed at these sizes.
+MEMORY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "8 GB": {
+        "sd1": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto"),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto",
+                     cache_latents="auto"),
+    },
+    "12 GB": {
+        "sd1": dict(gradient_checkpointing=False, batch_size=1, mixed_precision="auto"),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto"),
+    },
+    "16 GB": {
+        "sd1": dict(gradient_checkpointing=False, batch_size=2, mixed_precision="auto"),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, mixed_precision="auto"),
+    },
+    "24 GB": {
+        "sd1": dict(gradient_checkpointing=False, batch_size=4, mixed_precision="auto"),
+        "sdxl": dict(gradient_checkpointing=False, batch_size=1, mixed_precision="auto"),
+    },
+}
+PRESET_NONE = "none (use the options below)"
+PRESET_CHOICES = (PRESET_NONE, *MEMORY_PRESETS)
+
+# What the Train LoRA node uses when no Training settings node is connected.
+DEFAULT_SETTINGS: dict[str, Any] = {"memory_preset": PRESET_NONE, "options": {}}
+
+# Native resolution of each architecture, the Dataset node's "auto" (0).
+NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
+
+
+def field_info(name: str) -> dict[str, Any]:
+    """Type, default, help, choices and range of a TrainConfig option, for building its widget."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    f = fields[name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    hint = {"bool": bool, "int": int, "float": float, "str": str}.get(str(f.type), None)
+    if hint is None:
+        hint = list if "list" in str(f.type) else str
+    return {"name": name, "type": hint, "default": default, "help": f.metadata["help"],
+            "choices": f.metadata.get("choices"), "min": f.metadata.get("min"), "max": f.metadata.get("max")}
+
+
+def cb_default(name: str) -> Any:
+    return field_info(name)["default"]
+
+
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+def sanitize_output_name(name: str) -> str:
+    """A plain LoRA file name: no folders, no `..`, no drive, no extension; raises ValueError when empty."""
+    text = str(name).strip()
+    if text.lower().endswith(".safetensors"):
+        text = text[: -len(".safetensors")]
+    text = _UNSAFE.sub("_", text)
+    while ".." in text:
+        text = text.replace("..", "_")
+    text = text.strip(" .")
+    if not text:
+        raise ValueError(f"output_name {name!r} leaves no usable file name; use letters, digits, '_' or '-'")
+    return text
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A short file-system-safe form of a prompt or a model name (for folder names)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return (cleaned or "x")[:limit]
+
+
+def settings_options(settings: dict[str, Any] | None, arch: str) -> dict[str, Any]:
+    """The TrainConfig options of a settings dict, with its memory preset applied for `arch`."""
+    settings = settings or DEFAULT_SETTINGS
+    options = dict(settings.get("options", {}))
+    preset = settings.get("memory_preset", PRESET_NONE)
+    if preset != PRESET_NONE:
+        if preset not in MEMORY_PRESETS:
+            raise ValueError(f"memory_preset {preset!r} is not one of {', '.join(PRESET_CHOICES)}")
+        options.update(MEMORY_PRESETS[preset][arch])
+    if isinstance(options.get("validation_prompts"), str):
+        options["validation_prompts"] = [p.strip() for p in options["validation_prompts"].splitlines() if p.strip()]
+    return options
+
+
+def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], settings: dict[str, Any] | None,
+                       train: dict[str, Any], run_dir: Path, lora_dir: Path, tokenizer: str = "",
+                       class_dir: Path | None = None, class_images_available: int | None = None) -> TrainConfig:
+    """The validated TrainConfig of a Train LoRA node run (raises the trainer's ConfigError).
+
+    `base` comes from the Base model node, `dataset` from a Dataset node, `settings` from the
+    Training settings node (or None), `train` holds the Train LoRA widgets: output_name, steps,
+    learning_rate, rank, alpha, seed, resume, prior_preservation. `class_images_available`: the
+    number of images in a class folder the user chose, which is read and never written to, so
+    at most that many class images are used (none are generated into it).
+    """
+    arch = base.get("arch") or "sd1"
+    values: dict[str, Any] = settings_options(settings, arch)
+    resolution = dataset.get("resolution") or NATIVE_RESOLUTION.get(arch, 512)
+    values.update({key: dataset[key] for key in DATASET_OPTIONS if key in dataset})
+    values.update(
+        pretrained_model=str(base["path"]),
+        tokenizer=tokenizer if base.get("kind", "checkpoint") == "checkpoint" else "",
+        instance_dir=str(dataset["folder"]),
+        instance_prompt=dataset.get("instance_prompt", ""),
+        resolution=resolution,
+        max_train_steps=int(train["steps"]),
+        learning_rate=float(train["learning_rate"]),
+        rank=int(train["rank"]),
+        alpha=float(train["alpha"]),
+        seed=int(train["seed"]),
+        output_dir=str(run_dir),
+        output_name=sanitize_output_name(train["output_name"]),
+        lora_dir=str(lora_dir),
+        resume="latest" if train.get("resume") else "",
+    )
+    if train.get("prior_preservation"):
+        values.update(with_prior_preservation=True, class_prompt=dataset.get("class_prompt", ""),
+                      class_dir=str(class_dir) if class_dir else "")
+        if class_images_available is not None:
+            default = cb_default("num_class_images")
+            values["num_class_images"] = min(int(values.get("num_class_images", default)), class_images_available)
+    return TrainConfig.from_dict(values)

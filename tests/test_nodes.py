@@ -1,0 +1,327 @@
+"""The node pack's parts that need no ComfyUI: widgets -> TrainConfig, the worker process, pictures.
+
+The worker tests run the real bootstrap (the pack imported from its folder under its
+package name) and the real trainer CLI on a tiny model, so the process handling the Train
+LoRA node relies on (events, graceful stop, failures with their cause) is checked here in
+seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from comfyui_dreambooth_lora.nodes import config_build as cb
+from comfyui_dreambooth_lora.nodes import pictures
+from comfyui_dreambooth_lora.nodes.worker import (PACK_DIR, WorkerError, WorkerProcess, worker_command,
+                                                  worker_environment)
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
+from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the root package stays light --------------------------------------------------------------------
+
+def test_root_package_imports_nothing_heavy_and_has_the_v3_entry_point():
+    code = ("import sys, comfyui_dreambooth_lora as p; import inspect; "
+            "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers', 'accelerate', 'comfy_api') "
+            "if m in sys.modules]; print(heavy, inspect.iscoroutinefunction(p.comfy_entrypoint))")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] True"
+
+
+# --- widgets -> TrainConfig ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("my_dog", "my_dog"),
+    ("  my dog.safetensors ", "my dog"),
+    ("../../etc/passwd", "____etc_passwd"),
+    ("a/b\\c:d", "a_b_c_d"),
+    ("..", "_"),
+    (" . ", None),
+    ("", None),
+    ("C:\\evil", "C__evil"),
+])
+def test_output_names_are_sanitised(name, expected):
+    if expected is None:
+        with pytest.raises(ValueError):
+            cb.sanitize_output_name(name)
+    else:
+        assert cb.sanitize_output_name(name) == expected
+        assert not _check_output_name(expected)  # and the trainer accepts it
+
+
+def _inputs(tmp_path: Path, arch: str = "sd1", **train):
+    base = {"path": str(tmp_path / "model.safetensors"), "name": "model.safetensors", "kind": "checkpoint",
+            "arch": arch, "variant": arch, "prediction_type": "epsilon"}
+    dataset = {"folder": str(tmp_path / "photos"), "instance_prompt": "a photo of sks dog",
+               "class_prompt": "a photo of dog", "caption_mode": "file_or_prompt", "repeats": 2, "resolution": 0,
+               "buckets": True, "crop": "center", "flip_p": 0.5}
+    widgets = dict(output_name="my_dog", steps=120, learning_rate=2e-4, rank=8, alpha=4.0, seed=3, resume=False,
+                   prior_preservation=False)
+    widgets.update(train)
+    return base, dataset, widgets
+
+
+def test_build_train_config_maps_every_node_input(tmp_path):
+    base, dataset, widgets = _inputs(tmp_path)
+    settings = {"memory_preset": cb.PRESET_NONE,
+                "options": {"batch_size": 2, "validation_prompts": "one\n\n two \n", "sample_steps": 5}}
+    config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
+                                   run_dir=tmp_path / "run", lora_dir=tmp_path / "loras", tokenizer="/tok")
+    assert config.pretrained_model == base["path"] and config.tokenizer == "/tok"
+    assert (config.instance_dir, config.instance_prompt) == (dataset["folder"], "a photo of sks dog")
+    assert (config.repeats, config.flip_p, config.resolution) == (2, 0.5, 512)  # 0 = the architecture's own
+    assert (config.max_train_steps, config.learning_rate, config.rank, config.alpha, config.seed) == (120, 2e-4, 8, 4.0, 3)
+    assert config.batch_size == 2 and config.sample_steps == 5
+    assert config.validation_prompts == ["one", "two"]
+    assert (config.output_dir, config.lora_dir, config.output_name) == (str(tmp_path / "run"), str(tmp_path / "loras"),
+                                                                        "my_dog")
+    assert config.resume == "" and not config.with_prior_preservation
+
+
+def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
+    base, dataset, widgets = _inputs(tmp_path, "sdxl", resume=True, prior_preservation=True)
+    base["kind"] = "diffusers"
+    config = cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path / "r",
+                                   lora_dir=tmp_path / "l", tokenizer="/tok", class_dir=tmp_path / "class",
+                                   class_images_available=7)
+    assert config.resolution == 1024 and config.resume == "latest"
+    assert config.tokenizer == ""  # a diffusers folder brings its own
+    assert config.with_prior_preservation and config.class_prompt == "a photo of dog"
+    assert config.class_dir == str(tmp_path / "class") and config.num_class_images == 7
+
+
+@pytest.mark.parametrize("preset", list(cb.MEMORY_PRESETS))
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_memory_presets_override_their_options(tmp_path, preset, arch):
+    base, dataset, widgets = _inputs(tmp_path, arch)
+    settings = {"memory_preset": preset, "options": {"batch_size": 16, "gradient_checkpointing": False,
+                                                    "train_text_encoder": True}}
+    config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
+                                   run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
+    for key, value in cb.MEMORY_PRESETS[preset][arch].items():
+        assert getattr(config, key) == value
+    assert config.batch_size <= 4
+
+
+def test_bad_values_are_config_errors_naming_the_option(tmp_path):
+    base, dataset, widgets = _inputs(tmp_path)
+    dataset["instance_prompt"] = " "
+    with pytest.raises(ConfigError, match="instance_prompt"):
+        cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path,
+                              lora_dir=tmp_path)
+
+
+def test_settings_widgets_are_trainconfig_options_with_help():
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    assert set(cb.SETTINGS_OPTIONS) <= names and set(cb.DATASET_OPTIONS) <= names
+    assert len(set(cb.SETTINGS_OPTIONS)) == len(cb.SETTINGS_OPTIONS)
+    for name in cb.SETTINGS_OPTIONS + cb.DATASET_OPTIONS:
+        info = cb.field_info(name)
+        assert info["help"] and info["type"] in (bool, int, float, str, list)
+
+
+# --- pictures ----------------------------------------------------------------------------------------------
+
+def test_pictures(tmp_path):
+    photos = make_demo_dataset(tmp_path / "p", count=5, size=40, captions=False)
+    grid = pictures.preview_grid(sorted(photos.glob("*.png")))
+    assert grid.size == (3 * pictures.GRID_CELL, 2 * pictures.GRID_CELL)
+    tensor = pictures.to_image_tensor([grid])
+    assert tuple(tensor.shape) == (1, grid.height, grid.width, 3) and 0 <= float(tensor.min()) <= float(tensor.max()) <= 1
+    assert pictures.from_image_tensor(tensor)[0].size == grid.size
+    events = [{"event": "start", "start_step": 0}, {"event": "step", "step": 1, "loss": 0.5},
+              {"event": "step", "step": 2, "loss": 0.4},
+              {"event": "start", "start_step": 0}, {"event": "step", "step": 1, "loss": 0.9},  # a new run
+              {"event": "start", "start_step": 1}, {"event": "step", "step": 2, "loss": 0.7}]  # resumed
+    assert pictures.losses_of_run(events) == [(1, 0.9), (2, 0.7)]
+    curve = pictures.loss_curve([(i, 1.0 / i) for i in range(1, 50)])
+    assert curve.size == (640, 360) and len(curve.getcolors(100000)) > 3
+    assert pictures.loss_curve([]).size == (640, 360)
+
+
+# --- the worker process --------------------------------------------------------------------------------------
+
+def fake_worker(tmp_path: Path, script: str) -> WorkerProcess:
+    """A worker running `script` (which may read the run folder as sys.argv[1])."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-c", textwrap.dedent(script), str(run)]
+    return WorkerProcess(command, run, worker_environment())
+
+
+def follow(worker: WorkerProcess, timeout: float = 120, on_event=None) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while not worker.finished:
+        assert time.monotonic() < deadline, "worker did not finish:\n" + worker.log_tail()
+        event = worker.poll(0.05)
+        if event is not None and on_event is not None:
+            on_event(worker, event)
+    worker.wait()
+    worker.close()
+    return worker.events
+
+
+def test_worker_events_log_and_success(tmp_path):
+    worker = fake_worker(tmp_path, """
+        import json, sys
+        print(json.dumps({"event": "start", "total_steps": 2}), flush=True)
+        print("a stray print from a library", flush=True)
+        print("a warning on stderr", file=sys.stderr, flush=True)
+        print(json.dumps({"event": "step", "step": 1, "loss": 0.5}), flush=True)
+        print(json.dumps({"event": "done", "step": 2, "lora": []}), flush=True)
+    """)
+    worker.start()
+    events = follow(worker)
+    assert [e["event"] for e in events] == ["start", "step", "done"]
+    assert worker.failure() is None and worker.returncode == 0
+    log = (tmp_path / "run" / "worker.log").read_text()
+    assert "a stray print" in log and "a warning on stderr" in log
+
+
+def test_worker_failure_carries_the_error_event_and_the_log_tail(tmp_path):
+    worker = fake_worker(tmp_path, """
+        import json, sys
+        for i in range(100):
+            print(f"log line {i}", file=sys.stderr)
+        print(json.dumps({"event": "error", "message": "cannot use the images in x: y.png is corrupt", "kind": "DatasetError"}))
+        print("error: cannot use the images", file=sys.stderr)
+        sys.exit(2)
+    """)
+    worker.start()
+    follow(worker)
+    failure = worker.failure()
+    assert isinstance(failure, WorkerError) and failure.returncode == 2
+    assert "y.png is corrupt" in str(failure) and "DatasetError" in str(failure)
+    assert "log line 99" in failure.log_tail and "log line 10\n" not in failure.log_tail  # only the tail
+
+
+def test_worker_crash_without_events_names_the_exception(tmp_path):
+    worker = fake_worker(tmp_path, "raise MemoryError('CUDA out of memory. Tried to allocate 2 GiB')")
+    worker.start()
+    follow(worker)
+    failure = worker.failure()
+    assert failure is not None and "out of memory" in failure.message
+
+
+def test_worker_stop_file_and_kill(tmp_path):
+    script = """
+        import json, os, sys, time
+        run = sys.argv[1]
+        for step in range(1, 10000):
+            time.sleep(0.05)
+            print(json.dumps({"event": "step", "step": step, "loss": 1.0}), flush=True)
+            if os.path.exists(os.path.join(run, "STOP")):
+                print(json.dumps({"event": "stopped", "step": step, "checkpoint": "c"}), flush=True)
+                sys.exit(0)
+    """
+    worker = fake_worker(tmp_path, script)
+    worker.start()
+    events = follow(worker, on_event=lambda w, e: w.request_stop() if e.get("step") == 3 else None)
+    assert events[-1]["event"] == "stopped" and worker.failure() is None
+
+    worker = fake_worker(tmp_path, script.replace('os.path.join(run, "STOP")', '"/nonexistent"'))
+    worker.start()
+    events = follow(worker, on_event=lambda w, e: w.kill() if e.get("step") == 3 else None)
+    failure = worker.failure()
+    assert failure is not None and "signal" in failure.message
+
+
+# --- the real worker: bootstrap + trainer CLI on a tiny model --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_sd1):
+    root = tmp_path_factory.mktemp("worker")
+    photos = make_demo_dataset(root / "photos", count=3, size=32, captions=False)
+
+    def config(name: str, **overrides) -> Path:
+        values = dict(pretrained_model=str(tiny_sd1), instance_dir=str(photos), instance_prompt="a photo of sks disc",
+                      resolution=32, bucket_step=16, rank=2, alpha=2.0, max_train_steps=4, checkpoint_every=0,
+                      sample_at_end=False, output_dir=str(root / name), output_name=name, lora_dir=str(root / "loras"))
+        values.update(overrides)
+        cfg = TrainConfig(**values)
+        cfg.validate()
+        (root / name).mkdir(exist_ok=True)
+        save_config(cfg, root / name / "run.json")
+        return root / name
+
+    return root, config
+
+
+def test_real_worker_imports_the_pack_from_its_folder_and_trains(tiny_run):
+    root, config = tiny_run
+    run = config("done_run", sample_at_end=True, sample_steps=2)
+    worker = WorkerProcess(worker_command(run / "run.json", run), run, worker_environment(force_cpu=True))
+    worker.start()
+    events = follow(worker, timeout=300)
+    assert worker.failure() is None, worker.log_tail()
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds.count("step") == 4 and "sample" in kinds and kinds[-1] == "done"
+    assert (root / "loras" / "done_run.safetensors").is_file()
+    assert worker_command(run / "run.json", run)[3] == str(PACK_DIR) == str(REPO)
+
+
+def test_real_worker_stops_gracefully_with_a_checkpoint(tiny_run):
+    root, config = tiny_run
+    run = config("stopped_run", max_train_steps=100000)
+    worker = WorkerProcess(worker_command(run / "run.json", run), run, worker_environment(force_cpu=True))
+    worker.start()
+    events = follow(worker, timeout=300, on_event=lambda w, e: w.request_stop() if e["event"] == "step" else None)
+    assert worker.failure() is None, worker.log_tail()
+    stopped = worker.last("stopped")
+    assert stopped is not None and events[-1] is stopped
+    assert Path(stopped["checkpoint"]).is_dir() and all(Path(p).is_file() for p in stopped["lora"])
+    assert stopped["step"] < 100
+
+
+def test_real_worker_bad_input_is_a_failure_with_the_cause(tiny_run, tmp_path):
+    root, config = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run = config("bad_run", instance_dir=str(bad))
+    worker = WorkerProcess(worker_command(run / "run.json", run), run, worker_environment(force_cpu=True))
+    worker.start()
+    follow(worker, timeout=300)
+    failure = worker.failure()
+    assert failure is not None and failure.returncode == 2
+    assert "broken.png" in failure.message and "corrupt" in failure.message
+
+
+# --- folder choices (ComfyUI's folder_paths, no server) ---------------------------------------------------------
+
+@pytest.mark.comfyui
+def test_dataset_and_model_choices_stay_inside_their_folders(comfyui, tmp_path):
+    import folder_paths
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    old_input = folder_paths.get_input_directory()
+    (tmp_path / "input" / "my_dog" / "10_sks dog").mkdir(parents=True)
+    (tmp_path / "input" / ".hidden").mkdir()
+    (tmp_path / "secret").mkdir()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    try:
+        assert comfy_nodes.dataset_folder_options()[:2] == ["my_dog", "my_dog/10_sks dog"]
+        assert ".hidden" not in comfy_nodes.dataset_folder_options()
+        assert comfy_nodes.resolve_dataset_folder("my_dog") == tmp_path / "input" / "my_dog"
+        for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "missing"):
+            with pytest.raises(ValueError):
+                comfy_nodes.resolve_dataset_folder(bad)
+        assert comfy_nodes._allowed_dataset_folder(tmp_path / "input" / "my_dog")
+        assert not comfy_nodes._allowed_dataset_folder(tmp_path / "secret")
+        assert not comfy_nodes._allowed_dataset_folder(tmp_path / "input")  # the input folder itself
+        assert not comfy_nodes._allowed_base_model("/etc/passwd")
+        for bad in ("[diffusers] ../x", "[diffusers] ", "../../etc/passwd"):
+            with pytest.raises(Exception):
+                comfy_nodes.resolve_base_model(bad)
+    finally:
+        folder_paths.set_input_directory(old_input)

@@ -1,0 +1,472 @@
+"""The node pack on a real ComfyUI server (headless, CPU, offline), driven over HTTP.
+
+One server per module, started from ComfyUI's own source with this pack linked into its
+custom_nodes. The shipped workflows are converted to the API format from the live
+/object_info (no API copies that could drift) and executed through /prompt with a small
+checkpoint ComfyUI recognises as SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, execution_error, status_messages,
+                            truncate_copy, workflow_to_api, write_small_sd15_checkpoint, write_small_sdxl_checkpoint)
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+CACHE = REPO / ".cache" / "test_models"
+CATEGORY = "DreamBooth LoRA"
+OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", "DreamBoothTrainingSettings",
+             "DreamBoothTrainLoRA", "DreamBoothSample"}
+NOT_LOADED = ("lora key not loaded", "NOT LOADED")
+# Node ids of the shipped SD1.5-based workflows (tests/workflow_builder.py).
+BASE, DATASET, SETTINGS, TRAIN, CKPT, LORA_LOADER, KSAMPLER, LATENT, SAVE, SAMPLE = \
+    "2", "3", "4", "5", "6", "7", "11", "10", "13", "14"
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_sd15(comfyui) -> Path:
+    """The small SD1.5 checkpoint, built once and kept in .cache/ (about 15 s to build)."""
+    path = CACHE / f"small_sd15_v{SMALL_SD15_VERSION}.safetensors"
+    if not path.is_file():
+        write_small_sd15_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_sdxl(comfyui) -> Path:
+    """The small SDXL-family checkpoint (Segmind Vega's depths), about 2 GiB, built once into .cache/ (~40 s)."""
+    path = CACHE / f"small_sdxl_v{SMALL_SDXL_VERSION}.safetensors"
+    if not path.is_file():
+        write_small_sdxl_checkpoint(path)
+    return path
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        target.symlink_to(source)
+    except OSError:
+        shutil.copy(source, target)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_sd15):
+    from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+    server = ComfyUIServer(tmp_path_factory.mktemp("comfyui"))
+    server.prepare()
+    checkpoints = server.models_dir / "checkpoints"
+    _link(small_sd15, checkpoints / "small_sd15.safetensors")
+    truncate_copy(small_sd15, checkpoints / "broken_download.safetensors")
+    make_demo_dataset(server.input_dir / "my_dog", count=4, size=64, captions=True)
+    bad = make_demo_dataset(server.input_dir / "bad_photos", count=2, size=64, captions=False)
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    started = time.monotonic()
+    server.start()
+    server.startup_seconds = time.monotonic() - started
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.object_info()
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+def sd15_prompt(object_info: dict, name: str, *, workflow: str = "dreambooth_lora_sd15.json", steps: int = 6,
+                checkpoint: str = "small_sd15.safetensors", **settings) -> dict:
+    """A shipped workflow as an API prompt, pointed at a small checkpoint and sized for a CPU test."""
+    prompt = workflow_to_api(load_workflow(workflow), object_info)
+    prompt[BASE]["inputs"]["model"] = checkpoint
+    prompt[DATASET]["inputs"].update(folder="my_dog", resolution=64)
+    prompt[SETTINGS]["inputs"].update({"sample_steps": 3, "validation_prompts": "a photo of sks dog",
+                                       "train_text_encoder": True, **settings})
+    # A high learning rate, so that 6 steps change the image measurably.
+    prompt[TRAIN]["inputs"].update(output_name=name, max_train_steps=steps, learning_rate=5e-3, rank=4, alpha=4.0)
+    prompt[KSAMPLER]["inputs"].update(steps=3)
+    prompt[LATENT]["inputs"].update(width=64, height=64)
+    prompt[SAMPLE]["inputs"].update(width=64, height=64, steps=3)
+    return prompt
+
+
+def only_ancestors(prompt: dict, node_id: str) -> dict:
+    """The part of a prompt that `node_id` needs (the Train LoRA node is an output node, so it runs alone)."""
+    keep, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current in keep:
+            continue
+        keep.add(current)
+        todo += [v[0] for v in prompt[current]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return {k: v for k, v in prompt.items() if k in keep}
+
+
+def assert_success(entry: dict, server: ComfyUIServer) -> None:
+    error = execution_error(entry)
+    assert entry["status"]["status_str"] == "success", (
+        f"{error and error.get('node_type')}: {error and error.get('exception_message')}\n" + server.log_tail())
+
+
+def saved_image(server: ComfyUIServer, entry: dict, node_id: str) -> np.ndarray:
+    image = entry["outputs"][node_id]["images"][0]
+    folder = {"output": server.output_dir, "temp": server.base / "temp"}[image["type"]]
+    return np.asarray(Image.open(folder / image["subfolder"] / image["filename"]).convert("RGB"), dtype=np.int16)
+
+
+def cached_nodes(entry: dict) -> set[str]:
+    return {n for kind, data in status_messages(entry) if kind == "execution_cached" for n in data["nodes"]}
+
+
+def widget_defaults(object_info: dict, class_type: str) -> dict:
+    """Every widget of a node at its default value (an API prompt must name them all)."""
+    values = {}
+    for group in ("required", "optional"):
+        for name, spec in object_info[class_type]["input"].get(group, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            if "default" in options:
+                values[name] = options["default"]
+    return values
+
+
+def read_events(run: Path) -> list[dict]:
+    path = run / "events.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return events
+
+
+# --- the pack loads ----------------------------------------------------------------------------------------
+
+def test_pack_loads_without_error_and_costs_startup_nothing(server):
+    lines = [line for line in server.log().splitlines() if "comfyui-dreambooth-lora" in line and "seconds" in line]
+    assert lines, server.log_tail()
+    assert not any("IMPORT FAILED" in line for line in lines), "\n".join(lines)
+    seconds = float(re.search(r"([\d.]+) seconds", lines[0]).group(1))
+    assert seconds < 0.3, lines[0]
+
+
+def test_object_info_lists_every_node_with_tooltips(object_info):
+    ours = {name: info for name, info in object_info.items() if info.get("category") == CATEGORY}
+    assert set(ours) == OUR_NODES
+    for name, info in ours.items():
+        assert info["description"] and info["display_name"].startswith("DreamBooth"), name
+        for group in ("required", "optional"):
+            for input_name, spec in info["input"].get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert info["output_tooltips"] and all(info["output_tooltips"]), f"{name} has an output without a tooltip"
+    train = ours["DreamBoothTrainLoRA"]
+    assert train["output_node"] and train["output"][:2] == ["*", "LORA_MODEL"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_every_workflow_converts_and_uses_only_core_nodes_and_ours(object_info, name):
+    workflow = load_workflow(name)
+    prompt = workflow_to_api(workflow, object_info)
+    assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), "a note tells the user what to do"
+    for node in prompt.values():
+        module = object_info[node["class_type"]]["python_module"]
+        assert module == "nodes" or module.startswith("comfy_extras") or \
+            module.startswith("custom_nodes.comfyui-dreambooth-lora"), f"{node['class_type']} is from {module}"
+    for node in workflow["nodes"]:
+        for value in node.get("widgets_values") or []:
+            if isinstance(value, str):
+                assert not value.startswith(("/", "~")) and not re.match(r"^[A-Za-z]:[\\/]", value), \
+                    f"absolute path in {name}: {value!r}"
+    trains = [n for n in prompt.values() if n["class_type"] == "DreamBoothTrainLoRA"]
+    loaders = [n for n in prompt.values() if n["class_type"] == "LoraLoader"]
+    assert len(trains) == 1 and loaders and loaders[0]["inputs"]["lora_name"] == [TRAIN, 0]
+
+
+# --- training through the SD1.5 workflow -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(server, object_info):
+    """The SD1.5 workflow run once: (prompt, history entry, seconds)."""
+    prompt = sd15_prompt(object_info, "e2e_dog")
+    listener = server.listen()
+    started = time.monotonic()
+    try:
+        entry = server.wait(server.queue(prompt), timeout=1200)
+    finally:
+        listener.close()
+    assert_success(entry, server)
+    return prompt, entry, time.monotonic() - started, listener
+
+
+def test_sd15_workflow_writes_a_lora_that_load_lora_applies_completely(server, trained):
+    from safetensors import safe_open
+
+    prompt, entry, seconds, _ = trained
+    lora = server.models_dir / "loras" / "e2e_dog.safetensors"
+    assert lora.is_file()
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    assert metadata["ss_output_name"] == "e2e_dog" and metadata["modelspec.trigger_phrase"] == "a photo of sks dog"
+    log = server.log()
+    assert "Requested to load" in log and not any(text in log for text in NOT_LOADED)
+    # the node's outputs: samples shown on the node, the Sample node's and KSampler's images saved
+    assert entry["outputs"][TRAIN]["images"] and entry["outputs"][SAVE]["images"]
+    assert entry["outputs"]["15"]["images"] and entry["outputs"]["16"]["images"]  # Sample preview, loss curve
+    run = server.output_dir / "dreambooth_lora" / "runs" / "e2e_dog"
+    assert (run / "run.json").is_file() and (run / "worker.log").is_file()
+    # what the Base Model and Dataset nodes show
+    assert "(sd1), epsilon, checkpoint: small_sd15.safetensors" in entry["outputs"][BASE]["text"][0]
+    assert entry["outputs"][DATASET]["text"][0].startswith("4 images (2 captioned), 1 bucket: 64x64 x4")
+    print(f"SD1.5 workflow: {seconds:.1f}s")
+
+
+def test_training_shows_progress_loss_text_and_sample_previews(trained):
+    _, _, _, listener = trained
+    progress = [m["data"] for m in listener.messages if m["type"] == "progress" and m["data"].get("node") == TRAIN]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 6
+    texts = listener.texts(TRAIN)
+    assert any(re.match(r"step \d+/6  loss \d+\.\d{4}  ", t) for t in texts), texts
+    assert any(t.startswith("done: e2e_dog.safetensors") for t in texts), texts
+    previews = [p for kind, p in listener.binary if kind == listener.PREVIEW_IMAGE]
+    assert previews  # the validation sample, shown while the node runs
+    assert Image.open(__import__("io").BytesIO(previews[0][4:])).size[0] > 0
+
+
+def test_the_lora_changes_the_image_of_the_same_seed(server, trained):
+    prompt, entry, _, _ = trained
+    with_lora = saved_image(server, entry, SAVE)
+    without = json.loads(json.dumps(prompt))
+    without[LORA_LOADER]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    log_before = len(server.log())
+    entry2 = server.wait(server.queue(without), timeout=600)
+    assert_success(entry2, server)
+    assert "in worker" not in server.log()[log_before:], "an unchanged Train node must not train again"
+    without_lora = saved_image(server, entry2, SAVE)
+    assert with_lora.shape == without_lora.shape
+    assert np.abs(with_lora - without_lora).mean() > 0.5
+
+
+def test_the_lora_model_output_applies_with_load_lora_model(server, object_info, trained):
+    prompt, entry, _, _ = trained
+    graph = json.loads(json.dumps(prompt))
+    graph.update({
+        "100": {"class_type": "LoraModelLoader", "inputs": {"model": [CKPT, 0], "lora": [TRAIN, 1],
+                                                            "strength_model": 1.0, "bypass": False}},
+        "101": {"class_type": "KSampler", "inputs": {**prompt[KSAMPLER]["inputs"], "model": ["100", 0]}},
+        "102": {"class_type": "VAEDecode", "inputs": {"samples": ["101", 0], "vae": [CKPT, 2]}},
+        "103": {"class_type": "SaveImage", "inputs": {"images": ["102", 0], "filename_prefix": "lora_model"}},
+    })
+    log_before = len(server.log())
+    entry2 = server.wait(server.queue(graph), timeout=600)
+    assert_success(entry2, server)
+    assert "in worker" not in server.log()[log_before:]  # cached (or reused): not trained again
+    assert not any(text in server.log()[log_before:] for text in NOT_LOADED)
+    assert saved_image(server, entry2, "103").shape == saved_image(server, entry, SAVE).shape
+
+
+# --- cancel and resume -----------------------------------------------------------------------------------------
+
+def test_interrupt_leaves_a_resumable_checkpoint_and_the_resume_workflow_finishes(server, object_info):
+    name = "stopped_dog"
+    prompt = only_ancestors(sd15_prompt(object_info, name, steps=100000, sample_at_end=False), TRAIN)
+    run = server.output_dir / "dreambooth_lora" / "runs" / name
+    prompt_id = server.queue(prompt)
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "step" for e in read_events(run)):
+        assert time.monotonic() < deadline and server.alive, server.log_tail()
+        time.sleep(0.2)
+    server.interrupt()
+    entry = server.wait(prompt_id, timeout=600)
+    kinds = [kind for kind, _ in status_messages(entry)]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds
+
+    stopped = [e for e in read_events(run) if e["event"] == "stopped"]
+    assert stopped, (run / "worker.log").read_text()
+    stopped = stopped[-1]
+    checkpoint = Path(stopped["checkpoint"])
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "lora_state.safetensors").is_file()
+    assert [Path(p).parent for p in stopped["lora"]] == [server.models_dir / "loras"]
+    assert all(Path(p).is_file() for p in stopped["lora"])
+    assert server.get("/system_stats")  # the server keeps serving
+
+    # The shipped resume workflow, same options, a few more steps: it continues from the checkpoint.
+    resume = only_ancestors(sd15_prompt(object_info, name, workflow="dreambooth_lora_resume.json",
+                                        steps=stopped["step"] + 2, sample_at_end=False), TRAIN)
+    assert resume[TRAIN]["inputs"]["resume"] is True
+    entry = server.wait(server.queue(resume), timeout=600)
+    assert_success(entry, server)
+    starts = [e for e in read_events(run) if e["event"] == "start"]
+    assert starts[-1]["start_step"] == stopped["step"]
+    assert (server.models_dir / "loras" / f"{name}.safetensors").is_file()
+
+
+# --- failures ------------------------------------------------------------------------------------------------------
+
+def test_a_worker_failure_is_a_node_error_with_the_cause(server, object_info):
+    prompt = only_ancestors(sd15_prompt(object_info, "broken_run", steps=2, sample_at_end=False), TRAIN)
+    prompt[BASE]["inputs"]["model"] = "broken_download.safetensors"  # header fine, data cut short
+    entry = server.wait(server.queue(prompt), timeout=600)
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "DreamBoothTrainLoRA"
+    assert "broken_download.safetensors" in error["exception_message"]
+    assert "incomplete" in error["exception_message"]  # the trainer's own explanation
+    assert "Last lines of the training log" in error["exception_message"]
+    assert server.alive and server.get("/system_stats")
+
+
+def test_a_corrupt_image_is_a_node_error_naming_the_file(server, object_info):
+    prompt = only_ancestors(sd15_prompt(object_info, "bad_photos", steps=2), TRAIN)
+    prompt[DATASET]["inputs"]["folder"] = "bad_photos"
+    entry = server.wait(server.queue(prompt), timeout=600)
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "DreamBoothDataset"
+    assert "broken.png" in error["exception_message"] and "corrupt" in error["exception_message"]
+    assert server.alive
+
+
+def test_unsafe_output_names_stay_inside_models_loras(server, object_info):
+    prompt = only_ancestors(sd15_prompt(object_info, "../../escape", steps=1, sample_at_end=False), TRAIN)
+    entry = server.wait(server.queue(prompt), timeout=600)
+    assert_success(entry, server)
+    assert (server.models_dir / "loras" / "____escape.safetensors").is_file()
+    assert not (server.base / "escape.safetensors").exists()
+
+
+def test_the_same_graph_after_a_cache_reset_reuses_the_finished_run(server, trained):
+    prompt, entry, _, _ = trained
+    server.post("/free", {"free_memory": True})  # ComfyUI forgets its cached outputs, as after a restart
+    log_before = len(server.log())
+    started = time.monotonic()
+    entry2 = server.wait(server.queue(only_ancestors(prompt, TRAIN)), timeout=600)
+    assert_success(entry2, server)
+    assert TRAIN not in cached_nodes(entry2)
+    assert "trained before with these inputs; reusing" in server.log()[log_before:]
+    assert time.monotonic() - started < 30
+    assert entry2["outputs"][TRAIN]["images"]  # the samples of the finished run are shown again
+
+
+# --- the other nodes ------------------------------------------------------------------------------------------------
+
+def test_the_dataset_node_runs_again_when_a_file_changes(server, object_info):
+    from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+
+    folder = make_demo_dataset(server.input_dir / "changing", count=2, size=48, captions=False)
+    dataset = {**widget_defaults(object_info, "DreamBoothDataset"), "folder": "changing"}
+    prompt = {"1": {"class_type": "DreamBoothDataset", "inputs": dataset},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+    first = server.wait(server.queue(prompt))
+    assert_success(first, server)
+    assert first["outputs"]["1"]["text"][0].startswith("2 images")
+    second = server.wait(server.queue(prompt))
+    assert "1" in cached_nodes(second)
+    draw_subject_image((48, 48), seed=9).save(folder / "new.png")
+    third = server.wait(server.queue(prompt))
+    assert_success(third, server)
+    assert "1" not in cached_nodes(third) and third["outputs"]["1"]["text"][0].startswith("3 images")
+
+
+def test_dataset_from_images_writes_the_images_and_captions(server, object_info):
+    inputs = {**widget_defaults(object_info, "DreamBoothDatasetFromImages"), "name": "from images",
+              "captions": "first caption\n\nthird caption"}
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 3,
+                                                           "color": 0xFF0000}},
+              "2": {"class_type": "DreamBoothDatasetFromImages", "inputs": {**inputs, "images": ["1", 0]}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
+    entry = server.wait(server.queue(prompt))
+    assert_success(entry, server)
+    folder = server.output_dir / "dreambooth_lora" / "datasets" / "from_images"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_0000.png", "image_0000.txt", "image_0001.png",
+                                                         "image_0002.png", "image_0002.txt"]
+    assert (folder / "image_0002.txt").read_text() == "third caption"
+    assert Image.open(folder / "image_0001.png").size == (64, 48)
+    assert entry["outputs"]["2"]["text"][0].startswith("3 images (2 captioned)")
+
+
+def test_an_unsupported_checkpoint_is_refused_by_the_base_model_node(server, object_info):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)},
+              str(server.models_dir / "checkpoints" / "some_lora.safetensors"))
+    prompt = only_ancestors(sd15_prompt(object_info, "unsupported", steps=1), TRAIN)
+    prompt[BASE]["inputs"]["model"] = "some_lora.safetensors"
+    entry = server.wait(server.queue(prompt))
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "DreamBoothBaseModel"
+    assert "some_lora.safetensors" in error["exception_message"] and "LoRA" in error["exception_message"]
+
+
+def test_dataset_folders_outside_the_input_folder_are_refused(server, object_info):
+    prompt = only_ancestors(sd15_prompt(object_info, "outside", steps=1), TRAIN)
+    for folder in ("../models", "/etc", "my_dog/../../models"):
+        prompt[DATASET]["inputs"]["folder"] = folder
+        with pytest.raises(Exception, match="value_not_in_list|not in"):
+            server.queue(prompt)
+
+
+def test_the_prior_preservation_workflow_generates_class_images_once(server, object_info):
+    prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="dreambooth_lora_prior_preservation.json",
+                                        steps=2, sample_at_end=False, num_class_images=2, class_sample_steps=2,
+                                        train_text_encoder=False), TRAIN)
+    assert prompt[TRAIN]["inputs"]["prior_preservation"] is True
+    entry = server.wait(server.queue(prompt), timeout=900)
+    assert_success(entry, server)
+    class_dir = server.output_dir / "dreambooth_lora" / "class_images" / "small_sd15_a_photo_of_dog"
+    assert len(list(class_dir.glob("*.png"))) == 2
+    from safetensors import safe_open
+
+    with safe_open(str(server.models_dir / "loras" / "prior_dog.safetensors"), "pt") as f:
+        assert float(f.metadata()["ss_prior_loss_weight"]) == 1.0
+
+
+def test_the_workflows_are_offered_as_the_packs_templates(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["comfyui-dreambooth-lora"]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_the_sdxl_workflow_trains_an_sdxl_family_lora_that_load_lora_applies(server, object_info, small_sdxl):
+    """Slow (minutes, ~10 GB of RAM): the SDXL workflow on an SDXL-family checkpoint ComfyUI detects as Segmind Vega."""
+    _link(small_sdxl, server.models_dir / "checkpoints" / "small_sdxl.safetensors")
+    prompt = sd15_prompt(object_info, "sdxl_dog", workflow="dreambooth_lora_sdxl.json", steps=3,
+                         checkpoint="small_sdxl.safetensors", sample_steps=2, train_text_encoder=False)
+    assert prompt[SETTINGS]["inputs"]["memory_preset"] == "12 GB"
+    log_before = len(server.log())
+    entry = server.wait(server.queue(prompt), timeout=1800)
+    assert_success(entry, server)
+    assert "(sdxl)" in entry["outputs"][BASE]["text"][0]
+    lora = server.models_dir / "loras" / "sdxl_dog.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    log = server.log()[log_before:]
+    assert "Requested to load SDXL" in log  # ComfyUI runs it as an SDXL-family model
+    assert not any(text in log for text in NOT_LOADED)
+    with_lora = saved_image(server, entry, SAVE)
+    without = json.loads(json.dumps(prompt))
+    without[LORA_LOADER]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    entry2 = server.wait(server.queue(without), timeout=1800)
+    assert_success(entry2, server)
+    assert np.abs(with_lora - saved_image(server, entry2, SAVE)).mean() > 0.5
