@@ -609,7 +609,9 @@ class _Progress:
 
     def show(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "start":
+        if kind == "loading":
+            self.text(f"loading {Path(str(event.get('model', ''))).name} ...", force=True)
+        elif kind == "start":
             self.total = int(event.get("total_steps", self.total))
             self.step = int(event.get("start_step", 0))
             self.bar.update_absolute(self.step, self.total)

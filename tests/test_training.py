@@ -228,7 +228,7 @@ def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):
     proc.stdout.read()
     assert proc.wait(timeout=120) == 0
     kinds = [e["event"] for e in read_events(out / "events.jsonl")]
-    assert kinds[0] == "start" and kinds[-1] == "stopped"
+    assert kinds[:2] == ["loading", "start"] and kinds[-1] == "stopped"
     stopped = read_events(out / "events.jsonl")[-1]
     assert Path(stopped["checkpoint"]).is_dir() and Path(stopped["lora"][0]).is_file()
 
@@ -363,3 +363,18 @@ def test_rank_larger_than_a_layer_is_bad_input(tiny_sd1, photos, tmp_path):
     run = subprocess.run([sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config",
                           str(tmp_path / "run.json")], capture_output=True, text=True)
     assert run.returncode == 2 and "choose rank <= 32" in run.stderr
+
+
+def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_training(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
+    out = Path(config.output_dir)
+    out.mkdir()
+    (out / "STOP").touch()
+    os.utime(out / "STOP", (1, 1))  # from long ago
+    assert loop.train(config).status == "done"
+
+    (out / "STOP").touch()  # a request made after this process started: honoured at once
+    result = loop.train(dataclasses.replace(config, output_name="second"))
+    assert result.status == "stopped" and result.step == 0
+    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    assert kinds[-2:] == ["loading", "stopped"]

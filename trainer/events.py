@@ -4,6 +4,7 @@ One JSON object per line, written to `<output_dir>/events.jsonl` (appended, flus
 event) and, from the CLI, to stdout when `--events stdout` is given. Every event has
 `event` (its kind) and `time` (Unix seconds). The kinds and their fields:
 
+- `loading`: `model`: the base model is being loaded (the slow part of start-up).
 - `start`: `total_steps`, `start_step` (> 0 when resumed), `model` (architecture),
   `num_images`, `buckets` (list of [width, height]), `device`.
 - `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`.

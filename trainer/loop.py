@@ -27,7 +27,7 @@ from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .models import BaseModel, load_base_model
 from .sample import build_pipeline, ensure_class_images, generate_images, save_png
-from .stop import STOP_FILE_NAME, StopRequest
+from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
 
 
 class TrainingError(RuntimeError):
@@ -72,18 +72,21 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         if main:
-            (output_dir / STOP_FILE_NAME).unlink(missing_ok=True)
+            clear_stale_stop_file(output_dir / STOP_FILE_NAME)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
         for warning in instance_scan.warnings:
             events.log(warning)
         instance_data = ImageDataset(instance_scan, config)
 
         # --- model, class images, LoRA -----------------------------------------------------
+        events.emit("loading", model=config.pretrained_model)
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
         class_data = None
         if config.with_prior_preservation:
             class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
+        if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
+            raise _Stopped
         add_lora(base.unet, base.text_encoders, config)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 STOP_FILE_NAME = "STOP"
+# When this process (in practice) started: a STOP file older than this is left over from
+# an earlier run; a newer one is a request made while this run was still starting up.
+_STARTED = time.time()
+
+
+def clear_stale_stop_file(path: Path) -> None:
+    """Remove a STOP file left by an earlier run, keeping one written since this process started."""
+    try:
+        if os.stat(path).st_mtime < _STARTED:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class StopRequest:
