@@ -8,7 +8,8 @@ diffusers and the trainer's heavy modules are imported inside `execute`.
 Types passed between the nodes (plain dicts, so they cache and print well):
 - DREAMBOOTH_DATASET: folder, instance_prompt, class_prompt and the data options;
 - DREAMBOOTH_BASE: path, name, kind (checkpoint / diffusers), arch, variant, prediction_type;
-- DREAMBOOTH_SETTINGS: memory_preset and TrainConfig options;
+- DREAMBOOTH_SETTINGS: memory_preset, TrainConfig options and num_gpus (not a TrainConfig option: how
+  many local GPUs the worker trains on);
 - LORA_MODEL: ComfyUI's own type, a dict of tensors in kohya keys (UNet part).
 """
 
@@ -28,7 +29,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from . import config_build as cb
 from . import pictures
-from .worker import WorkerProcess, worker_command, worker_environment
+from .worker import MAX_PROCESSES, WorkerProcess, check_num_processes, worker_command, worker_environment
 
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
@@ -42,6 +43,7 @@ DATASETS_PREFIX = "[datasets] "
 DIFFUSERS_PREFIX = "[diffusers] "
 NO_LORA = "[none]"
 OUTPUT_ROOT = "dreambooth_lora"  # under ComfyUI's output folder: runs/, datasets/, class_images/
+NUM_GPUS = "num_gpus"  # a Training Settings widget and DREAMBOOTH_SETTINGS key, kept out of TrainConfig
 
 # Float widget steps for the options that need a finer or coarser one than 0.01.
 FLOAT_STEPS = {"learning_rate": 1e-6, "text_encoder_lr": 1e-6, "weight_decay": 1e-3, "snr_gamma": 0.5,
@@ -368,13 +370,30 @@ class DreamBoothTrainingSettings(io.ComfyNode):
                                    tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size "
                                            "and text-encoder training for the base model's architecture (SD1.x or "
                                            "SDXL), overriding those options below."),
-                    *[option_input(name) for name in cb.SETTINGS_OPTIONS]],
+                    *[option_input(name) for name in cb.SETTINGS_OPTIONS],
+                    # after the TrainConfig options: widgets_values of saved workflows are positional
+                    io.Int.Input(NUM_GPUS, default=1, min=1, max=MAX_PROCESSES,
+                                 tooltip="Local GPUs to train on. More than 1 runs the trainer under `accelerate "
+                                         "launch --multi_gpu`: each GPU takes its share of every batch "
+                                         "(batch_size per GPU).")],
             outputs=[Settings.Output(display_name="settings", tooltip="Connect to Train LoRA's settings input.")],
         )
 
     @classmethod
-    def execute(cls, memory_preset, **options) -> io.NodeOutput:
-        return io.NodeOutput({"memory_preset": memory_preset, "options": options})
+    def execute(cls, memory_preset, num_gpus=1, **options) -> io.NodeOutput:
+        return io.NodeOutput({"memory_preset": memory_preset, "options": options, NUM_GPUS: num_gpus})
+
+
+def settings_num_gpus(settings: dict | None) -> int:
+    """How many local GPUs the worker trains on (Training Settings' num_gpus), checked against the machine."""
+    num_gpus = int((settings or {}).get(NUM_GPUS, 1) or 1)
+    on_cpu, gpus_found = _comfy_on_cpu(), 0
+    if num_gpus > 1 and not on_cpu:
+        import torch
+
+        gpus_found = torch.cuda.device_count()
+    check_num_processes(num_gpus, gpus_found, comfy_on_cpu=on_cpu)
+    return num_gpus
 
 
 class DreamBoothTrainLoRA(io.ComfyNode):
@@ -439,6 +458,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
         if not _allowed_dataset_folder(dataset.get("folder", "")):
             raise ValueError("dataset must come from a DreamBooth Dataset node")
         name = cb.sanitize_output_name(output_name)
+        num_gpus = settings_num_gpus(settings)
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         run_dir = _output_root() / "runs" / name
         class_dir, class_count = None, None
@@ -465,6 +485,8 @@ class DreamBoothTrainLoRA(io.ComfyNode):
             raise ValueError(str(e)) from None
         lora_path = lora_dir / f"{name}.safetensors"
         identity = _run_identity(config, base_model, dataset, class_images)
+        if num_gpus > 1:  # the global batch is batch_size x num_gpus (only added when > 1: older runs still match)
+            identity[NUM_GPUS] = num_gpus
         if _finished_before(config, run_dir, lora_path, identity):
             LOG.info("[DreamBooth LoRA] %s: trained before with these inputs; reusing %s", name, lora_path)
             return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
@@ -478,12 +500,13 @@ class DreamBoothTrainLoRA(io.ComfyNode):
 
         mm.unload_all_models()  # the worker needs the GPU memory ComfyUI's loaded models hold
         mm.soft_empty_cache(True)
-        worker = WorkerProcess(worker_command(config_path, run_dir), run_dir,
+        worker = WorkerProcess(worker_command(config_path, run_dir, num_processes=num_gpus), run_dir,
                                worker_environment(force_cpu=_comfy_on_cpu()))
         progress = _Progress(cls.hidden.unique_id, config.max_train_steps)
         interrupted: BaseException | None = None
         worker.start()
-        LOG.info("[DreamBooth LoRA] training %s in worker %s (log: %s)", name, worker.pid, worker.log_path)
+        LOG.info("[DreamBooth LoRA] training %s in worker %s%s (log: %s)", name, worker.pid,
+                 f" on {num_gpus} processes" if num_gpus > 1 else "", worker.log_path)
         try:
             while not worker.finished:
                 event = worker.poll(0.1)

@@ -1,15 +1,23 @@
 """The training worker: the trainer's CLI in a child process, and the event stream it prints.
 
-The Train LoRA node never trains in ComfyUI's own process. It starts
+The Train LoRA node never trains in ComfyUI's own process. On one GPU it starts
 
-    <python> -c <BOOTSTRAP> <pack folder> <run folder> train --config run.json --events stdout
+    <python> nodes/worker_main.py <pack folder> <run folder> train --config run.json --events stdout
 
-where <python> is ComfyUI's own interpreter (`sys.executable`). The bootstrap imports this
-pack from its folder under the name `comfyui_dreambooth_lora` (ComfyUI imports custom
-nodes by folder name and the pack need not be pip-installed) and runs the CLI. The
-worker prints one JSON event per line on stdout (`trainer/events.py`) and its log on
-stderr; `WorkerProcess` turns them into `poll()`-able events and a log tail, asks the
-worker to stop with the STOP file (`trainer/stop.py`) and waits for it to exit.
+and on N local GPUs the same script once per GPU through accelerate's launcher:
+
+    <python> -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1
+             --dynamo_backend no --main_process_port <free port> nodes/worker_main.py <the same arguments>
+
+where <python> is ComfyUI's own interpreter (`sys.executable`). `worker_main.py` imports
+this pack from its folder under the name `comfyui_dreambooth_lora` (ComfyUI imports
+custom nodes by folder name and the pack need not be pip-installed), watches ComfyUI and
+runs the CLI. Under the launcher each process trains its share of every batch and only the
+main process prints events. The worker prints one JSON event per line on stdout
+(`trainer/events.py`) and its log on stderr; `WorkerProcess` turns them into
+`poll()`-able events and a log tail, asks the worker to stop with the STOP file
+(`trainer/stop.py`, seen by every process) and waits for it to exit, or kills the whole
+process tree.
 
 Nothing here imports ComfyUI, torch or the trainer: it is plain process handling,
 tested without ComfyUI.
@@ -21,39 +29,24 @@ import collections
 import json
 import os
 import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from .worker_main import PARENT_PID_ENV
 
 PACKAGE_NAME = "comfyui_dreambooth_lora"
 PACK_DIR = Path(__file__).resolve().parent.parent
+WORKER_MAIN = Path(__file__).resolve().with_name("worker_main.py")
 STOP_FILE_NAME = "STOP"  # trainer/stop.py STOP_FILE_NAME (not imported: this module stays import-light)
 LOG_NAME = "worker.log"
-
-# Runs in the worker: import the pack from its folder as `comfyui_dreambooth_lora`, watch the
-# parent (ComfyUI) and ask for a graceful stop if it goes away, then run the trainer's CLI.
-BOOTSTRAP = r"""
-import importlib.util, os, sys, threading, time
-root, run_dir = sys.argv[1], sys.argv[2]
-name = "comfyui_dreambooth_lora"
-spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
-module = importlib.util.module_from_spec(spec)
-sys.modules[name] = module
-spec.loader.exec_module(module)
-parent = os.getppid()
-def _watch_parent():
-    while True:
-        time.sleep(2.0)
-        if os.getppid() != parent:
-            open(os.path.join(run_dir, "STOP"), "a").close()
-            return
-threading.Thread(target=_watch_parent, daemon=True).start()
-from comfyui_dreambooth_lora.trainer.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
+MAX_PROCESSES = 16
+_TRUE = ("1", "y", "yes", "t", "true", "on")  # accelerate's str_to_bool
 
 
 class WorkerError(RuntimeError):
@@ -71,10 +64,52 @@ class WorkerError(RuntimeError):
         super().__init__(text)
 
 
-def worker_command(config_path: Path, run_dir: Path, python: str | None = None) -> list[str]:
-    """The command line that trains `config_path` in a worker (see the module docstring)."""
-    return [python or sys.executable, "-c", BOOTSTRAP, str(PACK_DIR), str(run_dir),
-            "train", "--config", str(config_path), "--events", "stdout"]
+def worker_command(config_path: Path, run_dir: Path, python: str | None = None, num_processes: int = 1) -> list[str]:
+    """The command line that trains `config_path` in a worker, on `num_processes` local GPUs (see above)."""
+    num_processes = int(num_processes)
+    if not 1 <= num_processes <= MAX_PROCESSES:
+        raise ValueError(f"num_processes {num_processes} must be between 1 and {MAX_PROCESSES}")
+    python = python or sys.executable
+    script = [str(WORKER_MAIN), str(PACK_DIR), str(run_dir),
+              "train", "--config", str(config_path), "--events", "stdout"]
+    if num_processes == 1:
+        return [python, *script]
+    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
+
+
+def free_port() -> int:
+    """A TCP port free right now, for the launcher's rendezvous (a fixed one may be taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def check_num_processes(num_processes: int, gpus_found: int, comfy_on_cpu: bool = False,
+                        env: Mapping[str, str] | None = None) -> None:
+    """Refuse to train on more local GPUs than there are (ValueError saying how many were found).
+
+    `gpus_found` is `torch.cuda.device_count()` in ComfyUI's process; `comfy_on_cpu` is
+    ComfyUI's `--cpu`. With ACCELERATE_USE_CPU=true in the environment any number of CPU
+    processes is allowed (they talk over gloo: how the tests run several processes).
+    """
+    num_processes = int(num_processes)
+    if not 1 <= num_processes <= MAX_PROCESSES:
+        raise ValueError(f"num_gpus {num_processes} must be between 1 and {MAX_PROCESSES}")
+    if num_processes == 1:
+        return
+    env = os.environ if env is None else env
+    if str(env.get("ACCELERATE_USE_CPU", "")).strip().lower() in _TRUE:
+        return
+    if comfy_on_cpu:
+        raise ValueError(f"num_gpus is {num_processes}, but ComfyUI runs on the CPU (--cpu), so the worker gets no "
+                         f"GPU; set num_gpus in DreamBooth Training Settings to 1")
+    if num_processes > gpus_found:
+        found = "no CUDA GPU was found" if gpus_found <= 0 else (
+            f"only {gpus_found} CUDA GPU{'s' if gpus_found != 1 else ''} {'were' if gpus_found != 1 else 'was'} found")
+        raise ValueError(f"num_gpus is {num_processes}, but {found} (torch.cuda.device_count() = {gpus_found}, "
+                         f"as CUDA_VISIBLE_DEVICES lets ComfyUI see them); set num_gpus in DreamBooth Training "
+                         f"Settings to {max(gpus_found, 1)} or less")
 
 
 def worker_environment(force_cpu: bool = False) -> dict[str, str]:
@@ -82,6 +117,7 @@ def worker_environment(force_cpu: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false", PYTHONIOENCODING="utf-8")
+    env[PARENT_PID_ENV] = str(os.getpid())  # watched by the worker, also from under a launcher
     if force_cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -160,10 +196,10 @@ class WorkerProcess:
         self._touch_stop_file()
 
     def kill(self) -> None:
-        """End the worker at once (no checkpoint): the answer to a second Cancel."""
+        """End the worker at once (no checkpoint), with every process it started: the answer to a second Cancel."""
         if self._process is not None and self._process.poll() is None:
             self._append_log("=== worker killed ===")
-            self._process.kill()
+            kill_process_tree(self._process)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the exit and the end of both streams; the exit code."""
@@ -270,3 +306,64 @@ class WorkerProcess:
             (self.run_dir / STOP_FILE_NAME).touch()
         except OSError:
             pass
+
+
+# --- killing a worker with its children ----------------------------------------------------------
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a worker started with `start_new_session`, its process group and all its descendants.
+
+    The group alone is not enough: accelerate's launcher (torch elastic) starts each training
+    process in a session of its own.
+    """
+    if os.name == "nt":
+        try:  # the launcher and the processes it started
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        process.kill()
+        return
+    descendants = _descendants(process.pid)  # before the kill, while they are still its children
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # start_new_session: the group id is its pid
+    except OSError:
+        process.kill()
+    for pid in descendants:
+        for kill in (os.killpg, os.kill):  # a process started in a new session leads its own group
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of every process below `pid` (psutil when installed, else Linux's /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # "pid (comm) state ppid ..."
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

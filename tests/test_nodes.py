@@ -1,6 +1,6 @@
 """The node pack's parts that need no ComfyUI: widgets -> TrainConfig, the worker process, pictures.
 
-The worker tests run the real bootstrap (the pack imported from its folder under its
+The worker tests run the real worker script (the pack imported from its folder under its
 package name) and the real trainer CLI on a tiny model, so the process handling the Train
 LoRA node relies on (events, graceful stop, failures with their cause) is checked here in
 seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI server.
@@ -9,6 +9,8 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -18,9 +20,10 @@ import pytest
 
 from comfyui_dreambooth_lora.nodes import config_build as cb
 from comfyui_dreambooth_lora.nodes import pictures
-from comfyui_dreambooth_lora.nodes.worker import (PACK_DIR, WorkerError, WorkerProcess, worker_command,
-                                                  worker_environment)
+from comfyui_dreambooth_lora.nodes.worker import (PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,
+                                                  check_num_processes, worker_command, worker_environment)
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
+from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +35,6 @@ def test_root_package_imports_nothing_heavy_and_has_the_v3_entry_point():
     code = ("import sys, comfyui_dreambooth_lora as p; import inspect; "
             "heavy = [m for m in ('torch', 'diffusers', 'peft', 'transformers', 'accelerate', 'comfy_api') "
             "if m in sys.modules]; print(heavy, inspect.iscoroutinefunction(p.comfy_entrypoint))")
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[] True"
 
@@ -235,7 +236,51 @@ def test_worker_stop_file_and_kill(tmp_path):
     assert failure is not None and "signal" in failure.message
 
 
-# --- the real worker: bootstrap + trainer CLI on a tiny model --------------------------------------------------
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for init to reap it
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_ends_the_processes_the_worker_started_in_sessions_of_their_own(tmp_path):
+    # as accelerate's launcher starts each training process (torch elastic: start_new_session=True)
+    worker = fake_worker(tmp_path, """
+        import json, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        print(json.dumps({"event": "child", "pid": child.pid}), flush=True)
+        time.sleep(600)
+    """)
+    worker.start()
+    children = []
+    events = follow(worker, timeout=60, on_event=lambda w, e: (children.append(e["pid"]), w.kill()))
+    assert [e["event"] for e in events] == ["child"] and worker.returncode == -9
+    deadline = time.monotonic() + 10
+    while _running(children[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(children[0])
+
+
+def test_worker_main_asks_for_a_stop_when_comfyui_is_gone(tmp_path):
+    """Under the launcher the worker's parent outlives ComfyUI: ComfyUI's pid (from the environment) is watched."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = ("import sys, time; from comfyui_dreambooth_lora.nodes import worker_main as m; "
+            "m.watch_parent(m.ParentGone(sys.argv[1]), interval=0.05); time.sleep(1); print('after')")
+    env = {**os.environ, "DREAMBOOTH_LORA_PARENT_PID": str(gone.pid)}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and (tmp_path / "STOP").is_file()
+    assert out.stdout == ""  # our output goes to /dev/null from then on
+    env["DREAMBOOTH_LORA_PARENT_PID"] = str(os.getpid())  # alive: no stop
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "alive")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout == "after\n" and not (tmp_path / "alive" / "STOP").exists()
+
+
+# --- the real worker: worker_main.py + trainer CLI on a tiny model --------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_sd1):
@@ -266,7 +311,74 @@ def test_real_worker_imports_the_pack_from_its_folder_and_trains(tiny_run):
     kinds = [e["event"] for e in events]
     assert kinds[:2] == ["loading", "start"] and kinds.count("step") == 4 and "sample" in kinds and kinds[-1] == "done"
     assert (root / "loras" / "done_run.safetensors").is_file()
-    assert worker_command(run / "run.json", run)[3] == str(PACK_DIR) == str(REPO)
+    assert worker_command(run / "run.json", run) == [sys.executable, str(WORKER_MAIN), str(PACK_DIR), str(run),
+                                                     "train", "--config", str(run / "run.json"), "--events", "stdout"]
+    assert PACK_DIR == REPO and WORKER_MAIN.is_file()
+
+
+def test_real_worker_trains_on_two_processes_through_accelerate_launch(tiny_run):
+    """num_processes=2 (the Train node's num_gpus): two CPU processes over gloo, as two GPUs would run."""
+    root, config = tiny_run
+    run = config("two_processes", checkpoint_every=2)
+    command = worker_command(run / "run.json", run, num_processes=2)
+    launcher, script = command[:command.index(str(WORKER_MAIN))], command[command.index(str(WORKER_MAIN)):]
+    assert launcher[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert launcher[3:12] == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
+                              "--main_process_port", launcher[11]] and 1024 < int(launcher[11]) < 65536
+    assert script == worker_command(run / "run.json", run)[1:]  # the same script and arguments as on one GPU
+    env = {**worker_environment(force_cpu=True), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    check_num_processes(2, gpus_found=0, comfy_on_cpu=True, env=env)  # the test hook the node's check allows
+    worker = WorkerProcess(command, run, env)
+    worker.start()
+    events = follow(worker, timeout=300)
+    assert worker.failure() is None and worker.returncode == 0, worker.log_tail()
+    kinds = [e["event"] for e in events]
+    # only the main process prints events: nothing twice
+    assert kinds.count("loading") == kinds.count("start") == kinds.count("done") == 1, kinds
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4] and kinds[-1] == "done"
+    assert (root / "loras" / "two_processes.safetensors").is_file()
+    assert len([e for e in read_events(run / "events.jsonl") if e["event"] == "step"]) == 4
+
+
+def test_worker_command_checks_the_number_of_processes(tmp_path):
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="num_processes"):
+            worker_command(tmp_path / "run.json", tmp_path, num_processes=bad)
+    assert worker_command(tmp_path / "run.json", tmp_path, python="/py", num_processes=1)[:2] == ["/py",
+                                                                                                   str(WORKER_MAIN)]
+    assert worker_command(tmp_path / "run.json", tmp_path, python="/py", num_processes=16)[:6] == [
+        "/py", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "16"]
+
+
+def test_more_gpus_than_found_is_a_clear_error():
+    no_hook = {"ACCELERATE_USE_CPU": "false"}
+    check_num_processes(1, gpus_found=0, comfy_on_cpu=True, env=no_hook)  # one process: the trainer picks the device
+    check_num_processes(2, gpus_found=2, env=no_hook)
+    check_num_processes(2, gpus_found=8, env={})
+    with pytest.raises(ValueError, match=r"num_gpus is 4, but only 2 CUDA GPUs were found") as error:
+        check_num_processes(4, gpus_found=2, env=no_hook)
+    assert "to 2 or less" in str(error.value)
+    with pytest.raises(ValueError, match=r"only 1 CUDA GPU was found"):
+        check_num_processes(2, gpus_found=1, env=no_hook)
+    with pytest.raises(ValueError, match=r"no CUDA GPU was found"):
+        check_num_processes(2, gpus_found=0, env=no_hook)
+    with pytest.raises(ValueError, match=r"ComfyUI runs on the CPU"):
+        check_num_processes(2, gpus_found=2, comfy_on_cpu=True, env=no_hook)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="between 1 and 16"):
+            check_num_processes(bad, gpus_found=32, env=no_hook)
+    # ACCELERATE_USE_CPU=true: any number of CPU processes (how the tests run several processes)
+    check_num_processes(3, gpus_found=0, comfy_on_cpu=True, env={"ACCELERATE_USE_CPU": "true"})
+    check_num_processes(2, gpus_found=0, env={"ACCELERATE_USE_CPU": "True"})
+
+
+def test_num_gpus_travels_beside_the_trainconfig_options(tmp_path):
+    base, dataset, widgets = _inputs(tmp_path)
+    settings = {"memory_preset": cb.PRESET_NONE, "options": {"batch_size": 2}, "num_gpus": 4}
+    config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
+                                   run_dir=tmp_path / "run", lora_dir=tmp_path / "loras")
+    assert config.batch_size == 2 and "num_gpus" not in config.to_dict()
 
 
 def test_real_worker_stops_gracefully_with_a_checkpoint(tiny_run):
@@ -325,3 +437,17 @@ def test_dataset_and_model_choices_stay_inside_their_folders(comfyui, tmp_path):
                 comfy_nodes.resolve_base_model(bad)
     finally:
         folder_paths.set_input_directory(old_input)
+
+
+@pytest.mark.comfyui
+def test_train_node_takes_num_gpus_from_the_settings_and_checks_it(comfyui, monkeypatch):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert comfy_nodes.settings_num_gpus(None) == 1  # no settings node connected
+    assert comfy_nodes.settings_num_gpus(cb.DEFAULT_SETTINGS) == 1
+    assert comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 1}) == 1
+    with pytest.raises(ValueError, match="num_gpus is 2, but ComfyUI runs on the CPU"):  # the fixture's --cpu
+        comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 2})
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 2}) == 2
