@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow test-all comfyui clean
+.PHONY: setup demo test test-slow test-all comfyui bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test-slow: comfyui
 
 test-all: comfyui
 	$(BIN)/python -m pytest -q
+
+## bench: speed and memory of our trainer against the diffusers example (CPU: ~5 min; see README "Performance")
+bench: setup
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf demo_output .pytest_cache
