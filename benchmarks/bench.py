@@ -12,7 +12,7 @@ weights, and on the tiny test model.
     python benchmarks/bench.py --profile    # one steady-state step of ours (and the baseline) under torch.profiler
     python benchmarks/bench.py --sdxl-cpu   # also SDXL at 256 px on the CPU (~16 GB RAM, slow)
     python benchmarks/bench.py --quick      # the tiny model only
-    python benchmarks/bench.py --repeat 3   # every real-model case 3 times, interleaved
+    python benchmarks/bench.py --repeat 3   # every real-model case 3 times, interleaved (default 2)
 
 Figures: seconds per step (median of the steady state: the first `warmup` steps, which
 include start-up work such as filling the latent cache, are left out; min-max beside it),
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bf16-row", dest="bf16_row", action="store_false",
                         help="leave out the 'ours + bf16 autocast' row of the default CPU run")
     parser.add_argument("--only", default="", help="run only the cases whose 'group: label' contains this text")
-    parser.add_argument("--repeat", type=int, default=1, help="run each real-model case N times, interleaved")
+    parser.add_argument("--repeat", type=int, default=2, help="run each real-model case N times, interleaved")
     parser.add_argument("--steps", type=int, default=0, help="steps per real-model CPU case (default 8; levers 7)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: torch's own)")
     parser.add_argument("--retry-busy", type=int, default=1,
