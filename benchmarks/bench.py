@@ -77,13 +77,19 @@ def plan(args, cuda: bool) -> list[dict]:
     pair = lambda group, model, res, steps, warmup, **kw: [  # noqa: E731
         case(group, "ours", "ours", model, res, steps, warmup, flops=True, **kw),
         case(group, "baseline", "baseline", model, res, steps, warmup, **kw)]
-    rounds = lambda make: [c for r in range(args.repeat) for c in (make() if r % 2 == 0 else make()[::-1])]  # noqa: E731
+    def rounds(make):  # every round runs the cases of `make()`, in reverse order every other round
+        return [c for r in range(args.repeat) for c in (make() if r % 2 == 0 else make()[::-1])]
 
     if args.profile:
         group = "profile: SD1.5 256 px, CPU"
         cases += [case(group, "ours", "ours", "sd15", 256, 5, 2, profile=True),
                   case(group, "ours + bf16 autocast", "ours", "sd15", 256, 5, 2, ["bf16"], profile=True),
                   case(group, "baseline", "baseline", "sd15", 256, 5, 2, profile=True)]
+        if cuda:
+            gpu_groups = (("profile: SD1.5 512 px, GPU", "sd15", 512), ("profile: SDXL 1024 px, GPU", "sdxl", 1024))
+            for group, model, res in gpu_groups:
+                cases += [case(group, "ours", "ours", model, res, 14, 10, profile=True),
+                          case(group, "baseline", "baseline", model, res, 14, 10, profile=True)]
         return cases
     if args.levers:
         def lever_cases():
@@ -163,9 +169,10 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for r in results:
         key = (r["spec"]["group"], r["spec"]["label"])
-        row = rows.setdefault(key, {"group": key[0], "label": key[1], "runs": 0, "failed": 0, "steady": [],
-                                    "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [],
-                                    "reserved": [], "others": [], "losses": None, "flops": None, "device": None, "trainer": r["spec"]["trainer"]})
+        row = rows.setdefault(key, {
+            "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0,
+            "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [],
+            "reserved": [], "others": [], "losses": None, "flops": None, "device": None})
         if r.get("failed"):
             row["failed"] += 1
             continue
@@ -213,8 +220,8 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     gpu = any(r["alloc"] for r in rows)
-    head = ["case", "trainer", "s/step median (min-max, n)", "vs baseline: median / min", "CPU s/step", "samples/s", "1st step s", "peak RSS GB",
-            "RSS stepping GB", "TFLOP/s", "loss vs ours", "others busy"]
+    head = ["case", "trainer", "s/step median (min-max, n)", "vs baseline: median / min", "CPU s/step", "samples/s",
+            "1st step s", "peak RSS GB", "RSS stepping GB", "TFLOP/s", "loss vs ours", "others busy"]
     if gpu:
         head += ["alloc GB", "reserved GB", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -238,24 +245,26 @@ def table(rows: list[dict]) -> str:
 
 
 def profile_report(results: list[dict], top: int) -> str:
-    """Top ops by self CPU time of the profiled step, and the labelled phases."""
+    """Top ops by self time (on the GPU when there is one) of the profiled step, and the labelled phases."""
     out = []
     for r in results:
         prof = r.get("profile")
         if not prof:
             continue
         rows = prof["rows"]
-        total = sum(x["self_cpu_ms"] for x in rows)
+        where = "device" if any(x["self_device_ms"] > 0 for x in rows) else "cpu"
+        total = sum(x[f"self_{where}_ms"] for x in rows)
         out.append(f"\n{r['spec']['label']} ({r['spec']['group']}): one step of {prof['step_seconds']:.2f} s, "
-                   f"{total / 1e3:.2f} s self CPU time in ops")
+                   f"{total / 1e3:.2f} s self {where.upper()} time in ops")
         out.append("  phase                      CPU total ms")
         for x in sorted((x for x in rows if x["name"].startswith("## ") or x["name"].startswith("Optimizer.step")),
                         key=lambda x: -x["cpu_total_ms"]):
             out.append(f"  {x['name']:<26} {x['cpu_total_ms']:10.1f}  ({x['count']} calls)")
-        out.append("  op                                                      self CPU ms   share  calls")
-        for x in sorted((x for x in rows if not x["name"].startswith("## ")), key=lambda x: -x["self_cpu_ms"])[:top]:
-            out.append(f"  {x['name'][:56]:<56} {x['self_cpu_ms']:10.1f}  {100 * x['self_cpu_ms'] / total:5.1f}%  "
-                       f"{x['count']:5d}")
+        out.append(f"  {'op':<56} {'self ' + where.upper() + ' ms':>10}   share  calls")
+        ops = sorted((x for x in rows if not x["name"].startswith("## ")), key=lambda x: -x[f"self_{where}_ms"])
+        for x in ops[:top]:
+            ms = x[f"self_{where}_ms"]
+            out.append(f"  {x['name'][:56]:<56} {ms:10.1f}  {100 * ms / max(total, 1e-9):5.1f}%  {x['count']:5d}")
     return "\n".join(out)
 
 
@@ -313,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         text += prof + "\n"
     print("\n" + text)
     (out_dir / "table.md").write_text(text, encoding="utf-8")
-    (out_dir / "results.json").write_text(json.dumps({"results": results, "discarded": discarded, "rows": rows}, indent=1, default=str),
-                                          encoding="utf-8")
+    everything = {"results": results, "discarded": discarded, "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(everything, indent=1, default=str), encoding="utf-8")
     return 1 if any(r.get("failed") for r in results) else 0
 
 
