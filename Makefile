@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
+# Only for this repository's own test venv, and only when it has no torch yet: a CPU-capable
+# trio that ComfyUI's start-up (torchvision, torchaudio) accepts. The pack never installs torch.
+TORCH_FOR_TESTS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.*
 
 .PHONY: setup demo test test-slow test-all comfyui bench clean
 
@@ -11,6 +14,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet $(TORCH_FOR_TESTS)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
@@ -18,7 +23,7 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 comfyui: setup
 	$(BIN)/python tests/comfyui_source.py
 
-## demo: train a LoRA on a small local model and generated pictures (CPU, ~2 min)
+## demo: train a LoRA on a small local model and generated pictures (CPU, ~1 min)
 demo: setup
 	$(BIN)/python -m comfyui_dreambooth_lora.trainer demo --output demo_output
 
