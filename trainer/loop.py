@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .checkpoints import TrainingState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig
-from .data import DatasetScan, ImageDataset, count_images, dataset_summary, scan_images
+from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
@@ -257,7 +257,7 @@ class ConditioningCache:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.latents: dict[str, tuple[Sample, torch.Tensor, torch.Tensor]] = {}  # pixels dropped
         self.prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
@@ -269,21 +269,20 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
     if class_data is not None:
         first = index * len(batch)  # class images in turn, the same ones whatever the process count
         parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
-    samples, keys = [], []
+    samples, means, stds = [], [], []
     for dataset, index in parts:
-        samples.append(dataset.prepare(index, bucket, epoch=epoch, seed=config.seed))
-        keys.append(dataset.cache_key(index, bucket))
-
-    means, stds = [], []
-    for sample, key in zip(samples, keys):
+        key = dataset.cache_key(index, bucket)
         if cache.enabled and key in cache.latents:
-            mean, std = cache.latents[key]
+            # Nothing augments a cached sample, so its image need not be read and resized again.
+            sample, mean, std = cache.latents[key]
         else:
+            sample = dataset.prepare(index, bucket, epoch=epoch, seed=config.seed)
             with torch.no_grad():
                 dist = base.vae.encode(sample.pixels[None].to(device, base.vae.dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
             if cache.enabled:
-                cache.latents[key] = (mean, std)
+                cache.latents[key] = (dataclasses.replace(sample, pixels=None), mean, std)
+        samples.append(sample)
         means.append(mean)
         stds.append(std)
     mean, std = torch.cat(means), torch.cat(stds)
