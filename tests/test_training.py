@@ -45,8 +45,8 @@ def losses(config: TrainConfig) -> list[float]:
     return [e["loss"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
 
 
-def eval_loss(model: Path, lora: Path | None, photos: Path, prompt: str, seeds=range(8)) -> float:
-    """Denoising loss of `prompt` on the training images with fixed noise and timesteps."""
+def predict_noise(model: Path, lora: Path | None, images: list, prompt: str, seeds=range(8)):
+    """The UNet's noise predictions for `images` noised with fixed seeds and timesteps, and that noise."""
     from comfyui_dreambooth_lora.trainer.conditioning import encode_prompts, tokenize
     from comfyui_dreambooth_lora.trainer.models import load_base_model
 
@@ -54,20 +54,30 @@ def eval_loss(model: Path, lora: Path | None, photos: Path, prompt: str, seeds=r
     unet = base.unet
     if lora is not None:
         apply_kohya(unet, load_file(lora))
-    images = [draw_subject_image((32, 32), seed=i) for i in range(4)]
-    pixels = torch.stack([torch.tensor(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+    predictions, noises = [], []
     with torch.no_grad():
-        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
+        latents = base.vae.encode(to_pixels(images)).latent_dist.mean * base.vae.config.scaling_factor
         ids = [tokenize(t, [prompt] * len(images)) for t in base.tokenizers]
         embeds, _ = encode_prompts(base.info.arch, base.text_encoders, ids)
-        total = 0.0
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, 1000, (len(images),), generator=g)
             noisy = base.noise_scheduler.add_noise(latents, noise, t)
-            total += torch.nn.functional.mse_loss(unet(noisy, t, embeds).sample, noise).item()
-    return total / len(seeds)
+            predictions.append(unet(noisy, t, embeds).sample)
+            noises.append(noise)
+    return torch.stack(predictions), torch.stack(noises)
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    return torch.stack([torch.tensor(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+
+
+def eval_loss(model: Path, lora: Path | None, prompt: str) -> float:
+    """Denoising loss of `prompt` on square pictures of the subject with fixed noise and timesteps."""
+    images = [draw_subject_image((32, 32), seed=i) for i in range(4)]
+    predictions, noise = predict_noise(model, lora, images, prompt)
+    return torch.nn.functional.mse_loss(predictions, noise).item()
 
 
 def apply_kohya(unet, sd: dict[str, torch.Tensor]) -> int:
@@ -85,16 +95,64 @@ def apply_kohya(unet, sd: dict[str, torch.Tensor]) -> int:
     return applied
 
 
+CLASS_PROMPT = "a photo of disc"
+
+
+@pytest.fixture(scope="module")
+def class_model(tiny_sd1, tmp_path_factory) -> tuple[Path, Path, list]:
+    """A tiny model that knows its class: its UNet fitted to eight class pictures under the class prompt.
+
+    Prior preservation keeps the model near what it already knows about the class, so
+    testing it needs a base that knows something; a random UNet has no prior to keep.
+    """
+    import shutil
+
+    from comfyui_dreambooth_lora.trainer.conditioning import encode_prompts, tokenize
+    from comfyui_dreambooth_lora.trainer.models import load_base_model
+
+    root = tmp_path_factory.mktemp("class_model")
+    class_dir = root / "class"
+    class_dir.mkdir()
+    images = [draw_subject_image((32, 32), seed=100 + i, subject=False) for i in range(8)]
+    for i, image in enumerate(images):
+        image.save(class_dir / f"class_{i:02d}.png")
+
+    base = load_base_model(tiny_sd1)
+    with torch.no_grad():
+        latents = base.vae.encode(to_pixels(images)).latent_dist.mean * base.vae.config.scaling_factor
+        embeds, _ = encode_prompts("sd1", base.text_encoders,
+                                   [tokenize(t, [CLASS_PROMPT] * len(images)) for t in base.tokenizers])
+    unet = base.unet.train().requires_grad_(True)
+    steps = 300
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (len(images),), generator=g)
+        loss = torch.nn.functional.mse_loss(unet(base.noise_scheduler.add_noise(latents, noise, t), t, embeds).sample,
+                                            noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model = root / "model"
+    shutil.copytree(tiny_sd1, model)
+    unet.save_pretrained(model / "unet")
+    return model, class_dir, images
+
+
 # --- learning ----------------------------------------------------------------------------------
 
-def test_short_run_learns_the_subject_and_the_lora_changes_the_output(tiny_sd1, photos, tmp_path):
-    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=150, learning_rate=1e-2)
+def test_short_run_learns_the_subject_and_the_lora_changes_the_output(class_model, photos, tmp_path):
+    model = class_model[0]
+    config = make_config(model, photos, tmp_path / "run", max_train_steps=150, learning_rate=1e-2)
     result = loop.train(config)
     assert result.status == "done" and result.step == 150
     lora = Path(config.output_dir) / "test_lora.safetensors"
     assert result.lora_files == [lora]
-    before = eval_loss(tiny_sd1, None, photos, config.instance_prompt)
-    after = eval_loss(tiny_sd1, lora, photos, config.instance_prompt)
+    before = eval_loss(model, None, config.instance_prompt)
+    after = eval_loss(model, lora, config.instance_prompt)
     assert after < 0.85 * before, (before, after)
     sd = load_file(lora)
     assert any(k.startswith("lora_unet_") for k in sd)
@@ -152,6 +210,24 @@ def test_prior_preservation_generates_class_images_once_and_trains_on_them(tiny_
     loop.train(dataclasses.replace(config, output_dir=str(tmp_path / "again"), num_class_images=4))
     after = sorted(class_dir.glob("*.png"))
     assert len(after) == 4 and [p.stat().st_mtime_ns for p in after[:3]] == mtimes  # reused; only the missing one made
+
+
+def test_prior_preservation_keeps_the_class_prediction_near_the_base_model(class_model, photos, tmp_path):
+    # Training "a photo of sks disc" without the prior drags what the model predicts for
+    # "a photo of disc" toward the subject (DreamBooth's language drift); the class loss holds it back.
+    model, class_dir, class_images = class_model
+    base_prediction, _ = predict_noise(model, None, class_images, CLASS_PROMPT)
+    for seed in (1, 2):
+        drift = {}
+        for prior in (False, True):
+            config = make_config(model, photos, tmp_path / f"prior_{prior}_{seed}", max_train_steps=150, seed=seed,
+                                 with_prior_preservation=prior, class_prompt=CLASS_PROMPT, class_dir=str(class_dir),
+                                 num_class_images=len(class_images))
+            loop.train(config)
+            prediction, _ = predict_noise(model, Path(config.output_dir) / "test_lora.safetensors", class_images,
+                                          CLASS_PROMPT)
+            drift[prior] = torch.nn.functional.mse_loss(prediction, base_prediction).item()
+        assert drift[True] < 0.5 * drift[False], (seed, drift)
 
 
 def test_prior_loss_adds_the_weighted_class_loss():

@@ -79,6 +79,7 @@ def build_tiny_components(arch: str, seed: int = 0) -> dict:
                         block_out_channels=(8, 16, 32, 32), norm_num_groups=8, sample_size=32,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         scaling_factor=0.18215 if arch == "sd1" else 0.13025)
+    calibrate_vae(vae, arch)
     parts = {"unet": unet, "vae": vae}
     if arch == "sd1":
         parts["text_encoder"] = CLIPTextModel(tiny_text_encoder_config())
@@ -86,6 +87,32 @@ def build_tiny_components(arch: str, seed: int = 0) -> dict:
         parts["text_encoder"] = CLIPTextModel(tiny_text_encoder_config())
         parts["text_encoder_2"] = CLIPTextModelWithProjection(tiny_text_encoder_config(hidden_act="gelu"))
     return parts
+
+
+def calibrate_vae(vae, arch: str) -> None:
+    """Make a random VAE's latents carry the picture, as a trained SD VAE's do.
+
+    A randomly initialised encoder gives latents whose scaled mean is ~0.04 against a
+    posterior standard deviation of ~0.2, so the UNet would see almost nothing of the
+    image and a test of what the LoRA learns from pictures would measure noise. We
+    scale the encoder's mean channels so that scaled latents of drawn pictures have unit
+    standard deviation (the decoder is scaled back, so decoding is unchanged) and make
+    the posterior almost deterministic.
+    """
+    import torch
+
+    pictures = [draw_subject_image((32, 32), seed=i, subject=i % 2 == 0) for i in range(8)]
+    pixels = torch.stack([torch.frombuffer(bytearray(p.tobytes()), dtype=torch.uint8).view(32, 32, 3)
+                          for p in pictures]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        spread = vae.encode(pixels).latent_dist.mean.std().item() * vae.config.scaling_factor
+        gain = 1.0 / spread
+        vae.quant_conv.weight[:channels] *= gain
+        vae.quant_conv.bias[:channels] *= gain
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = -20.0  # log-variance: posterior std ~5e-5
+        vae.post_quant_conv.weight /= gain
 
 
 def sd_noise_scheduler_config(prediction_type: str = "epsilon") -> dict:
