@@ -46,20 +46,20 @@ GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH
 
 BUSY = 0.5  # cores used by other processes during a case above which its figures are suspect
 
-LEVERS = [  # (label, levers): each changes one thing against "ours" as shipped
+LEVERS = [  # (label, levers): each changes one thing against "ours" as shipped (auto precision: bf16 on CPUs with it)
     ("ours", []),
     ("ours, no latent/text cache", ["no_cache"]),
-    ("ours + bf16 autocast", ["bf16"]),
+    ("ours, fp32 (mixed_precision no)", ["fp32"]),
     ("ours + channels_last", ["channels_last"]),
-    ("ours + bf16 + channels_last", ["bf16", "channels_last"]),
-    ("ours + bf16, weights loaded as bf16", ["bf16", "load_bf16"]),
+    ("ours, fp32 + channels_last", ["fp32", "channels_last"]),
+    ("ours, weights loaded as bf16", ["load_bf16"]),
     ("ours, AdamW for-loop", ["adamw_forloop"]),
     ("ours, AdamW fused", ["adamw_fused"]),
     ("ours + gradient checkpointing", ["grad_ckpt"]),
     ("ours, attention without SDPA", ["no_sdpa"]),
     ("baseline", None),
 ]
-PHOTO_LEVERS = [("ours", []), ("ours, cached samples not prepared again", ["skip_prepare"]), ("baseline", None)]
+PHOTO_LEVERS = [("ours", []), ("baseline", None)]
 
 
 def case(group: str, label: str, trainer: str, model: str, resolution: int, steps: int, warmup: int,
@@ -83,7 +83,7 @@ def plan(args, cuda: bool) -> list[dict]:
     if args.profile:
         group = "profile: SD1.5 256 px, CPU"
         cases += [case(group, "ours", "ours", "sd15", 256, 5, 2, profile=True),
-                  case(group, "ours + bf16 autocast", "ours", "sd15", 256, 5, 2, ["bf16"], profile=True),
+                  case(group, "ours, fp32", "ours", "sd15", 256, 5, 2, ["fp32"], profile=True),
                   case(group, "baseline", "baseline", "sd15", 256, 5, 2, profile=True)]
         if cuda:
             gpu_groups = (("profile: SD1.5 512 px, GPU", "sd15", 512), ("profile: SDXL 1024 px, GPU", "sdxl", 1024))
@@ -94,7 +94,7 @@ def plan(args, cuda: bool) -> list[dict]:
     if args.levers:
         def lever_cases():
             out = []
-            compiled = [("ours + torch.compile", ["compile"]), ("ours + bf16 + torch.compile", ["bf16", "compile"])]
+            compiled = [("ours + torch.compile", ["compile"]), ("ours, fp32 + torch.compile", ["fp32", "compile"])]
             for label, levers in LEVERS + (compiled if args.compile else []):
                 trainer = "baseline" if levers is None else "ours"
                 out.append(case("levers: SD1.5 256 px, CPU", label, trainer, "sd15", 256, args.steps or 7, 2,
@@ -112,9 +112,9 @@ def plan(args, cuda: bool) -> list[dict]:
         return cases
     if not (cuda and args.gpu_only):
         cases += rounds(lambda: pair("SD1.5 256 px, CPU", "sd15", 256, args.steps or 8, 2))
-        if args.bf16_row:
-            cases.append(case("SD1.5 256 px, CPU", "ours + bf16 autocast", "ours", "sd15", 256, args.steps or 8, 2,
-                              ["bf16"]))
+        if args.fp32_row:
+            cases.append(case("SD1.5 256 px, CPU", "ours, fp32 (mixed_precision no)", "ours", "sd15", 256,
+                              args.steps or 8, 2, ["fp32"]))
         if args.sdxl_cpu:
             cases += pair("SDXL 256 px, CPU", "sdxl", 256, args.steps or 5, 2)
     if cuda:
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile one steady-state step (SD1.5 256 px, CPU)")
     parser.add_argument("--sdxl-cpu", action="store_true", help="also SDXL at 256 px on the CPU")
     parser.add_argument("--gpu-only", action="store_true", help="on a GPU machine: leave out the real-model CPU cases")
-    parser.add_argument("--no-bf16-row", dest="bf16_row", action="store_false",
-                        help="leave out the 'ours + bf16 autocast' row of the default CPU run")
+    parser.add_argument("--no-fp32-row", dest="fp32_row", action="store_false",
+                        help="leave out the 'ours, fp32' row of the default CPU run")
     parser.add_argument("--only", default="", help="run only the cases whose 'group: label' contains this text")
     parser.add_argument("--repeat", type=int, default=2, help="run each real-model case N times, interleaved")
     parser.add_argument("--steps", type=int, default=0, help="steps per real-model CPU case (default 8; levers 7)")

@@ -12,15 +12,14 @@ so that the trainer code itself stays as it is:
 
   no_cache        cache_latents = "no": VAE and text encoders run every step
   bf16            mixed_precision = "bf16" (on the CPU: bf16 autocast, frozen weights in bf16)
-  fp32            mixed_precision = "no" (on a GPU)
+  fp32            mixed_precision = "no" (what 'auto' picks on a CPU without native bf16)
   channels_last   the UNet in channels-last memory format
   adamw_forloop   torch AdamW with foreach=False (the per-parameter loop)
   adamw_fused     torch AdamW with fused=True (also on the CPU)
   grad_ckpt       gradient_checkpointing = true
   no_sdpa         diffusers' classic AttnProcessor (explicit softmax(QK^T)V) instead of SDPA
   compile         torch.compile of the UNet (nn.Module.compile, in place)
-  load_bf16       with bf16: read the frozen weights as bf16 straight from the files (no fp32 copy first)
-  skip_prepare    a sample whose latents are cached is not loaded, resized and cropped again
+  load_bf16       with bf16 compute: read the frozen weights as bf16 straight from the files (no fp32 copy first)
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp32", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "load_bf16", "skip_prepare"}
+                "no_sdpa", "compile", "load_bf16"}
 
 
 class RssSampler(threading.Thread):
@@ -133,33 +132,6 @@ def apply_levers(levers: set[str]) -> None:
     loop.build_optimizer = build_optimizer
     if "load_bf16" in levers:
         load_frozen_weights_as(torch.bfloat16)
-    if "skip_prepare" in levers:
-        skip_prepare_when_cached()
-
-
-def skip_prepare_when_cached() -> None:
-    """Lever `skip_prepare`: a sample whose latents are cached is not loaded, resized and cropped again.
-
-    The loop prepares every sample of every step (`ImageDataset.prepare`: decode, resize, crop,
-    to a tensor) even when its latents then come from the cache. Without augmentation a
-    sample is the same every time (it does not depend on the epoch), so here `prepare` keeps
-    what it returned per (dataset, index, bucket): the same effect as the loop keeping a cached
-    sample's caption and sizes beside its latents and not preparing it again.
-    """
-    from comfyui_dreambooth_lora.trainer.data import ImageDataset
-
-    prepare = ImageDataset.prepare
-    kept: dict[tuple, object] = {}
-
-    def prepare_once(self, index, bucket, *, epoch, seed):
-        if not self.config.use_cached_latents:
-            return prepare(self, index, bucket, epoch=epoch, seed=seed)
-        key = (id(self), index, tuple(bucket), seed)
-        if key not in kept:
-            kept[key] = prepare(self, index, bucket, epoch=epoch, seed=seed)
-        return kept[key]
-
-    ImageDataset.prepare = prepare_once
 
 
 def load_frozen_weights_as(dtype) -> None:

@@ -28,9 +28,11 @@ def photos(tmp_path_factory) -> Path:
 
 
 def make_config(model: Path, photos: Path, out: Path, **overrides) -> TrainConfig:
+    # fp32 unless a test asks: 'auto' picks bf16 on CPUs that have it, and results should not depend on the CPU.
     values = dict(pretrained_model=str(model), instance_dir=str(photos), instance_prompt="a photo of sks disc",
                   resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=6,
-                  checkpoint_every=0, sample_at_end=False, output_dir=str(out), output_name="test_lora", seed=7)
+                  checkpoint_every=0, sample_at_end=False, output_dir=str(out), output_name="test_lora", seed=7,
+                  mixed_precision="no")
     values.update(overrides)
     config = TrainConfig(**values)
     config.validate()
@@ -166,6 +168,51 @@ def test_sdxl_run_trains_and_exports(tiny_sdxl, photos, tmp_path):
     assert result.status == "done" and len(result.samples) == 1 and result.samples[0].exists()
     keys = lora_file(config).keys()
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+
+
+def test_bf16_on_the_cpu_trains_like_fp32(tiny_sd1, photos, tmp_path):
+    fp32 = make_config(tiny_sd1, photos, tmp_path / "fp32", max_train_steps=4)
+    bf16 = dataclasses.replace(fp32, output_dir=str(tmp_path / "bf16"), mixed_precision="bf16")
+    loop.train(fp32)
+    loop.train(bf16)
+    assert losses(bf16) != losses(fp32)  # it did compute in bf16
+    assert losses(bf16) == pytest.approx(losses(fp32), rel=0.03)
+
+
+def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_bf16(tiny_sd1, photos, tmp_path,
+                                                                                     monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16",
+                         sample_at_end=True, sample_steps=2, with_prior_preservation=True, class_prompt=CLASS_PROMPT,
+                         class_dir=str(tmp_path / "class"), num_class_images=2, class_sample_steps=2)
+    dtypes = []
+    real_place, real_generate = loop._place_models, loop.ensure_class_images
+
+    def place(base, device, weight_dtype):
+        real_place(base, device, weight_dtype)
+        dtypes.append(("placed", base.unet.conv_in.weight.dtype, {p.dtype for p in loop.lora_parameters(base.unet)}))
+
+    def generate(base, *args, **kwargs):
+        dtypes.append(("class images", base.unet.conv_in.weight.dtype))
+        return real_generate(base, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "ensure_class_images", generate)
+    result = loop.train(config)
+    # frozen weights bf16, trained weights fp32; the class images come from the placed model (on the device)
+    assert dtypes == [("placed", torch.bfloat16, {torch.float32}), ("class images", torch.bfloat16)]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2 and len(result.samples) == 1
+
+
+@pytest.mark.parametrize("on_cpu, native_bf16, cuda_bf16, expected", [
+    (True, True, False, "bf16"), (True, False, False, "no"), (False, False, True, "bf16"), (False, False, False, "fp16"),
+])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, on_cpu, native_bf16, cuda_bf16, expected):
+    monkeypatch.setattr(loop, "use_cpu", lambda: on_cpu)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    auto = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x")
+    assert loop.resolve_mixed_precision(auto) == expected
+    assert loop.resolve_mixed_precision(dataclasses.replace(auto, mixed_precision="no")) == "no"
 
 
 def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):

@@ -98,7 +98,7 @@ class ProgressPrinter:
                   f"{event['seconds_per_step']:.2f} s/step eta {eta:.0f}s ", end="", file=sys.stderr, flush=True)
         elif kind == "start":
             print(f"training {event['model']} on {event['num_images']} images ({event['summary']}), "
-                  f"device {event['device']}", file=sys.stderr)
+                  f"device {event['device']}, precision {event['mixed_precision']}", file=sys.stderr)
         elif kind == "sample":
             print(f"\nsamples at step {event['step']}: {', '.join(event['paths'])}", file=sys.stderr)
         elif kind == "checkpoint":

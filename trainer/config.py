@@ -94,7 +94,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this; 0 disables clipping.", min=0.0, max=1e6)
     lr_scheduler: str = opt("constant", "Learning-rate schedule after warm-up.", choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=10_000_000)
-    mixed_precision: str = opt("auto", "'auto': bf16 on a GPU that has it, else fp16 on GPU, 'no' on CPU. LoRA weights stay fp32.", choices=("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = opt("auto", "'auto': bf16 where the GPU or CPU computes in bf16 (CPUs with AVX512-BF16/AMX), else fp16 on a GPU and 'no' (fp32) on a CPU. LoRA weights stay fp32.", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, about 25% slower.")
     snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=1000.0)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)

@@ -6,7 +6,8 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
 
 - `loading`: `model`: the base model is being loaded (the slow part of start-up).
 - `start`: `total_steps`, `start_step` (> 0 when resumed), `model` (architecture),
-  `num_images`, `buckets` (list of [width, height]), `device`.
+  `num_images`, `buckets` (list of [width, height]), `device`, `mixed_precision` (what
+  'auto' chose: `no`, `fp16` or `bf16`), `summary` (the dataset in words).
 - `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`.
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).

@@ -82,16 +82,17 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("loading", model=config.pretrained_model)
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
-        class_data = None
-        if config.with_prior_preservation:
-            class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
-        if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
-            raise _Stopped
         add_lora(base.unet, base.text_encoders, config)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         _place_models(base, device, weight_dtype)
+        class_data = None
+        if config.with_prior_preservation:
+            # On the training device and precision; the new LoRA is still zero, so this is the base model.
+            class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
+        if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
+            raise _Stopped
         if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
             load_lora_state(base.unet, base.text_encoders, state.lora)
             step = state.step
@@ -115,7 +116,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
         events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
                      num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
-                     device=str(device), summary=instance_data.summary())
+                     device=str(device), mixed_precision=accelerator.mixed_precision, summary=instance_data.summary())
         samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
         last_checkpoint = state.path if state else None
@@ -183,14 +184,14 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                 reason=stop.reason)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and config.sample_every and step % config.sample_every == 0 and not finished:
-                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events)
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator)
                 unet.train()
 
         # --- the finished LoRA ---------------------------------------------------------------
         written = []
         if main:
             if config.sample_at_end:
-                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events)
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator)
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
@@ -343,12 +344,25 @@ def use_cpu() -> bool:
 
 
 def resolve_mixed_precision(config: TrainConfig) -> str:
-    """'auto' -> bf16 on a GPU that supports it, fp16 on other GPUs, 'no' on CPU."""
+    """'auto' -> bf16 where the hardware computes in bf16, else fp16 on a GPU and fp32 ('no') on a CPU.
+
+    LoRA weights stay fp32 either way; only the frozen weights and the compute are bf16.
+    """
     if config.mixed_precision != "auto":
         return config.mixed_precision
-    if not torch.cuda.is_available():
-        return "no"
+    if use_cpu():
+        return "bf16" if cpu_has_native_bf16() else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    There a bf16 step takes about half the fp32 time (README, Performance); without it
+    torch emulates bf16 and it is slower than fp32.
+    """
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def build_optimizer(config: TrainConfig, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -384,8 +398,10 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
 def _place_models(base: BaseModel, device, weight_dtype) -> None:
     """Frozen weights in the compute dtype, LoRA weights in fp32, everything on the device."""
-    base.unet.to(device, dtype=weight_dtype)
-    base.vae.to(device, dtype=torch.float32 if base.info.arch == "sdxl" else weight_dtype)  # SDXL's VAE overflows in fp16
+    # torch's own Module.to: diffusers' override warns on every dtype cast, even with nothing to keep in fp32.
+    torch.nn.Module.to(base.unet, device, dtype=weight_dtype)
+    vae_dtype = torch.float32 if base.info.arch == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
+    torch.nn.Module.to(base.vae, device, dtype=vae_dtype)
     for encoder in base.text_encoders:
         encoder.to(device, dtype=weight_dtype)
     for module in (base.unet, *base.text_encoders):
@@ -407,9 +423,11 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
             if stop.requested():
                 raise _Stopped
 
-        ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images, size=config.resolution,
-                            steps=config.class_sample_steps, guidance=config.sample_guidance, seed=config.seed,
-                            existing=existing, on_progress=progress)
+        with accelerator.autocast():
+            ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
+                                size=config.resolution, steps=config.class_sample_steps,
+                                guidance=config.sample_guidance, seed=config.seed, existing=existing,
+                                on_progress=progress)
     accelerator.wait_for_everyone()
     class_config = dataclasses.replace(config, caption_mode="prompt", repeats=1)
     scan = scan_images(class_dir, config.class_prompt, class_config)
@@ -431,14 +449,15 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
     return path
 
 
-def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter) -> list[Path]:
+def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator) -> list[Path]:
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png."""
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     unet.eval()
     pipe = build_pipeline(base, unet)
-    images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
-                             steps=config.sample_steps, guidance=config.sample_guidance)
+    with accelerator.autocast():  # fp32 LoRA layers and the pipeline's fp32 latents meet bf16/fp16 weights
+        images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
+                                 steps=config.sample_steps, guidance=config.sample_guidance)
     paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
              for i, img in enumerate(images)]
     events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)

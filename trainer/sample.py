@@ -55,8 +55,8 @@ def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size:
                         guidance: float, seed: int, existing: int, on_progress=None) -> list[Path]:
     """Generate the class images the folder lacks, with the base model, and write them there.
 
-    Called before any LoRA is attached, so the images show what the base model knows of
-    the class. Files are named `class_<seed>_<i>.png` and written atomically one by one:
+    Called before anything is trained (the new LoRA is still zero), so the images show what
+    the base model knows of the class. Files are named `class_<seed>_<i>.png` and written atomically one by one:
     a stopped run keeps the ones it made and a later run makes only the rest.
     """
     missing = count - existing
