@@ -6,8 +6,9 @@ The Train LoRA node never trains in ComfyUI's own process. On one GPU it starts
 
 and on N local GPUs the same script once per GPU through accelerate's launcher:
 
-    <python> -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1
-             --dynamo_backend no --main_process_port <free port> nodes/worker_main.py <the same arguments>
+    <python> -m accelerate.commands.launch --config_file <run folder>/accelerate_launch.json
+             --multi_gpu --num_processes N --num_machines 1 --dynamo_backend no
+             --main_process_port <free port> nodes/worker_main.py <the same arguments>
 
 where <python> is ComfyUI's own interpreter (`sys.executable`). `worker_main.py` imports
 this pack from its folder under the name `comfyui_dreambooth_lora` (ComfyUI imports
@@ -65,7 +66,10 @@ class WorkerError(RuntimeError):
 
 
 def worker_command(config_path: Path, run_dir: Path, python: str | None = None, num_processes: int = 1) -> list[str]:
-    """The command line that trains `config_path` in a worker, on `num_processes` local GPUs (see above)."""
+    """The command line that trains `config_path` in a worker, on `num_processes` local GPUs (see above).
+
+    For several processes it also writes the launcher's settings into the run folder.
+    """
     num_processes = int(num_processes)
     if not 1 <= num_processes <= MAX_PROCESSES:
         raise ValueError(f"num_processes {num_processes} must be between 1 and {MAX_PROCESSES}")
@@ -74,8 +78,27 @@ def worker_command(config_path: Path, run_dir: Path, python: str | None = None, 
               "train", "--config", str(config_path), "--events", "stdout"]
     if num_processes == 1:
         return [python, *script]
-    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
+    launch_config = write_launch_config(Path(run_dir), num_processes)
+    return [python, "-m", "accelerate.commands.launch", "--config_file", str(launch_config), "--multi_gpu",
+            "--num_processes", str(num_processes), "--num_machines", "1", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *script]
+
+
+def write_launch_config(run_dir: Path, num_processes: int) -> Path:
+    """accelerate settings for N processes on this machine, all GPUs, nothing else.
+
+    Without `--config_file` the launcher reads the user's `accelerate config` default
+    (often made for another trainer: one GPU id, DeepSpeed, several machines, a machine
+    rank), and its settings would reach this run or stop the launch.
+    """
+    settings = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
+                "use_cpu": False, "debug": False, "num_processes": num_processes, "num_machines": 1,
+                "machine_rank": 0, "gpu_ids": "all", "rdzv_backend": "static", "same_network": True,
+                "main_training_function": "main", "enable_cpu_affinity": False, "downcast_bf16": False,
+                "dynamo_config": {}}
+    path = run_dir / "accelerate_launch.json"
+    path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    return path
 
 
 def free_port() -> int:

@@ -287,14 +287,17 @@ def build_pipeline(arch: str, tmp_path):
 ])
 def test_diffusers_file_loads_in_a_pipeline(arch, use_dora, train_text_encoder, tmp_path):
     config = make_config(train_text_encoder=train_text_encoder, lora_targets="all_linear", use_dora=use_dora,
-                         save_dtype="fp32", export_format="both")
+                         save_dtype="fp32", export_format="both", output_dir=str(tmp_path))
     unet, text_encoders = components(arch)
     add_lora(unet, text_encoders, config)
     perturb([unet, *text_encoders])
     adapted = outputs(unet, text_encoders, arch)
 
-    written = export_lora(tmp_path / "sks_dog.safetensors", unet, text_encoders, arch, config, {"ss_steps": "5"})
-    assert [p.name for p in written] == ["sks_dog.safetensors", "sks_dog.diffusers.safetensors"]
+    # The kohya file goes where it was asked (ComfyUI's loras folder for the nodes), the diffusers
+    # file (no alpha: a kohya loader would apply it at the wrong strength) into the run folder.
+    loras = tmp_path / "loras"
+    written = export_lora(loras / "sks_dog.safetensors", unet, text_encoders, arch, config, {"ss_steps": "5"})
+    assert written == [loras / "sks_dog.safetensors", tmp_path / "sks_dog.diffusers.safetensors"]
 
     # Text-encoder keys carry `text_model.` as every transformers version and ComfyUI's map name them.
     with safe_open(written[1], "pt") as f:

@@ -322,11 +322,19 @@ def test_real_worker_trains_on_two_processes_through_accelerate_launch(tiny_run)
     run = config("two_processes", checkpoint_every=2)
     command = worker_command(run / "run.json", run, num_processes=2)
     launcher, script = command[:command.index(str(WORKER_MAIN))], command[command.index(str(WORKER_MAIN)):]
-    assert launcher[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert launcher[3:12] == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
-                              "--main_process_port", launcher[11]] and 1024 < int(launcher[11]) < 65536
+    assert launcher[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            str(run / "accelerate_launch.json")]
+    assert launcher[5:14] == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
+                              "--main_process_port", launcher[13]] and 1024 < int(launcher[13]) < 65536
     assert script == worker_command(run / "run.json", run)[1:]  # the same script and arguments as on one GPU
-    env = {**worker_environment(force_cpu=True), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # A user's `accelerate config` default made for another trainer (one GPU id, a second machine) is not read.
+    hf_home = root / "hf_home"
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\nnum_machines: 1\n"
+        "machine_rank: 1\nnum_processes: 1\nmixed_precision: fp16\nuse_cpu: false\ndebug: false\n")
+    env = {**worker_environment(force_cpu=True), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(hf_home)}
     check_num_processes(2, gpus_found=0, comfy_on_cpu=True, env=env)  # the test hook the node's check allows
     worker = WorkerProcess(command, run, env)
     worker.start()
@@ -347,8 +355,9 @@ def test_worker_command_checks_the_number_of_processes(tmp_path):
             worker_command(tmp_path / "run.json", tmp_path, num_processes=bad)
     assert worker_command(tmp_path / "run.json", tmp_path, python="/py", num_processes=1)[:2] == ["/py",
                                                                                                    str(WORKER_MAIN)]
-    assert worker_command(tmp_path / "run.json", tmp_path, python="/py", num_processes=16)[:6] == [
-        "/py", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "16"]
+    assert worker_command(tmp_path / "run.json", tmp_path, python="/py", num_processes=16)[:8] == [
+        "/py", "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "accelerate_launch.json"),
+        "--multi_gpu", "--num_processes", "16"]
 
 
 def test_more_gpus_than_found_is_a_clear_error():

@@ -231,12 +231,6 @@ def lora_metadata(config: TrainConfig, *, arch: str, base_model_name: str, base_
     return metadata
 
 
-def diffusers_lora_path(path: Path) -> Path:
-    """Where the diffusers-format file of a LoRA goes: `<stem>.diffusers.safetensors` beside it."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.diffusers.safetensors")
-
-
 def save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write `state` to `path` atomically (on the CPU), with `metadata` plus the tensor-data hash in the header."""
     state = {key: tensor.to("cpu").contiguous() for key, tensor in state.items()}
@@ -248,8 +242,11 @@ def export_lora(path: Path, unet: nn.Module, text_encoders: list[nn.Module], arc
                 metadata: dict[str, str]) -> list[Path]:
     """Write the LoRA in `config.export_format` and return the paths written.
 
-    'kohya': `path`; 'diffusers': `<stem>.diffusers.safetensors` beside it, which
-    `pipeline.load_lora_weights(folder, weight_name=...)` loads; 'both': both files.
+    'kohya': `path`; 'diffusers': `<stem>.diffusers.safetensors` in the run folder
+    (`config.output_dir`), which `pipeline.load_lora_weights(folder, weight_name=...)` loads;
+    'both': both files. The diffusers file stays out of `lora_dir` (ComfyUI's loras folder
+    for the nodes): it has no alpha, so a loader that expects kohya files would apply it
+    at the wrong strength.
     Tensors are saved as `config.save_dtype`; each file is written atomically.
     """
     path = Path(path)
@@ -260,7 +257,7 @@ def export_lora(path: Path, unet: nn.Module, text_encoders: list[nn.Module], arc
         written.append(path)
     if config.export_format in ("diffusers", "both"):
         state, adapter_metadata = diffusers_state_dict(unet, text_encoders, dtype)
-        diffusers_path = diffusers_lora_path(path)
+        diffusers_path = Path(config.output_dir) / f"{path.stem}.diffusers.safetensors"
         save_safetensors(diffusers_path, state, {**metadata, "format": "pt",
                                                  "lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True)})
         written.append(diffusers_path)
