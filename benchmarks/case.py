@@ -24,6 +24,7 @@ so that the trainer code itself stays as it is:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -166,7 +167,12 @@ class StepFlops:
         return wrapped
 
     def count(self) -> int | None:
-        """FLOPs of one UNet forward + backward at the captured shapes (attention counted via the math kernel)."""
+        """FLOPs of one UNet forward + backward at the captured shapes.
+
+        On the CPU attention runs through the math kernel here, because the counter has no
+        formula for the CPU flash kernel; on CUDA it counts the flash / efficient / cuDNN
+        kernels themselves (the math kernel would keep fp32 attention matrices: ~24 GB for SDXL).
+        """
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -176,7 +182,8 @@ class StepFlops:
         unet = getattr(unet, "_orig_mod", unet)
         dtype = latents.dtype
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+        kernels = sdpa_kernel(SDPBackend.MATH) if latents.device.type == "cpu" else contextlib.nullcontext()
+        with kernels, FlopCounterMode(display=False) as counter, \
                 torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = unet(torch.randn_like(latents), timesteps, embeds, added_cond_kwargs=added).sample
             out.float().pow(2).mean().backward()

@@ -36,24 +36,25 @@ SETTINGS_OPTIONS = (
 # Memory presets: what each one sets, per architecture. The values trade speed for memory
 # in the order that costs least quality: gradient checkpointing first (slower, same result),
 # then the batch size, then text-encoder training (a UNet-only LoRA). LoRA optimizer states
-# are small, so 8-bit Adam is not needed at these sizes.
+# are small, so 8-bit Adam is not needed at these sizes. Precision is left to the user's
+# setting ('auto' by default: bf16 or fp16 on every GPU already).
 MEMORY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "8 GB": {
-        "sd1": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto"),
-        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto",
+        "sd1": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False,
                      cache_latents="auto"),
     },
     "12 GB": {
-        "sd1": dict(gradient_checkpointing=False, batch_size=1, mixed_precision="auto"),
-        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, mixed_precision="auto"),
+        "sd1": dict(gradient_checkpointing=False, batch_size=1),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False),
     },
     "16 GB": {
-        "sd1": dict(gradient_checkpointing=False, batch_size=2, mixed_precision="auto"),
-        "sdxl": dict(gradient_checkpointing=True, batch_size=1, mixed_precision="auto"),
+        "sd1": dict(gradient_checkpointing=False, batch_size=2),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1),
     },
     "24 GB": {
-        "sd1": dict(gradient_checkpointing=False, batch_size=4, mixed_precision="auto"),
-        "sdxl": dict(gradient_checkpointing=False, batch_size=1, mixed_precision="auto"),
+        "sd1": dict(gradient_checkpointing=False, batch_size=4),
+        "sdxl": dict(gradient_checkpointing=False, batch_size=1),
     },
 }
 PRESET_NONE = "none (use the options below)"

@@ -74,12 +74,12 @@ def load_in_comfyui(comfy_lora, lora: dict[str, torch.Tensor], key_map: dict, ca
 
 
 # Adapted modules of the full-size models: SD1.5 has 16 transformer blocks, SDXL 70 (+ 11
-# linear proj_in/proj_out pairs); CLIP-L 12 layers, OpenCLIP-G 32.
+# linear proj_in/proj_out pairs); CLIP-L 12 layers (SDXL reads 11 of them), OpenCLIP-G 32.
 @pytest.mark.parametrize("arch, targets, use_dora, unet_modules, te_modules", [
     ("sd1", "attention", False, 16 * 8, [12 * 4]),
     ("sd1", "all_linear", True, 16 * 10, [12 * 6]),
-    ("sdxl", "attention", False, 70 * 8, [12 * 4, 32 * 4]),
-    ("sdxl", "all_linear", True, 70 * 10 + 11 * 2, [12 * 6, 32 * 6]),
+    ("sdxl", "attention", False, 70 * 8, [11 * 4, 32 * 4]),
+    ("sdxl", "all_linear", True, 70 * 10 + 11 * 2, [11 * 6, 32 * 6]),
 ])
 def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, unet_modules, te_modules):
     import comfy.supported_models

@@ -83,6 +83,25 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("arch, targets", [("sd1", "attention"), ("sdxl", "attention"), ("sdxl", "all_linear")])
+def test_every_lora_parameter_gets_a_gradient(arch, targets):
+    # Multi-GPU training (DDP, no find_unused_parameters) stops at the second step on a parameter
+    # without a gradient: SDXL reads its first text encoder's penultimate layer, so its last layer gets no adapter.
+    from comfyui_dreambooth_lora.trainer.conditioning import encode_prompts
+
+    config = make_config(train_text_encoder=True, lora_targets=targets)
+    unet, text_encoders = components(arch)
+    add_lora(unet, text_encoders, config)
+    embeds, pooled = encode_prompts(arch, text_encoders, [TOKEN_IDS] * len(text_encoders))
+    inputs = {**unet_inputs(arch), "encoder_hidden_states": embeds}
+    if arch == "sdxl":
+        inputs["added_cond_kwargs"] = {**inputs["added_cond_kwargs"], "text_embeds": pooled}
+    unet(**inputs).sample.square().mean().backward()
+    for model in [unet, *text_encoders]:
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        assert trained and not [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def kohya_names(model: nn.Module, prefix: str, text_encoder: bool) -> dict[str, nn.Linear]:
     """The kohya name of every linear layer, written out here independently of trainer.export."""
     names = {}
@@ -159,14 +178,14 @@ def test_model_unchanged_at_init(arch, use_dora):
     assert max_diff(outputs(unet, text_encoders, arch), before) <= 1e-6
 
 
-# Tiny models: 4 transformer blocks (down, mid, 2 up); 2 CLIP layers.
-@pytest.mark.parametrize("arch, targets, unet_count, te_count", [
-    ("sd1", "attention", 4 * 8, 2 * 4),
-    ("sd1", "all_linear", 4 * 10, 2 * 6),  # + ff.net.0.proj, ff.net.2; proj_in/out are convolutions
-    ("sdxl", "attention", 4 * 8, 2 * 4),
-    ("sdxl", "all_linear", 4 * 10 + 4 * 2, 2 * 6),  # + linear proj_in / proj_out per transformer
+# Tiny models: 4 transformer blocks (down, mid, 2 up); 2 CLIP layers, of which SDXL reads 1 of the first encoder.
+@pytest.mark.parametrize("arch, targets, unet_count, te_counts", [
+    ("sd1", "attention", 4 * 8, [2 * 4]),
+    ("sd1", "all_linear", 4 * 10, [2 * 6]),  # + ff.net.0.proj, ff.net.2; proj_in/out are convolutions
+    ("sdxl", "attention", 4 * 8, [1 * 4, 2 * 4]),
+    ("sdxl", "all_linear", 4 * 10 + 4 * 2, [1 * 6, 2 * 6]),  # + linear proj_in / proj_out per transformer
 ])
-def test_targets(arch, targets, unet_count, te_count):
+def test_targets(arch, targets, unet_count, te_counts):
     unet, text_encoders = components(arch)
     add_lora(unet, text_encoders, make_config(train_text_encoder=True, lora_targets=targets))
     names = lora_layer_names(unet)
@@ -175,10 +194,8 @@ def test_targets(arch, targets, unet_count, te_count):
     assert not any(part in n for n in names for part in ("time_emb", "add_embedding", "resnets", "conv"))
     if targets == "attention":
         assert all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in names)
-    for te in text_encoders:
-        te_names = lora_layer_names(te)
-        assert len(te_names) == te_count
-        assert not any("text_projection" in n for n in te_names)
+    assert [len(lora_layer_names(te)) for te in text_encoders] == te_counts
+    assert not any("text_projection" in n for te in text_encoders for n in lora_layer_names(te))
 
 
 def test_text_encoders_only_when_asked():
@@ -249,7 +266,8 @@ def test_kohya_round_trip(arch, targets, use_dora, tmp_path):
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in state
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in state)
     else:
-        assert "lora_te1_text_model_encoder_layers_1_self_attn_out_proj.lora_down.weight" in state
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_out_proj.lora_down.weight" in state
+        assert not any(k.startswith("lora_te1_text_model_encoder_layers_1_") for k in state)  # not read by SDXL
         assert "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.alpha" in state
         assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight" in state
         assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in state)

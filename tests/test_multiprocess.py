@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 from test_training import make_config
 
 
-def launch(config, tmp_path: Path, processes: int) -> subprocess.CompletedProcess:
+def launch(config, tmp_path: Path, processes: int, wait: bool = True):
     path = tmp_path / f"{Path(config.output_dir).name}.json"
     path.write_text(json.dumps(config.to_dict()))
     # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes the processes talk over gloo.
@@ -27,6 +28,8 @@ def launch(config, tmp_path: Path, processes: int) -> subprocess.CompletedProces
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29517", "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -58,3 +61,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
     assert resumed.status == "done" and resumed.step == 6
     start = [e for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "start"][-1]
     assert start["start_step"] == 4
+
+
+def test_a_stop_while_the_main_process_makes_class_images_stops_every_process(tiny_sd1, tmp_path):
+    # Only the main process generates; the others wait for it. A stop seen there must reach them
+    # (before, the main process left and the others waited in a collective until it timed out).
+    photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, with_prior_preservation=True,
+                         class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=500,
+                         class_sample_steps=1)
+    process = launch(config, tmp_path, processes=2, wait=False)
+    events = Path(config.output_dir) / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while not (events.exists() and any(e["event"] == "class_images" for e in read_events(events))):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    (Path(config.output_dir) / "STOP").touch()
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert read_events(events)[-1]["event"] == "stopped"
+    assert 0 < len(list((tmp_path / "class").glob("*.png"))) < 500

@@ -106,12 +106,13 @@ def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
 def test_memory_presets_override_their_options(tmp_path, preset, arch):
     base, dataset, widgets = _inputs(tmp_path, arch)
     settings = {"memory_preset": preset, "options": {"batch_size": 16, "gradient_checkpointing": False,
-                                                    "train_text_encoder": True}}
+                                                    "train_text_encoder": True, "mixed_precision": "fp16"}}
     config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
                                    run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
     for key, value in cb.MEMORY_PRESETS[preset][arch].items():
         assert getattr(config, key) == value
     assert config.batch_size <= 4
+    assert config.mixed_precision == "fp16"  # not a memory setting: the user's choice stays
 
 
 def test_bad_values_are_config_errors_naming_the_option(tmp_path):

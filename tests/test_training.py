@@ -187,9 +187,13 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     dtypes = []
     real_place, real_generate = loop._place_models, loop.ensure_class_images
 
+    autocast = {"unet": set(), "vae decoder": set()}
+
     def place(base, device, weight_dtype):
         real_place(base, device, weight_dtype)
         dtypes.append(("placed", base.unet.conv_in.weight.dtype, {p.dtype for p in loop.lora_parameters(base.unet)}))
+        for name, module in (("unet", base.unet), ("vae decoder", base.vae.decoder)):
+            module.register_forward_pre_hook(lambda *_, name=name: autocast[name].add(torch.is_autocast_enabled("cpu")))
 
     def generate(base, *args, **kwargs):
         dtypes.append(("class images", base.unet.conv_in.weight.dtype))
@@ -201,18 +205,45 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     # frozen weights bf16, trained weights fp32; the class images come from the placed model (on the device)
     assert dtypes == [("placed", torch.bfloat16, {torch.float32}), ("class images", torch.bfloat16)]
     assert len(list((tmp_path / "class").glob("*.png"))) == 2 and len(result.samples) == 1
+    # denoising in the training precision; the VAE decodes in its own dtype (SDXL's overflows in fp16)
+    assert autocast == {"unet": {True}, "vae decoder": {False}}
 
 
-@pytest.mark.parametrize("on_cpu, native_bf16, cuda_bf16, expected", [
-    (True, True, False, "bf16"), (True, False, False, "no"), (False, False, True, "bf16"), (False, False, False, "fp16"),
+@pytest.mark.parametrize("on_cpu, native_bf16, cuda_capability, expected", [
+    (True, True, None, "bf16"), (True, False, None, "no"),
+    (False, False, (9, 0), "bf16"), (False, False, (8, 0), "bf16"),  # H100, A100
+    (False, False, (7, 5), "fp16"), (False, False, (7, 0), "fp16"),  # T4, V100: bf16 only emulated
 ])
-def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, on_cpu, native_bf16, cuda_bf16, expected):
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, on_cpu, native_bf16, cuda_capability,
+                                                               expected):
     monkeypatch.setattr(loop, "use_cpu", lambda: on_cpu)
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native_bf16)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: cuda_capability)
     auto = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x")
     assert loop.resolve_mixed_precision(auto) == expected
     assert loop.resolve_mixed_precision(dataclasses.replace(auto, mixed_precision="no")) == "no"
+
+
+def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_sampling(tiny_sd1, photos,
+                                                                                         tmp_path, monkeypatch):
+    # Train mode is what makes LoRA dropout and gradient checkpointing act (also in the text encoders).
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, train_text_encoder=True,
+                         lora_dropout=0.1, sample_every=1, sample_steps=1)
+    seen = []
+    real_encode, real_generate = loop.encode_prompts, loop.generate_images
+
+    def encode(arch, encoders, ids):
+        seen.append(("encode", [e.training for e in encoders]))
+        return real_encode(arch, encoders, ids)
+
+    def generate(pipe, *args, **kwargs):
+        seen.append(("sample", [pipe.unet.training, pipe.text_encoder.training]))
+        return real_generate(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "encode_prompts", encode)
+    monkeypatch.setattr(loop, "generate_images", generate)
+    loop.train(config)
+    assert seen == [("encode", [True]), ("sample", [False, False]), ("encode", [True])], seen
 
 
 def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):

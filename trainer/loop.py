@@ -8,6 +8,7 @@ stop. The loss is in `diffusion_loss`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import time
 from contextlib import nullcontext
@@ -28,6 +29,11 @@ from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .models import BaseModel, load_base_model
 from .sample import build_pipeline, ensure_class_images, generate_images, save_png
 from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
+
+# How long processes wait for each other in a collective. Under a multi-process launch the
+# others wait while the main process generates the class images, which can take longer than
+# torch's default 10 minutes (a hundred SDXL images).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 
 
 class TrainingError(RuntimeError):
@@ -51,13 +57,15 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     """Run (or resume) one training run described by `config`; returns what it wrote."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     # accelerate keeps one state per process; a second run in the same process (a test, a
     # library user) may ask for another precision. The distributed setup (PartialState) stays.
     AcceleratorState._reset_state()
     output_dir = Path(config.output_dir)
     lora_path = Path(config.lora_dir or config.output_dir) / f"{config.output_name}.safetensors"
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu())
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     main = accelerator.is_main_process
     events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
@@ -122,7 +130,9 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         last_checkpoint = state.path if state else None
 
         # --- the loop: one iteration = one optimizer step -----------------------------------
-        unet.train()
+        trained = [unet, *trained_encoders]  # train mode: LoRA dropout and gradient checkpointing act
+        for module in trained:
+            module.train()
         while step < config.max_train_steps:
             started = time.perf_counter()
             step_loss = torch.zeros((), device=device)
@@ -185,7 +195,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and config.sample_every and step % config.sample_every == 0 and not finished:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator)
-                unet.train()
+                for module in trained:
+                    module.train()
 
         # --- the finished LoRA ---------------------------------------------------------------
         written = []
@@ -352,7 +363,9 @@ def resolve_mixed_precision(config: TrainConfig) -> str:
         return config.mixed_precision
     if use_cpu():
         return "bf16" if cpu_has_native_bf16() else "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Ampere (compute capability 8) and later; torch.cuda.is_bf16_supported() also says yes
+    # to older cards (V100, T4) that only emulate bf16, slowly.
+    return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -423,12 +436,16 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
             if stop.requested():
                 raise _Stopped
 
-        with accelerator.autocast():
+        try:
             ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
                                 size=config.resolution, steps=config.class_sample_steps,
                                 guidance=config.sample_guidance, seed=config.seed, existing=existing,
-                                on_progress=progress)
+                                on_progress=progress, autocast=accelerator.autocast)
+        except _Stopped:
+            pass  # the others wait below; then every process stops together
     accelerator.wait_for_everyone()
+    if _stop_everywhere(stop, accelerator):
+        raise _Stopped
     class_config = dataclasses.replace(config, caption_mode="prompt", repeats=1)
     scan = scan_images(class_dir, config.class_prompt, class_config)
     scan = DatasetScan(scan.folder, scan.items[:config.num_class_images], scan.skipped, scan.warnings)
@@ -453,11 +470,11 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png."""
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
-    unet.eval()
+    for module in (unet, *base.text_encoders):
+        module.eval()
     pipe = build_pipeline(base, unet)
-    with accelerator.autocast():  # fp32 LoRA layers and the pipeline's fp32 latents meet bf16/fp16 weights
-        images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
-                                 steps=config.sample_steps, guidance=config.sample_guidance)
+    images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
+                             steps=config.sample_steps, guidance=config.sample_guidance, autocast=accelerator.autocast)
     paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
              for i, img in enumerate(images)]
     events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)

@@ -52,17 +52,22 @@ def unet_target_modules(unet: nn.Module, lora_targets: str) -> list[str]:
     return names
 
 
-def text_encoder_target_modules(text_encoder: nn.Module, lora_targets: str) -> list[str]:
+def text_encoder_target_modules(text_encoder: nn.Module, lora_targets: str, skip_last_layer: bool = False) -> list[str]:
     """Full names of a CLIP text encoder's linear layers that get adapters.
 
     'attention': q/k/v/out projections of every encoder layer; 'all_linear' adds the MLP's
-    fc1 and fc2. The final `text_projection` of SDXL's second encoder is left alone.
+    fc1 and fc2. The final `text_projection` of SDXL's second encoder is left alone. With
+    `skip_last_layer` the last encoder layer is left out too: SDXL reads its first encoder's
+    penultimate hidden state, so that layer never reaches the UNet, and an adapter there would
+    get no gradient (multi-GPU training refuses parameters without one).
     """
     if lora_targets not in ("attention", "all_linear"):
         raise ValueError(f"lora_targets must be 'attention' or 'all_linear', got {lora_targets!r}")
     layers = TEXT_ATTENTION_LAYERS + (TEXT_MLP_LAYERS if lora_targets == "all_linear" else ())
+    last_layer = f".layers.{text_encoder.config.num_hidden_layers - 1}."
     return [name for name, module in text_encoder.named_modules()
-            if isinstance(module, nn.Linear) and _ends_with_layer(name, layers)]
+            if isinstance(module, nn.Linear) and _ends_with_layer(name, layers)
+            and not (skip_last_layer and last_layer in name)]
 
 
 def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
@@ -101,7 +106,9 @@ def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfi
     """
     models = [(unet, unet_target_modules(unet, config.lora_targets))]
     if config.train_text_encoder:
-        models += [(te, text_encoder_target_modules(te, config.lora_targets)) for te in text_encoders]
+        sdxl = len(text_encoders) == 2  # whose first encoder is read at its penultimate layer
+        models += [(te, text_encoder_target_modules(te, config.lora_targets, skip_last_layer=sdxl and i == 0))
+                   for i, te in enumerate(text_encoders)]
     for model, names in models:
         _check_rank(model, names, config.rank)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from PIL import Image
@@ -33,15 +35,23 @@ def build_pipeline(base, unet=None):
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], *, size: int, steps: int,
-                    guidance: float) -> list[Image.Image]:
-    """One image per (prompt, seed), each from its own seeded generator so it can be reproduced."""
+def generate_images(pipe, prompts: list[str], seeds: list[int], *, size: int, steps: int, guidance: float,
+                    autocast: Callable[[], ContextManager] = nullcontext) -> list[Image.Image]:
+    """One image per (prompt, seed), each from its own seeded generator so it can be reproduced.
+
+    Denoising runs under `autocast` (the training precision: fp32 LoRA layers meet bf16/fp16
+    weights); the VAE decodes outside it, in its own dtype, because SDXL's VAE (kept in
+    fp32) overflows to black images in fp16.
+    """
     images = []
     for prompt, seed in zip(prompts, seeds):
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        out = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generator, output_type="pil")
-        images.append(out.images[0])
+        with autocast():
+            latents = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=generator, output_type="latent").images
+        vae = pipe.vae
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
     return images
 
 
@@ -52,7 +62,8 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 
 def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size: int, steps: int,
-                        guidance: float, seed: int, existing: int, on_progress=None) -> list[Path]:
+                        guidance: float, seed: int, existing: int, on_progress=None,
+                        autocast: Callable[[], ContextManager] = nullcontext) -> list[Path]:
     """Generate the class images the folder lacks, with the base model, and write them there.
 
     Called before anything is trained (the new LoRA is still zero), so the images show what
@@ -65,7 +76,8 @@ def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size:
     pipe = build_pipeline(base)
     written = []
     for i in range(existing, count):
-        image = generate_images(pipe, [prompt], [seed + i], size=size, steps=steps, guidance=guidance)[0]
+        image = generate_images(pipe, [prompt], [seed + i], size=size, steps=steps, guidance=guidance,
+                                autocast=autocast)[0]
         written.append(save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png"))
         if on_progress:
             on_progress(len(written), missing)
