@@ -12,11 +12,12 @@ weights, and on the tiny test model.
     python benchmarks/bench.py --profile    # one steady-state step of ours (and the baseline) under torch.profiler
     python benchmarks/bench.py --sdxl-cpu   # also SDXL at 256 px on the CPU (~16 GB RAM, slow)
     python benchmarks/bench.py --quick      # the tiny model only
+    python benchmarks/bench.py --presets    # peak memory with each memory preset (GPU: SD1.5 512, SDXL 1024)
     python benchmarks/bench.py --repeat 3   # every real-model case 3 times, interleaved (default 2)
 
 Figures: seconds per step (median of the steady state: the first `warmup` steps, which
 include start-up work such as filling the latent cache, are left out; min-max beside it),
-samples per second (2 per step: instance + class), time from calling the trainer to the end
+samples per second (instance + class images per step), time from calling the trainer to the end
 of its first step (model loading included), peak RSS of the process (and the peak while
 stepping), on a GPU peak allocated / reserved memory and the model FLOPs utilisation: the
 FLOPs of one UNet forward + backward (counted with torch.utils.flop_counter) per second,
@@ -90,6 +91,16 @@ def plan(args, cuda: bool) -> list[dict]:
             for group, model, res in gpu_groups:
                 cases += [case(group, "ours", "ours", model, res, 14, 10, profile=True),
                           case(group, "baseline", "baseline", model, res, 14, 10, profile=True)]
+        return cases
+    if args.presets:
+        from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
+
+        models = ([("SD1.5 512 px, GPU", "sd15", 512), ("SDXL 1024 px, GPU", "sdxl", 1024)] if cuda else
+                  [("tiny SD1.x, 64 px, CPU", "tiny", 64), ("tiny SDXL, 64 px, CPU", "tiny_sdxl", 64)])
+        for group, model, res in models:
+            cases += [case(f"presets: {group}", f"ours, preset {name}", "ours", model, res, 6, 2, preset=name,
+                           instance_images=4, class_images=4)
+                      for name in MEMORY_PRESETS]
         return cases
     if args.levers:
         def lever_cases():
@@ -185,6 +196,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
         row["rss"].append(r["peak_rss_bytes"])
         row["train_rss"].append(r["train_rss_bytes"])
         row["device"] = r["device"]
+        row["samples_per_step"] = r.get("samples_per_step", 2)
         row["losses"] = row["losses"] or r.get("losses")
         if r.get("other_cores") is not None:
             row["others"].append(r["other_cores"])
@@ -234,7 +246,7 @@ def table(rows: list[dict]) -> str:
         ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
         cells = [r["group"], r["label"], spread, f"{ratio(r['vs_baseline'])} / {ratio(r['best_vs_baseline'])}",
                  f"{r['cpu_median']:.2f}" if r["cpu_median"] else "-",
-                 f"{2 / r['median']:.2f}", f"{statistics.median(r['first']):.1f}", gb(r["rss"]), gb(r["train_rss"]),
+                 f"{r['samples_per_step'] / r['median']:.2f}", f"{statistics.median(r['first']):.1f}", gb(r["rss"]), gb(r["train_rss"]),
                  f"{r['tflops']:.3f}" if r["tflops"] else "-",
                  f"{100 * r['loss_delta']:.2f}%" if r["loss_delta"] is not None else "-",
                  (f"{max(r['others']):.2f}" + (" BUSY" if max(r["others"]) > BUSY else "")) if r["others"] else "-"]
@@ -274,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", action="store_true", help="SD1.5 256 px on the CPU, one optimisation at a time")
     parser.add_argument("--compile", action="store_true", help="with --levers: also torch.compile (slow to compile)")
     parser.add_argument("--profile", action="store_true", help="profile one steady-state step (SD1.5 256 px, CPU)")
+    parser.add_argument("--presets", action="store_true",
+                        help="peak memory with each Train node memory preset (GPU: SD1.5 512 / SDXL 1024; CPU: tiny)")
     parser.add_argument("--sdxl-cpu", action="store_true", help="also SDXL at 256 px on the CPU")
     parser.add_argument("--gpu-only", action="store_true", help="on a GPU machine: leave out the real-model CPU cases")
     parser.add_argument("--no-fp32-row", dest="fp32_row", action="store_false",

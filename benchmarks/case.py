@@ -94,7 +94,7 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
 
     levers = set(spec.get("levers", []))
     mixed = "bf16" if "bf16" in levers else "no" if "fp32" in levers else "auto"
-    return TrainConfig(
+    values = dict(
         pretrained_model=str(model_dir), instance_dir=str(instance), instance_prompt=INSTANCE_PROMPT,
         with_prior_preservation=True, class_dir=str(classes), class_prompt=CLASS_PROMPT,
         num_class_images=spec["class_images"], resolution=spec["resolution"], rank=4, alpha=4.0,
@@ -103,6 +103,11 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
         gradient_checkpointing="grad_ckpt" in levers, checkpoint_every=0, sample_at_end=False,
         output_dir=str(output), output_name="bench", overwrite=True, seed=0,
     )
+    if spec.get("preset"):  # what the Train node's memory preset sets for this architecture
+        from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
+
+        values.update(MEMORY_PRESETS[spec["preset"]]["sdxl" if "sdxl" in spec["model"] else "sd1"])
+    return TrainConfig(**values)
 
 
 def apply_levers(levers: set[str]) -> None:
@@ -296,12 +301,14 @@ def run(spec: dict) -> dict:
         apply_levers(levers)
         loop.diffusion_loss = flops.wrap(loop.diffusion_loss)
         config = ours_config(spec, model_dir, instance, classes, workdir / "run")
+        samples_per_step = 2 * config.batch_size * config.gradient_accumulation_steps  # instance + class
         loop.train(config, events)
     else:
         from baseline import BaselineArgs, train
         if levers - {"bf16", "fp32"}:
             raise SystemExit("the baseline takes no levers but bf16 / fp32")
         mixed = "bf16" if "bf16" in levers else "no" if "fp32" in levers else "auto"
+        samples_per_step = 2
         train(BaselineArgs(pretrained_model=str(model_dir), instance_dir=str(instance), class_dir=str(classes),
                            instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
                            resolution=spec["resolution"], max_train_steps=spec["steps"],
@@ -322,6 +329,7 @@ def run(spec: dict) -> dict:
         # time when the threads keep busy; much more than the wall time's share shows spinning threads.
         "cpu_seconds_per_step": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
         "losses": [e["loss"] for e in steps],
+        "samples_per_step": samples_per_step,
         "load_seconds": start["time"] - called,
         "first_step_seconds": steps[0]["time"] - called if steps else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
