@@ -18,7 +18,7 @@ so that the trainer code itself stays as it is:
   adamw_fused     torch AdamW with fused=True (also on the CPU)
   grad_ckpt       gradient_checkpointing = true
   no_sdpa         diffusers' classic AttnProcessor (explicit softmax(QK^T)V) instead of SDPA
-  compile         torch.compile of the UNet (nn.Module.compile, in place)
+  compile         compile_unet = true (torch.compile of the UNet, in place)
   load_bf16       with bf16 compute: read the frozen weights as bf16 straight from the files (no fp32 copy first)
 """
 
@@ -100,7 +100,8 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
         num_class_images=spec["class_images"], resolution=spec["resolution"], rank=4, alpha=4.0,
         lora_targets="attention", batch_size=1, max_train_steps=spec["steps"], learning_rate=1e-4,
         mixed_precision=mixed, cache_latents="no" if "no_cache" in levers else "auto",
-        gradient_checkpointing="grad_ckpt" in levers, checkpoint_every=0, sample_at_end=False,
+        gradient_checkpointing="grad_ckpt" in levers, compile_unet="compile" in levers, checkpoint_every=0,
+        sample_at_end=False,
         output_dir=str(output), output_name="bench", overwrite=True, seed=0,
     )
     if spec.get("preset"):  # what the Train node's memory preset sets for this architecture
@@ -123,8 +124,6 @@ def apply_levers(levers: set[str]) -> None:
             base.unet.set_attn_processor(AttnProcessor())
         if "channels_last" in levers:
             base.unet.to(memory_format=torch.channels_last)
-        if "compile" in levers:
-            base.unet.compile()
 
     def build_optimizer(config, param_groups, device):
         if "adamw_forloop" in levers or "adamw_fused" in levers:

@@ -246,6 +246,16 @@ def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_
     assert seen == [("encode", [True]), ("sample", [False, False]), ("encode", [True])], seen
 
 
+@pytest.mark.slow  # compiling the tiny UNet takes ~40 s on 2 cores
+def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tiny_sd1, photos, tmp_path):
+    eager = make_config(tiny_sd1, photos, tmp_path / "eager", max_train_steps=3)
+    compiled = dataclasses.replace(eager, output_dir=str(tmp_path / "compiled"), compile_unet=True)
+    loop.train(eager)
+    loop.train(compiled)
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+    assert lora_file(compiled).keys() == lora_file(eager).keys()
+
+
 def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):
     a = make_config(tiny_sd1, photos, tmp_path / "a", cache_latents="yes", max_train_steps=4)
     b = dataclasses.replace(a, output_dir=str(tmp_path / "b"), cache_latents="no")

@@ -108,6 +108,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             base.unet.enable_gradient_checkpointing()
             for encoder in trained_encoders:
                 encoder.gradient_checkpointing_enable()
+        if config.compile_unet:
+            base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
 
         param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
         for encoder in trained_encoders:
