@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 # trio that ComfyUI's start-up (torchvision, torchaudio) accepts. The pack never installs torch.
 TORCH_FOR_TESTS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.*
 
-.PHONY: setup demo test test-slow test-all comfyui bench clean
+.PHONY: setup demo test test-slow test-all comfyui bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test-all: comfyui
 ## bench: speed and memory of our trainer against the diffusers example (2 CPU cores: ~4 min; README "Performance")
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+## gpu-wheels: diffusers (and importlib_metadata) as wheels in .whl/, to carry to a lent GPU machine (benchmarks/gpu_session.sh)
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
+		diffusers==$$($(BIN)/python -c "import diffusers; print(diffusers.__version__)") importlib_metadata
 
 clean:
 	rm -rf demo_output .pytest_cache
