@@ -86,6 +86,17 @@ def test_diffusers_folder_sdxl(tiny_sdxl):
     assert out.shape == (1, 4, 8, 8)
 
 
+def test_diffusers_folder_with_normalised_latents_is_refused(tiny_sdxl, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_sdxl, tmp_path / "playground_like")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config.update(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="mean and standard deviation.*Playground"):
+        inspect_model(folder)
+
+
 def test_diffusers_folder_prediction_type(tiny_sd1, tmp_path):
     folder = shutil.copytree(tiny_sd1, tmp_path / "vpred")
     config_file = folder / "scheduler" / "scheduler_config.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,8 +29,9 @@ def launch(config, tmp_path: Path, processes: int, wait: bool = True):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29517", "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:  # in a session of its own, so the launcher and its workers can be killed together
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -80,7 +82,10 @@ def test_a_stop_while_the_main_process_makes_class_images_stops_every_process(ti
     try:
         _, stderr = process.communicate(timeout=120)
     finally:
-        process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert process.returncode == 0, stderr[-3000:]
     assert read_events(events)[-1]["event"] == "stopped"
     assert 0 < len(list((tmp_path / "class").glob("*.png"))) < 500

@@ -418,6 +418,20 @@ def test_real_worker_bad_input_is_a_failure_with_the_cause(tiny_run, tmp_path):
     assert "broken.png" in failure.message and "corrupt" in failure.message
 
 
+@pytest.mark.comfyui
+def test_a_run_identity_from_before_an_option_existed_still_matches(comfyui):
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import same_run_identity
+
+    identity = {"config": TrainConfig(rank=8).to_dict(), "base": ["m", 1, 2], "dataset": "abc", "class_images": None}
+    older = json.loads(json.dumps(identity))
+    del older["config"]["compile_unet"]  # written before the option was added
+    assert same_run_identity(older, identity)
+    assert not same_run_identity(older, {**identity, "config": {**identity["config"], "compile_unet": True}})
+    assert not same_run_identity(older, {**identity, "config": {**identity["config"], "rank": 4}})
+    assert not same_run_identity(older, {**identity, "dataset": "other"})
+    assert not same_run_identity(older, {**identity, "num_gpus": 2})
+
+
 # --- folder choices (ComfyUI's folder_paths, no server) ---------------------------------------------------------
 
 @pytest.mark.comfyui

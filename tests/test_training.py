@@ -248,12 +248,13 @@ def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_
 
 @pytest.mark.slow  # compiling the tiny UNet takes ~40 s on 2 cores
 def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tiny_sd1, photos, tmp_path):
-    eager = make_config(tiny_sd1, photos, tmp_path / "eager", max_train_steps=3)
+    eager = make_config(tiny_sd1, photos, tmp_path / "eager", max_train_steps=3, sample_at_end=True, sample_steps=2)
     compiled = dataclasses.replace(eager, output_dir=str(tmp_path / "compiled"), compile_unet=True)
     loop.train(eager)
-    loop.train(compiled)
+    result = loop.train(compiled)
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
     assert lora_file(compiled).keys() == lora_file(eager).keys()
+    assert len(result.samples) == 1  # sampling runs eager (no compile for its shapes)
 
 
 def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):
@@ -376,6 +377,20 @@ def test_resume_refuses_a_checkpoint_with_other_training_options(tiny_sd1, photo
     loop.train(config)
     with pytest.raises(Exception, match="rank: checkpoint has 4, config has 8"):
         loop.train(dataclasses.replace(config, resume="latest", rank=8, alpha=8.0))
+
+
+def test_resume_refuses_another_precision_and_accepts_options_added_since(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
+    loop.train(config)
+    with pytest.raises(Exception, match="precision: checkpoint trained in 'no', this run would compute in 'bf16'"):
+        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3, mixed_precision="bf16"))
+    # A checkpoint written before an option existed resumes with that option at its default.
+    state_file = Path(config.output_dir) / "checkpoints" / "step_00000002" / "trainer_state.json"
+    meta = json.loads(state_file.read_text())
+    del meta["config"]["snr_gamma"]
+    state_file.write_text(json.dumps(meta))
+    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+    assert result.status == "done" and result.step == 3
 
 
 def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):

@@ -45,6 +45,7 @@ class TrainingState:
     lr_scheduler: dict[str, Any]
     config: dict[str, Any]
     path: Path
+    mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
@@ -59,7 +60,8 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
         torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
         save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
-        meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config}
+        meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
+                "mixed_precision": state.mixed_precision}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if final.exists():  # the same step written again (a resumed run stopped at once)
             shutil.rmtree(final)
@@ -97,17 +99,29 @@ def resolve_resume(config: TrainConfig) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, config: TrainConfig) -> TrainingState:
-    """Read a checkpoint and check it belongs to a run with the same training options."""
+def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") -> TrainingState:
+    """Read a checkpoint and check it belongs to a run with the same training options.
+
+    `mixed_precision` is what this run computes in ('auto' resolved): a run must not continue
+    in another precision than it trained in (a CPU with bf16, say, where it trained in fp32).
+    """
     path = Path(path)
     meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     saved, current = meta["config"], config.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}  # options added since the checkpoint was written: their defaults
+    saved_precision = meta.get("mixed_precision", "")
+    # Where the checkpoint says what it computed in, that is compared rather than the option ('auto' or not).
+    ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())
     differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
-                   for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+                   for k in current if k not in ignored and saved.get(k) != current[k]]
+    if saved_precision and mixed_precision and saved_precision != mixed_precision:
+        differences.append(f"precision: checkpoint trained in {saved_precision!r}, this run would compute in "
+                           f"{mixed_precision!r} (set mixed_precision = {saved_precision!r} to continue it)")
     if differences:
         raise ResumeError(f"cannot resume from {path}: options that change training differ "
                           f"(start a new run, or set them back):\n  " + "\n  ".join(differences))
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=load_file(path / "lora_state.safetensors"), optimizer=opt["optimizer"],
-                         lr_scheduler=opt["lr_scheduler"], config=saved, path=path)
+                         lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
+                         mixed_precision=saved_precision)

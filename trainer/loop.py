@@ -76,7 +76,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if lora_path.exists() and not config.overwrite and resume_from is None:
             raise TrainingError(f"{lora_path} already exists; choose another output_name, "
                                 "or set overwrite = true (or resume = 'latest' to continue its run)")
-        state = load_checkpoint(resume_from, config) if resume_from else None
+        state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         if main:
@@ -181,7 +181,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 state = TrainingState(step=step, epoch=epoch, position=position,
                                       lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                      config=config.to_dict(), path=output_dir)
+                                      config=config.to_dict(), path=output_dir,
+                                      mixed_precision=accelerator.mixed_precision)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
                                                         config, events)
@@ -475,8 +476,13 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
     for module in (unet, *base.text_encoders):
         module.eval()
     pipe = build_pipeline(base, unet)
-    images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
-                             steps=config.sample_steps, guidance=config.sample_guidance, autocast=accelerator.autocast)
+    # A compiled UNet would compile again for sampling's shapes and eval mode (minutes on real models).
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    eager = set_stance("force_eager") if config.compile_unet and set_stance else nullcontext()
+    with eager:
+        images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
+                                 steps=config.sample_steps, guidance=config.sample_guidance,
+                                 autocast=accelerator.autocast)
     paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
              for i, img in enumerate(images)]
     events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)

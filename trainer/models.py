@@ -851,6 +851,12 @@ def _inspect_diffusers_folder(folder: Path) -> tuple[str, str, str]:
                          "editing model). Only plain text-to-image SD1.x / SDXL models can be trained.")
     if sdxl and "text_encoder_2" not in index:
         raise ModelError(f"{folder.name}: an SDXL UNet without text_encoder_2; the diffusers folder is incomplete.")
+    vae_file = folder / "vae" / "config.json"
+    vae_config = _read_json(vae_file, folder) if vae_file.is_file() else {}
+    if vae_config.get("latents_mean") is not None or vae_config.get("latents_std") is not None:
+        raise ModelError(f"{folder.name}: its VAE normalises latents with a mean and standard deviation (as "
+                         "Playground v2.5 does); training and sampling here use only the scaling factor, so the "
+                         "LoRA would learn from wrongly scaled latents. Pick a standard SD1.x or SDXL model.")
     arch = "sdxl" if sdxl else "sd1"
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file, folder) if scheduler_file.is_file() else {}
