@@ -35,18 +35,19 @@ SETTINGS_OPTIONS = (
 
 # Memory presets: what each one sets, per architecture. The values trade speed for memory
 # in the order that costs least quality: gradient checkpointing first (slower, same result),
-# then the batch size, then text-encoder training (a UNet-only LoRA). LoRA optimizer states
+# then the batch size, then text-encoder training (a UNet-only LoRA), and with little memory the
+# VAE and text encoders wait in CPU memory once everything is encoded. LoRA optimizer states
 # are small, so 8-bit Adam is not needed at these sizes. Precision is left to the user's
 # setting ('auto' by default: bf16 or fp16 on every GPU already).
 MEMORY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "8 GB": {
-        "sd1": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False),
+        "sd1": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, offload_frozen_models=True),
         "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False,
-                     cache_latents="auto"),
+                     cache_latents="auto", offload_frozen_models=True),
     },
     "12 GB": {
         "sd1": dict(gradient_checkpointing=False, batch_size=1),
-        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False),
+        "sdxl": dict(gradient_checkpointing=True, batch_size=1, train_text_encoder=False, offload_frozen_models=True),
     },
     "16 GB": {
         "sd1": dict(gradient_checkpointing=False, batch_size=2),

@@ -267,6 +267,50 @@ def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):
         torch.testing.assert_close(value, lora_file(b)[key])
 
 
+def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_the_same(tiny_sd1, tmp_path, monkeypatch):
+    # Several buckets and class images: every (image, bucket) a step can ask for is encoded up front.
+    class_dir, instance_dir = tmp_path / "class", tmp_path / "instance"
+    class_dir.mkdir()
+    instance_dir.mkdir()
+    for i in range(3):
+        draw_subject_image((32, 32), seed=50 + i, subject=False).save(class_dir / f"c{i}.png")
+    for i, size in enumerate([(32, 32), (32, 32), (64, 32), (64, 32)]):  # two buckets: 32x32 and 40x24
+        draw_subject_image(size, seed=i).save(instance_dir / f"s{i}.png")
+    plain = make_config(tiny_sd1, instance_dir, tmp_path / "plain", max_train_steps=8, bucket_step=8,
+                        with_prior_preservation=True,
+                        class_prompt=CLASS_PROMPT, class_dir=str(class_dir), num_class_images=3)
+    offloaded = dataclasses.replace(plain, output_dir=str(tmp_path / "offloaded"), offload_frozen_models=True,
+                                    sample_at_end=True, sample_steps=2)
+    loop.train(plain)
+
+    calls = {"vae encoder": 0, "text encoder": 0}
+    at = {}
+    real_place = loop._place_models
+
+    def place(base, device, weight_dtype):
+        real_place(base, device, weight_dtype)
+        for name, module in (("vae encoder", base.vae.encoder), ("text encoder", base.text_encoders[0])):
+            module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+
+    def note(event):
+        if event["event"] in ("start", "step"):
+            at[event["event"]] = dict(calls)
+
+    monkeypatch.setattr(loop, "_place_models", place)
+    events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
+    events.listeners.append(note)
+    result = loop.train(offloaded, events=events)
+    start = next(e for e in read_events(Path(offloaded.output_dir) / "events.jsonl") if e["event"] == "start")
+    assert len(start["buckets"]) > 1
+    # everything encoded before step 1: 4 instance images + 3 class images x each bucket, 2 captions
+    assert at["start"] == {"vae encoder": 4 + 3 * len(start["buckets"]), "text encoder": 2}
+    assert at["step"] == at["start"]  # no VAE or text-encoder work in any step
+    assert len(result.samples) == 1  # sampling brings them back
+    assert losses(offloaded) == losses(plain)
+    for key, value in lora_file(plain).items():
+        torch.testing.assert_close(lora_file(offloaded)[key], value, rtol=0, atol=0)
+
+
 def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, tmp_path):
     a = make_config(tiny_sd1, photos, tmp_path / "a", max_train_steps=3, flip_p=0.5)
     loop.train(a)

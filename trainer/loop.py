@@ -123,6 +123,13 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
 
         cache = ConditioningCache(config.use_cached_latents)
+        offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
+        if config.offload_frozen_models and not offload:
+            events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
+                       "cache_latents not 'no') and no text-encoder training", level="info")
+        if offload:
+            _fill_cache(instance_data, class_data, base, encoders, cache, config, device)
+            _move_frozen_models(base, torch.device("cpu"))
         batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
         events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
                      num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
@@ -197,7 +204,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                 reason=stop.reason)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and config.sample_every and step % config.sample_every == 0 and not finished:
-                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator)
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
+                                   offloaded=offload)
                 for module in trained:
                     module.train()
 
@@ -205,7 +213,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         written = []
         if main:
             if config.sample_at_end:
-                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator)
+                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
+                                   offloaded=offload)
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
@@ -286,17 +295,7 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
         parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
     samples, means, stds = [], [], []
     for dataset, index in parts:
-        key = dataset.cache_key(index, bucket)
-        if cache.enabled and key in cache.latents:
-            # Nothing augments a cached sample, so its image need not be read and resized again.
-            sample, mean, std = cache.latents[key]
-        else:
-            sample = dataset.prepare(index, bucket, epoch=epoch, seed=config.seed)
-            with torch.no_grad():
-                dist = base.vae.encode(sample.pixels[None].to(device, base.vae.dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
-            if cache.enabled:
-                cache.latents[key] = (dataclasses.replace(sample, pixels=None), mean, std)
+        sample, mean, std = _encode_image(dataset, index, bucket, epoch, base, cache, config, device)
         samples.append(sample)
         means.append(mean)
         stds.append(std)
@@ -311,6 +310,42 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
         time_ids = torch.stack([sdxl_time_ids(s.original_size, s.crop_top_left, s.target_size) for s in samples])
         added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
     return latents, embeds.to(weight_dtype), added
+
+
+def _encode_image(dataset: ImageDataset, index: int, bucket, epoch: int, base: BaseModel, cache, config: TrainConfig,
+                  device) -> tuple[Sample, torch.Tensor, torch.Tensor]:
+    """A sample (without its pixels once cached) and its latent distribution's mean and std."""
+    key = dataset.cache_key(index, bucket)
+    if cache.enabled and key in cache.latents:
+        # Nothing augments a cached sample, so its image need not be read and resized again.
+        return cache.latents[key]
+    sample = dataset.prepare(index, bucket, epoch=epoch, seed=config.seed)
+    with torch.no_grad():
+        dist = base.vae.encode(sample.pixels[None].to(device, base.vae.dtype)).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    if cache.enabled:
+        cache.latents[key] = (dataclasses.replace(sample, pixels=None), mean, std)
+    return sample, mean, std
+
+
+def _fill_cache(instance_data: ImageDataset, class_data: ImageDataset | None, base: BaseModel, encoders, cache,
+                config: TrainConfig, device) -> None:
+    """Encode what any step can ask for: each instance image at its bucket, each class image at every
+    instance bucket (class images take the bucket of the batch they join), and every caption."""
+    for index, bucket in enumerate(instance_data.buckets):
+        _encode_image(instance_data, index, bucket, 0, base, cache, config, device)
+    if class_data is not None:
+        for bucket in sorted({tuple(b) for b in instance_data.buckets}):
+            for index in range(len(class_data)):
+                _encode_image(class_data, index, bucket, 0, base, cache, config, device)
+    for caption in sorted({sample.caption for sample, _, _ in cache.latents.values()}):
+        _encode_captions([caption], base, encoders, cache, device, trained=False)
+
+
+def _move_frozen_models(base: BaseModel, device: torch.device) -> None:
+    """The VAE and text encoders (frozen, not trained) to `device`."""
+    for module in (base.vae, *base.text_encoders):
+        module.to(device)
 
 
 def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained: bool):
@@ -469,8 +504,20 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
     return path
 
 
-def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator) -> list[Path]:
+def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator,
+            offloaded: bool = False) -> list[Path]:
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png."""
+    if offloaded:  # the VAE and text encoders wait in CPU memory between samples
+        _move_frozen_models(base, accelerator.device)
+    try:
+        return _sample_on_device(base, unet, config, step, events, accelerator)
+    finally:
+        if offloaded:
+            _move_frozen_models(base, torch.device("cpu"))
+
+
+def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
+                      accelerator) -> list[Path]:
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     for module in (unet, *base.text_encoders):
