@@ -346,6 +346,8 @@ def _move_frozen_models(base: BaseModel, device: torch.device) -> None:
     """The VAE and text encoders (frozen, not trained) to `device`."""
     for module in (base.vae, *base.text_encoders):
         module.to(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give their blocks back, not only to this process's cache
 
 
 def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained: bool):
