@@ -367,15 +367,17 @@ class DreamBoothTrainingSettings(io.ComfyNode):
             description="The advanced options of a training run, so Train LoRA stays readable. Without this node "
                         "Train LoRA uses these defaults. A memory preset overrides the memory-related options.",
             inputs=[io.Combo.Input("memory_preset", options=list(cb.PRESET_CHOICES), default=cb.PRESET_NONE,
-                                   tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size "
-                                           "and text-encoder training for the base model's architecture (SD1.x or "
+                                   tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size, "
+                                           "text-encoder training and (8 GB, and SDXL at 12 GB) "
+                                           "offload_frozen_models for the base model's architecture (SD1.x or "
                                            "SDXL), overriding those options below."),
                     *[option_input(name) for name in cb.SETTINGS_OPTIONS],
                     # after the TrainConfig options: widgets_values of saved workflows are positional
                     io.Int.Input(NUM_GPUS, default=1, min=1, max=MAX_PROCESSES,
                                  tooltip="Local GPUs to train on. More than 1 runs the trainer under `accelerate "
                                          "launch --multi_gpu`: each GPU takes its share of every batch "
-                                         "(batch_size per GPU).")],
+                                         "(batch_size per GPU)."),
+                    *[option_input(name) for name in cb.SETTINGS_OPTIONS_AFTER_NUM_GPUS]],
             outputs=[Settings.Output(display_name="settings", tooltip="Connect to Train LoRA's settings input.")],
         )
 

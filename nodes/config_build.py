@@ -32,6 +32,9 @@ SETTINGS_OPTIONS = (
     "sample_resolution",
     "checkpoint_every", "keep_checkpoints", "save_dtype", "export_format", "overwrite",
 )
+# Options added after the node's num_gpus widget existed: they come after it, so older saved
+# workflows keep their values in place. Append new options here.
+SETTINGS_OPTIONS_AFTER_NUM_GPUS = ("offload_frozen_models", "compile_unet")
 
 # Memory presets: what each one sets, per architecture. The values trade speed for memory
 # in the order that costs least quality: gradient checkpointing first (slower, same result),

@@ -125,9 +125,10 @@ def test_bad_values_are_config_errors_naming_the_option(tmp_path):
 
 def test_settings_widgets_are_trainconfig_options_with_help():
     names = {f for f in TrainConfig.__dataclass_fields__}
-    assert set(cb.SETTINGS_OPTIONS) <= names and set(cb.DATASET_OPTIONS) <= names
-    assert len(set(cb.SETTINGS_OPTIONS)) == len(cb.SETTINGS_OPTIONS)
-    for name in cb.SETTINGS_OPTIONS + cb.DATASET_OPTIONS:
+    settings = cb.SETTINGS_OPTIONS + cb.SETTINGS_OPTIONS_AFTER_NUM_GPUS
+    assert set(settings) <= names and set(cb.DATASET_OPTIONS) <= names
+    assert len(set(settings)) == len(settings)
+    for name in settings + cb.DATASET_OPTIONS:
         info = cb.field_info(name)
         assert info["help"] and info["type"] in (bool, int, float, str, list)
 
