@@ -592,16 +592,12 @@ def _finished_before(config, run_dir: Path, lora_path: Path, identity: dict) -> 
 
 
 def same_run_identity(saved: dict, identity: dict) -> bool:
-    """Whether a saved run identity matches; an option one side lacks (a run from before the option
-    existed) counts as its default, so adding an option does not make every finished run look new."""
-    from ..trainer.config import TrainConfig
+    """Whether a saved run identity matches; an option the saved one lacks (a run from before the
+    option existed) counts as its default, so adding an option does not make every finished run look new."""
+    from ..trainer.config import with_option_defaults
 
-    identity = json.loads(json.dumps(identity))
-    if {k: v for k, v in saved.items() if k != "config"} != {k: v for k, v in identity.items() if k != "config"}:
-        return False
-    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
-    old, new = saved.get("config", {}), identity["config"]
-    return all(old.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in old.keys() | new.keys())
+    saved = {**saved, "config": with_option_defaults(saved.get("config", {}))}
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(identity))
 
 
 def _check_fresh_run(config, run_dir: Path, lora_path: Path) -> None:

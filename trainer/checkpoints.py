@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
+from .config import TrainConfig, with_option_defaults
 from .export import save_safetensors
 
 CHECKPOINTS = "checkpoints"
@@ -108,7 +108,7 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     path = Path(path)
     meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     saved, current = meta["config"], config.to_dict()
-    saved = {**TrainConfig().to_dict(), **saved}  # options added since the checkpoint was written: their defaults
+    saved = with_option_defaults(saved)  # options added since the checkpoint was written
     saved_precision = meta.get("mixed_precision", "")
     # Where the checkpoint says what it computed in, that is compared rather than the option ('auto' or not).
     ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())

@@ -202,6 +202,12 @@ class TrainConfig:
         return self.lora_targets == "all_linear"
 
 
+def with_option_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` (a saved `to_dict()`) with every option it lacks at its default: files written
+    before an option existed still compare equal to a config that leaves it at its default."""
+    return {**TrainConfig().to_dict(), **options}
+
+
 def _check_output_name(name: str) -> list[str]:
     if not name or not name.strip():
         return ["output_name: required; a plain file name such as 'my_dog'"]

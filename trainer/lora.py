@@ -64,10 +64,14 @@ def text_encoder_target_modules(text_encoder: nn.Module, lora_targets: str, skip
     if lora_targets not in ("attention", "all_linear"):
         raise ValueError(f"lora_targets must be 'attention' or 'all_linear', got {lora_targets!r}")
     layers = TEXT_ATTENTION_LAYERS + (TEXT_MLP_LAYERS if lora_targets == "all_linear" else ())
-    last_layer = f".layers.{text_encoder.config.num_hidden_layers - 1}."
     return [name for name, module in text_encoder.named_modules()
             if isinstance(module, nn.Linear) and _ends_with_layer(name, layers)
-            and not (skip_last_layer and last_layer in name)]
+            and not (skip_last_layer and _last_layer(text_encoder) in name)]
+
+
+def _last_layer(text_encoder: nn.Module) -> str:
+    """The part of a module name that places it in the encoder's last layer."""
+    return f".layers.{text_encoder.config.num_hidden_layers - 1}."
 
 
 def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
@@ -159,8 +163,7 @@ def load_lora_state(unet: nn.Module, text_encoders: list[nn.Module], state: dict
     unexpected = sorted(state.keys() - params.keys())
     wrong_shape = sorted(key for key in params.keys() & state.keys() if params[key].shape != state[key].shape)
     if unexpected and not missing and not wrong_shape and len(text_encoders) == 2:
-        last = f".layers.{text_encoders[0].config.num_hidden_layers - 1}."
-        if all(key.startswith("text_encoder.") and last in key for key in unexpected):
+        if all(key.startswith("text_encoder.") and _last_layer(text_encoders[0]) in key for key in unexpected):
             raise ValueError("this checkpoint was written by an earlier version of the pack, which also adapted the "
                              "last layer of SDXL's first text encoder (a layer SDXL does not read); it cannot be "
                              "resumed by this version: start a new run")

@@ -79,7 +79,7 @@ def build_tiny_components(arch: str, seed: int = 0) -> dict:
                         block_out_channels=(8, 16, 32, 32), norm_num_groups=8, sample_size=32,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         scaling_factor=0.18215 if arch == "sd1" else 0.13025)
-    calibrate_vae(vae, arch)
+    calibrate_vae(vae)
     parts = {"unet": unet, "vae": vae}
     if arch == "sd1":
         parts["text_encoder"] = CLIPTextModel(tiny_text_encoder_config())
@@ -89,7 +89,7 @@ def build_tiny_components(arch: str, seed: int = 0) -> dict:
     return parts
 
 
-def calibrate_vae(vae, arch: str) -> None:
+def calibrate_vae(vae) -> None:
     """Make a random VAE's latents carry the picture, as a trained SD VAE's do.
 
     A randomly initialised encoder gives latents whose scaled mean is ~0.04 against a
