@@ -592,11 +592,12 @@ def _finished_before(config, run_dir: Path, lora_path: Path, identity: dict) -> 
 
 
 def same_run_identity(saved: dict, identity: dict) -> bool:
-    """Whether a saved run identity matches; an option the saved one lacks (a run from before the
-    option existed) counts as its default, so adding an option does not make every finished run look new."""
+    """Whether a saved run identity matches; an option one side lacks (a run from before the option
+    existed, or one `_run_identity` leaves out) counts as its default, so adding an option does not
+    make every finished run look new."""
     from ..trainer.config import with_option_defaults
 
-    saved = {**saved, "config": with_option_defaults(saved.get("config", {}))}
+    saved, identity = ({**i, "config": with_option_defaults(i.get("config", {}))} for i in (saved, identity))
     return json.loads(json.dumps(saved)) == json.loads(json.dumps(identity))
 
 
