@@ -42,10 +42,12 @@ test-all: comfyui
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 
-## gpu-wheels: diffusers (and importlib_metadata) as wheels in .whl/, to carry to a lent GPU machine (benchmarks/gpu_session.sh)
+## gpu-wheels: diffusers, transformers, peft, accelerate (this venv's versions) as wheels in .whl/, to carry to a lent GPU machine (benchmarks/gpu_session.sh)
 gpu-wheels: setup
-	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
-		diffusers==$$($(BIN)/python -c "import diffusers; print(diffusers.__version__)") importlib_metadata
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl importlib_metadata \
+		$$($(BIN)/python -c "import importlib.metadata as m; \
+		print(' '.join(f'{n}=={m.version(n)}' for n in ('diffusers', 'transformers', 'peft', 'accelerate')))")
 
 clean:
 	rm -rf demo_output .pytest_cache

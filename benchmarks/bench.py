@@ -14,6 +14,7 @@ weights, and on the tiny test model.
     python benchmarks/bench.py --quick      # the tiny model only
     python benchmarks/bench.py --presets    # peak memory with each memory preset (GPU: SD1.5 512, SDXL 1024)
     python benchmarks/bench.py --repeat 3   # every real-model case 3 times, interleaved (default 2)
+    python benchmarks/bench.py --gpu-session --stop-at T  # a lent GPU, one call: the pairs, presets, GPU levers
 
 Figures: seconds per step (median of the steady state: the first `warmup` steps, which
 include start-up work such as filling the latent cache, are left out; min-max beside it),
@@ -81,17 +82,14 @@ def plan(args, cuda: bool) -> list[dict]:
     def rounds(make):  # every round runs the cases of `make()`, in reverse order every other round
         return [c for r in range(args.repeat) for c in (make() if r % 2 == 0 else make()[::-1])]
 
+    if args.gpu_session:
+        return gpu_session_plan()
     if args.profile:
         group = "profile: SD1.5 256 px, CPU"
         cases += [case(group, "ours", "ours", "sd15", 256, 5, 2, profile=True),
                   case(group, "ours, fp32", "ours", "sd15", 256, 5, 2, ["fp32"], profile=True),
                   case(group, "baseline", "baseline", "sd15", 256, 5, 2, profile=True)]
-        if cuda:
-            gpu_groups = (("profile: SD1.5 512 px, GPU", "sd15", 512), ("profile: SDXL 1024 px, GPU", "sdxl", 1024))
-            for group, model, res in gpu_groups:
-                cases += [case(group, "ours", "ours", model, res, 14, 10, profile=True),
-                          case(group, "baseline", "baseline", model, res, 14, 10, profile=True)]
-        return cases
+        return cases  # on a GPU, every case of the SD1.5 512 / SDXL 1024 pairs profiles its last step
     if args.presets:
         from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
 
@@ -129,8 +127,42 @@ def plan(args, cuda: bool) -> list[dict]:
         if args.sdxl_cpu:
             cases += pair("SDXL 256 px, CPU", "sdxl", 256, args.steps or 5, 2)
     if cuda:
-        cases += rounds(lambda: pair("SD1.5 512 px, GPU", "sd15", 512, 40, 10))
-        cases += rounds(lambda: pair("SDXL 1024 px, GPU", "sdxl", 1024, 30, 10))
+        cases += rounds(lambda: gpu_pair("SD1.5 512 px, GPU", "sd15", 512, 40))
+        cases += rounds(lambda: gpu_pair("SDXL 1024 px, GPU", "sdxl", 1024, 30))
+    return cases
+
+
+def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
+    """Ours and the baseline on a GPU; each profiles its last step, which the figures leave out."""
+    return [case(group, "ours", "ours", model, resolution, steps, 10, flops=True, profile=True, profile_step=steps),
+            case(group, "baseline", "baseline", model, resolution, steps, 10, profile=True, profile_step=steps)]
+
+
+GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same group of the pairs
+    ("sd15", 512, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
+    ("sdxl", 1024, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
+    ("sd15", 512, "ours, no latent/text cache", ["no_cache"]),
+    ("sd15", 512, "ours + channels_last", ["channels_last"]),
+    ("sd15", 512, "ours, fp16", ["fp16"]),
+    ("sd15", 512, "ours + gradient checkpointing", ["grad_ckpt"]),
+    ("sd15", 512, "ours + torch.compile", ["compile"]),
+]
+# The presets whose peak memory the issue's targets name first (SD1.5 < 6 GB, SDXL < 12 GB), then the rest.
+GPU_PRESET_ORDER = [("sdxl", "8 GB"), ("sd15", "8 GB"), ("sdxl", "12 GB"), ("sd15", "12 GB"), ("sdxl", "16 GB"),
+                    ("sdxl", "24 GB"), ("sd15", "16 GB"), ("sd15", "24 GB")]
+
+
+def gpu_session_plan() -> list[dict]:
+    """Everything a lent GPU is for, most wanted first (`--stop-at` cuts the tail): ours and the
+    baseline at SD1.5 512 / SDXL 1024 (with FLOPs and a profiled last step), the memory presets,
+    then the GPU levers one by one."""
+    groups = {"sd15": "SD1.5 512 px, GPU", "sdxl": "SDXL 1024 px, GPU"}
+    cases = gpu_pair(groups["sd15"], "sd15", 512, 40) + gpu_pair(groups["sdxl"], "sdxl", 1024, 30)
+    resolution = {"sd15": 512, "sdxl": 1024}
+    cases += [case(f"presets: {groups[model]}", f"ours, preset {name}", "ours", model, resolution[model], 6, 2,
+                   preset=name, instance_images=4, class_images=4) for model, name in GPU_PRESET_ORDER]
+    cases += [case(groups[model], label, "ours", model, res, 40 if model == "sd15" else 30, 10, levers)
+              for model, res, label, levers in GPU_LEVERS]
     return cases
 
 
@@ -158,8 +190,7 @@ def run_case(spec: dict, cache: Path, out_dir: Path, index: int, timeout: float)
         return {"spec": spec, "failed": True, "wall_seconds": wall}
     result = json.loads(result_file.read_text())
     result.update(spec=spec, wall_seconds=wall, load_average=[load_before, os.getloadavg()[0]])
-    steady = result["seconds_per_step"][spec["warmup"]:]
-    cpu = result.get("cpu_seconds_per_step", [])[spec["warmup"]:]
+    steady, cpu = steady_steps(result), steady_steps(result, "cpu_seconds_per_step")
     others = result.get("other_cores")
     print(f"{statistics.median(steady):.3f} s/step (CPU {statistics.median(cpu) if cpu else 0:.2f} s), "
           f"{wall:.0f} s wall, other processes busy {others if others is not None else float('nan'):.2f} cores",
@@ -175,6 +206,13 @@ def gpu_peak(device: str, override: float | None) -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK if key in device), None)
 
 
+def steady_steps(result: dict, key: str = "seconds_per_step") -> list[float]:
+    """The steps after the warm-up, less the profiled one (the profiler slows it down)."""
+    spec = result["spec"]
+    profiled = spec.get("profile_step", spec["warmup"] + 2) if spec.get("profile") else None
+    return [t for step, t in enumerate(result.get(key, []), start=1) if step > spec["warmup"] and step != profiled]
+
+
 def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
     """One row per (group, label): steady-state steps of all its runs pooled."""
     rows: dict[tuple, dict] = {}
@@ -187,10 +225,10 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
         if r.get("failed"):
             row["failed"] += 1
             continue
-        steady = r["seconds_per_step"][r["spec"]["warmup"]:]
+        steady = steady_steps(r)
         row["runs"] += 1
         row["steady"] += steady
-        row["cpu"] += r.get("cpu_seconds_per_step", [])[r["spec"]["warmup"]:]
+        row["cpu"] += steady_steps(r, "cpu_seconds_per_step")
         row["run_medians"].append(statistics.median(steady))
         row["first"].append(r["first_step_seconds"])
         row["rss"].append(r["peak_rss_bytes"])
@@ -290,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="peak memory with each Train node memory preset (GPU: SD1.5 512 / SDXL 1024; CPU: tiny)")
     parser.add_argument("--sdxl-cpu", action="store_true", help="also SDXL at 256 px on the CPU")
     parser.add_argument("--gpu-only", action="store_true", help="on a GPU machine: leave out the real-model CPU cases")
+    parser.add_argument("--gpu-session", action="store_true",
+                        help="on a lent GPU: the SD1.5 512 / SDXL 1024 pairs, the presets, then the GPU levers")
+    parser.add_argument("--stop-at", type=float, default=0,
+                        help="a time (seconds since the epoch) by which every case has ended: later cases are "
+                             "skipped, and each case's timeout is the time left")
     parser.add_argument("--no-fp32-row", dest="fp32_row", action="store_false",
                         help="leave out the 'ours, fp32' row of the default CPU run")
     parser.add_argument("--only", default="", help="run only the cases whose 'group: label' contains this text")
@@ -315,30 +358,59 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {len(cases)} cases; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}; results in {out_dir}", flush=True)
     started = time.time()
-    results, discarded = [], []
+    results, discarded, skipped = [], [], []
+    text = ""
+
+    def time_left() -> float:
+        return args.stop_at - time.time() if args.stop_at else args.timeout
+
     for i, spec in enumerate(cases):
-        result = run_case(spec, cache, out_dir, i, args.timeout)
+        if time_left() < MIN_CASE_SECONDS:
+            skipped.append(f"{spec['group']}: {spec['label']}")
+            continue
+        result = run_case(spec, cache, out_dir, i, min(args.timeout, time_left()))
         for retry in range(args.retry_busy if not spec["model"].startswith("tiny") else 0):
-            if result.get("failed") or (result.get("other_cores") or 0) <= BUSY:
+            if result.get("failed") or (result.get("other_cores") or 0) <= BUSY or time_left() < MIN_CASE_SECONDS:
                 break
             print("[bench]   the machine was busy with other work during that case; running it again", flush=True)
-            again = run_case(spec, cache, out_dir, i + 100 * (retry + 1), args.timeout)
+            again = run_case(spec, cache, out_dir, i + 100 * (retry + 1), min(args.timeout, time_left()))
             if not again.get("failed") and again["other_cores"] < result["other_cores"]:
                 result, again = again, result
             discarded.append(again)
         results.append(result)
-    rows = summarise(results, args.peak_tflops)
+        # after every case, so that a run cut short still leaves its figures
+        text = write_report(out_dir, results, discarded, skipped, args.peak_tflops, args.top, started)
+    if skipped:
+        print(f"[bench] no time left for {len(skipped)} cases: " + "; ".join(skipped), flush=True)
+        text = write_report(out_dir, results, discarded, skipped, args.peak_tflops, args.top, started)
+    print("\n" + text)
+    return 1 if any(r.get("failed") for r in results) else 0
+
+
+MIN_CASE_SECONDS = 45  # with --stop-at: a case is only started with this much time left
+
+
+def write_report(out_dir: Path, results: list[dict], discarded: list[dict], skipped: list[str],
+                 peak_tflops: float | None, top: int, started: float) -> str:
+    """table.md and results.json of the cases run so far; returns the table's text."""
+    import torch
+
+    rows = summarise(results, peak_tflops)
     device = next((r["device"] for r in results if r.get("device")), "?")
     text = (f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}; "
             f"{time.time() - started:.0f} s in all\n\n{table(rows)}\n")
-    prof = profile_report(results, args.top)
+    if skipped:
+        text += "\nskipped (no time left): " + "; ".join(skipped) + "\n"
+    for r in results:
+        if r.get("step_flops_error"):
+            text += f"\nFLOPs not counted for {r['spec']['group']}: {r['spec']['label']}: {r['step_flops_error']}\n"
+    prof = profile_report(results, top)
     if prof:
         text += prof + "\n"
-    print("\n" + text)
     (out_dir / "table.md").write_text(text, encoding="utf-8")
-    everything = {"results": results, "discarded": discarded, "rows": rows}
+    everything = {"results": results, "discarded": discarded, "skipped": skipped, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(everything, indent=1, default=str), encoding="utf-8")
-    return 1 if any(r.get("failed") for r in results) else 0
+    return text
 
 
 if __name__ == "__main__":

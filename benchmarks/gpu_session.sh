@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# The GPU benchmark on a lent GPU machine (the `device` tool), whose Python has torch,
-# transformers, peft and accelerate but not diffusers. Here first: `make gpu-wheels`
-# (diffusers and what it needs that the machine lacks, into the git-ignored .whl/). Then
-# run, with `.whl` carried, from the repository root there:
+# The GPU benchmark on a lent GPU machine (the `device` tool), in one call. That machine's
+# Python has torch, but not diffusers, and other versions of transformers and peft. Here
+# first: `make gpu-wheels` (diffusers, transformers, peft and accelerate at this venv's
+# versions, into the git-ignored .whl/). Then run, with `.whl` carried, from the repository
+# root there, with the command's timeout a minute above BUDGET:
 #
-#     bash benchmarks/gpu_session.sh --only "SD1.5 512"     # ~ours + baseline, one round
-#     bash benchmarks/gpu_session.sh --only "SDXL 1024"
-#     bash benchmarks/gpu_session.sh --presets
+#     BUDGET=460 bash benchmarks/gpu_session.sh
 #
-# Each piece fits the tool's 10-minute command limit; the models built on the first call
-# stay in /tmp/bench while the machine is warm. The table and results.json land in $OUT.
+# It checks the GPU path on the tiny model first (a failure there ends the call in seconds,
+# not minutes), then runs `bench.py --gpu-session` until BUDGET seconds after it began: ours and
+# the baseline at SD1.5 512 / SDXL 1024 (FLOPs, MFU, a profiled step), the memory presets, then
+# the GPU levers, most wanted first. The table, results.json and every case's log and profile
+# (one tar) land in $OUT, also when the time runs out.
 set -euo pipefail
+began=$(date +%s)
+BUDGET=${BUDGET:-460}
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 # The repository root is the package folder (pyproject's package-dir): make it importable by its name.
 mkdir -p /tmp/pkg
 ln -sfn "$PWD" /tmp/pkg/comfyui_dreambooth_lora
 export PYTHONPATH=/tmp/site:/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! "$PYTHON" -c "import transformers, peft, diffusers" 2>/dev/null; then
+    # the carried transformers may want newer helpers than the machine has: use the machine's own
+    echo "gpu_session: the carried transformers/peft do not import here; using the machine's"
+    rm -rf /tmp/site/transformers* /tmp/site/peft*
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 "$PYTHON" - <<'PY'
 import importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-for name in ("diffusers", "transformers", "peft", "accelerate", "safetensors"):
+for name in ("diffusers", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface_hub"):
     print(name, m.version(name))
 PY
-extra=()
-[[ " $* " == *" --presets "* ]] || extra=(--gpu-only --repeat 1)
-"$PYTHON" benchmarks/bench.py "${extra[@]}" --cache "${BENCH_CACHE:-/tmp/bench}" "$@"
-if [[ -n "${OUT:-}" ]]; then
-    latest=$(ls -td "${BENCH_CACHE:-/tmp/bench}"/results/*/ | head -1)
-    cp "$latest"/results.json "$latest"/table.md "$OUT"/ 2>/dev/null || true
-fi
+"$PYTHON" benchmarks/gpu_smoke.py || echo "gpu_session: gpu_smoke failed (above); the benchmark runs anyway"
+cache=${BENCH_CACHE:-/tmp/bench}
+save() {
+    local latest
+    latest=$(ls -td "$cache"/results/*/ 2>/dev/null | head -1)
+    if [[ -n "${OUT:-}" && -n "$latest" ]]; then
+        cp "$latest"/results.json "$latest"/table.md "$OUT"/ 2>/dev/null || true
+        tar -czf "$OUT"/cases.tgz -C "$latest" . 2>/dev/null || true
+    fi
+}
+trap save EXIT
+"$PYTHON" benchmarks/bench.py --gpu-session --retry-busy 0 --cache "$cache" --stop-at $((began + BUDGET)) "$@"

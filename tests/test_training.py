@@ -458,6 +458,17 @@ def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):
 
 # --- failures ------------------------------------------------------------------------------------
 
+def test_fp16_on_the_cpu_is_refused_before_the_model_loads(tiny_sd1, photos, tmp_path, monkeypatch):
+    # It used to load the model and fail in the UNet's first layer ("mat1 and mat2 must have the same dtype").
+    monkeypatch.setattr(loop, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = make_config(tiny_sd1, photos, tmp_path / "run", mixed_precision="fp16")
+    with pytest.raises(loop.TrainingError, match="'fp16' needs a GPU.*'auto', 'bf16' or 'no'"):
+        loop.train(config)
+    errors = [e for e in map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines())
+              if e["event"] == "error"]
+    assert len(errors) == 1 and "needs a GPU" in errors[0]["message"]
+
+
 def test_existing_output_is_refused_unless_overwrite(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
     (tmp_path / "run").mkdir()

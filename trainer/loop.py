@@ -72,6 +72,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     step = 0
     try:
         # --- everything that can be checked before a model loads --------------------------
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # torch has no fp16 autocast on the CPU: fp16 weights would meet fp32 inputs in the first layer
+            raise TrainingError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
+                                "'bf16' or 'no'")
         resume_from = resolve_resume(config)
         if lora_path.exists() and not config.overwrite and resume_from is None:
             raise TrainingError(f"{lora_path} already exists; choose another output_name, "
