@@ -139,13 +139,15 @@ def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
 
 
 GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same group of the pairs
+    ("sd15", 512, "ours + torch.compile", ["compile"]),
+    ("sd15", 512, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),
+    ("sdxl", 1024, "ours + torch.compile", ["compile"]),
     ("sd15", 512, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
     ("sdxl", 1024, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
     ("sd15", 512, "ours, no latent/text cache", ["no_cache"]),
     ("sd15", 512, "ours + channels_last", ["channels_last"]),
     ("sd15", 512, "ours, fp16", ["fp16"]),
     ("sd15", 512, "ours + gradient checkpointing", ["grad_ckpt"]),
-    ("sd15", 512, "ours + torch.compile", ["compile"]),
 ]
 # The presets whose peak memory the targets name first (SD1.5 < 6 GB, SDXL < 12 GB), then the rest.
 GPU_PRESET_ORDER = [("sdxl", "8 GB"), ("sd15", "8 GB"), ("sdxl", "12 GB"), ("sd15", "12 GB"), ("sdxl", "16 GB"),
@@ -220,7 +222,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
         key = (r["spec"]["group"], r["spec"]["label"])
         row = rows.setdefault(key, {
             "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0,
-            "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [],
+            "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [], "train_alloc": [],
             "reserved": [], "others": [], "losses": None, "flops": None, "device": None})
         if r.get("failed"):
             row["failed"] += 1
@@ -240,6 +242,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
             row["others"].append(r["other_cores"])
         if "peak_allocated_bytes" in r:
             row["alloc"].append(r["peak_allocated_bytes"])
+            row["train_alloc"].append(r.get("train_allocated_bytes", r["peak_allocated_bytes"]))
             row["reserved"].append(r["peak_reserved_bytes"])
         if r.get("step_flops"):
             row["flops"] = r["step_flops"]
@@ -273,7 +276,7 @@ def table(rows: list[dict]) -> str:
     head = ["case", "trainer", "s/step median (min-max, n)", "vs baseline: median / min", "CPU s/step", "samples/s",
             "1st step s", "peak RSS GB", "RSS stepping GB", "TFLOP/s", "loss vs ours", "others busy"]
     if gpu:
-        head += ["alloc GB", "reserved GB", "MFU"]
+        head += ["alloc GB", "alloc stepping GB", "reserved GB", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     gb = lambda xs: f"{max(xs) / 2**30:.2f}" if xs else "-"  # noqa: E731
     for r in rows:
@@ -289,7 +292,7 @@ def table(rows: list[dict]) -> str:
                  f"{100 * r['loss_delta']:.2f}%" if r["loss_delta"] is not None else "-",
                  (f"{max(r['others']):.2f}" + (" BUSY" if max(r["others"]) > BUSY else "")) if r["others"] else "-"]
         if gpu:
-            cells += [gb(r["alloc"]), gb(r["reserved"]), f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"]
+            cells += [gb(r["alloc"]), gb(r["train_alloc"]), gb(r["reserved"]), f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                              "skipped, and each case's timeout is the time left")
     parser.add_argument("--no-fp32-row", dest="fp32_row", action="store_false",
                         help="leave out the 'ours, fp32' row of the default CPU run")
-    parser.add_argument("--only", default="", help="run only the cases whose 'group: label' contains this text")
+    parser.add_argument("--only", default="",
+                        help="run only the cases whose 'group: label' contains this text (or one of several, "
+                             "split by '|'; '=text' matches the whole 'group: label')")
     parser.add_argument("--repeat", type=int, default=2, help="run each real-model case N times, interleaved")
     parser.add_argument("--steps", type=int, default=0, help="steps per real-model CPU case (default 8; levers 7)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (default: torch's own)")
@@ -354,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = (args.cache or default_cache()).resolve()
     out_dir = cache / "results" / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = [{**c, "threads": args.threads} for c in plan(args, cuda) if args.only in f"{c['group']}: {c['label']}"]
+    wanted = args.only.split("|")
+    cases = [{**c, "threads": args.threads} for c in plan(args, cuda)
+             if any(f"{c['group']}: {c['label']}" == w[1:] if w.startswith("=") else w in f"{c['group']}: {c['label']}"
+                    for w in wanted)]
     print(f"[bench] {len(cases)} cases; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}; results in {out_dir}", flush=True)
     started = time.time()

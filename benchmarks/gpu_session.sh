@@ -33,7 +33,10 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.
 for name in ("diffusers", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface_hub"):
     print(name, m.version(name))
 PY
-"$PYTHON" benchmarks/gpu_smoke.py || echo "gpu_session: gpu_smoke failed (above); the benchmark runs anyway"
+if [[ -z "${SKIP_SMOKE:-}" ]]; then  # its lines also go to $OUT: the reply's tail holds only the benchmark's end
+    "$PYTHON" benchmarks/gpu_smoke.py 2>&1 | tee "${OUT:-/tmp}/smoke.txt" | grep --line-buffered "^gpu_smoke\|Error" \
+        || echo "gpu_session: gpu_smoke failed (see smoke.txt); the benchmark runs anyway"
+fi
 cache=${BENCH_CACHE:-/tmp/bench}
 save() {
     local latest
