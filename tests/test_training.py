@@ -296,11 +296,30 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
         if event["event"] in ("start", "step"):
             at[event["event"]] = dict(calls)
 
+    # The UNet waits in CPU memory while the VAE encodes (on a GPU that was the run's memory peak).
+    order = []
+    real_fill, real_to = loop._fill_cache, torch.nn.Module.to
+
+    def fill(*args, **kwargs):
+        order.append("fill cache")
+        return real_fill(*args, **kwargs)
+
+    def to(module, *args, **kwargs):
+        if type(module).__name__ == "UNet2DConditionModel":
+            device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+            order.append(f"unet to {torch.device(device).type}" if device is not None else "unet cast")
+        return real_to(module, *args, **kwargs)
+
     monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "_fill_cache", fill)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
     events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
     events.listeners.append(note)
     result = loop.train(offloaded, events=events)
     start = next(e for e in read_events(Path(offloaded.output_dir) / "events.jsonl") if e["event"] == "start")
+    device = torch.device(start["device"]).type
+    assert order[order.index("fill cache") - 1:order.index("fill cache") + 2] == [
+        "unet to cpu", "fill cache", f"unet to {device}"], order
     assert len(start["buckets"]) > 1
     # everything encoded before step 1: 4 instance images + 3 class images x each bucket, 2 captions
     assert at["start"] == {"vae encoder": 4 + 3 * len(start["buckets"]), "text encoder": 2}

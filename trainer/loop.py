@@ -115,6 +115,14 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if config.compile_unet:
             base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
 
+        cache = ConditioningCache(config.use_cached_latents)
+        offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
+        if config.offload_frozen_models and not offload:
+            events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
+                       "cache_latents not 'no') and no text-encoder training", level="info")
+        if offload:  # before `prepare`, which may wrap the UNet for several processes
+            _fill_cache_then_offload(instance_data, class_data, base, cache, config, device)
+
         param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
         for encoder in trained_encoders:
             param_groups.append({"params": lora_parameters(encoder), "lr": config.text_encoder_lr or config.learning_rate})
@@ -126,14 +134,6 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         unet, optimizer, *trained_encoders = accelerator.prepare(base.unet, optimizer, *trained_encoders)
         encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
 
-        cache = ConditioningCache(config.use_cached_latents)
-        offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
-        if config.offload_frozen_models and not offload:
-            events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
-                       "cache_latents not 'no') and no text-encoder training", level="info")
-        if offload:
-            _fill_cache(instance_data, class_data, base, encoders, cache, config, device)
-            _move_frozen_models(base, torch.device("cpu"))
         batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
         events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
                      num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
@@ -344,6 +344,23 @@ def _fill_cache(instance_data: ImageDataset, class_data: ImageDataset | None, ba
                 _encode_image(class_data, index, bucket, 0, base, cache, config, device)
     for caption in sorted({sample.caption for sample, _, _ in cache.latents.values()}):
         _encode_captions([caption], base, encoders, cache, device, trained=False)
+
+
+def _fill_cache_then_offload(instance_data: ImageDataset, class_data: ImageDataset | None, base: BaseModel, cache,
+                             config: TrainConfig, device) -> None:
+    """Encode every latent and caption, then keep the VAE and text encoders in CPU memory.
+
+    The UNet waits in CPU memory while the VAE encodes: SDXL's fp32 VAE encoding a 1024 px
+    image beside the UNet was a run's memory peak (9.8 GB, against 6.4 GB while stepping;
+    README, Performance).
+    """
+    cpu = torch.device("cpu")
+    torch.nn.Module.to(base.unet, cpu)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _fill_cache(instance_data, class_data, base, base.text_encoders, cache, config, device)
+    _move_frozen_models(base, cpu)
+    torch.nn.Module.to(base.unet, device)
 
 
 def _move_frozen_models(base: BaseModel, device: torch.device) -> None:
