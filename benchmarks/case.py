@@ -120,8 +120,8 @@ def apply_levers(levers: set[str]) -> None:
 
     place, build = loop._place_models, loop.build_optimizer
 
-    def place_models(base, device, weight_dtype):
-        place(base, device, weight_dtype)
+    def place_models(base, device, weight_dtype, **kwargs):
+        place(base, device, weight_dtype, **kwargs)
         if "no_sdpa" in levers:
             from diffusers.models.attention_processor import AttnProcessor
             base.unet.set_attn_processor(AttnProcessor())

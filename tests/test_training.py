@@ -189,8 +189,8 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
 
     autocast = {"unet": set(), "vae decoder": set()}
 
-    def place(base, device, weight_dtype):
-        real_place(base, device, weight_dtype)
+    def place(base, device, weight_dtype, **kwargs):
+        real_place(base, device, weight_dtype, **kwargs)
         dtypes.append(("placed", base.unet.conv_in.weight.dtype, {p.dtype for p in loop.lora_parameters(base.unet)}))
         for name, module in (("unet", base.unet), ("vae decoder", base.vae.decoder)):
             module.register_forward_pre_hook(lambda *_, name=name: autocast[name].add(torch.is_autocast_enabled("cpu")))
@@ -285,10 +285,12 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
 
     calls = {"vae encoder": 0, "text encoder": 0}
     at = {}
+    order = []
     real_place = loop._place_models
 
-    def place(base, device, weight_dtype):
-        real_place(base, device, weight_dtype)
+    def place(base, device, weight_dtype, unet_waits):
+        order.append(f"placed, unet waits: {unet_waits}")
+        real_place(base, device, weight_dtype, unet_waits)
         for name, module in (("vae encoder", base.vae.encoder), ("text encoder", base.text_encoders[0])):
             module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
 
@@ -296,8 +298,8 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
         if event["event"] in ("start", "step"):
             at[event["event"]] = dict(calls)
 
-    # The UNet waits in CPU memory while the VAE encodes (on a GPU that was the run's memory peak).
-    order = []
+    # The UNet waits in CPU memory until the VAE has encoded everything (on a GPU, encoding beside it
+    # was the run's memory peak).
     real_fill, real_to = loop._fill_cache, torch.nn.Module.to
 
     def fill(*args, **kwargs):
@@ -318,6 +320,7 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     result = loop.train(offloaded, events=events)
     start = next(e for e in read_events(Path(offloaded.output_dir) / "events.jsonl") if e["event"] == "start")
     device = torch.device(start["device"]).type
+    assert order[0] == "placed, unet waits: True"  # in CPU memory (the device on a GPU machine would be cuda)
     assert order[order.index("fill cache") - 1:order.index("fill cache") + 2] == [
         "unet to cpu", "fill cache", f"unet to {device}"], order
     assert len(start["buckets"]) > 1
@@ -362,6 +365,30 @@ def test_prior_preservation_generates_class_images_once_and_trains_on_them(tiny_
     loop.train(dataclasses.replace(config, output_dir=str(tmp_path / "again"), num_class_images=4))
     after = sorted(class_dir.glob("*.png"))
     assert len(after) == 4 and [p.stat().st_mtime_ns for p in after[:3]] == mtimes  # reused; only the missing one made
+
+
+def test_offloading_run_brings_the_waiting_unet_over_to_make_class_images(tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", with_prior_preservation=True, max_train_steps=2,
+                         class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=2,
+                         class_sample_steps=2, offload_frozen_models=True)
+    order = []
+    real_generate, real_to = loop.ensure_class_images, torch.nn.Module.to
+
+    def generate(base, *args, **kwargs):
+        order.append(f"generate with the unet on {next(base.unet.parameters()).device.type}")
+        return real_generate(base, *args, **kwargs)
+
+    def to(module, *args, **kwargs):
+        if type(module).__name__ == "UNet2DConditionModel" and args and isinstance(args[0], torch.device):
+            order.append(f"unet to {args[0].type}")
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "ensure_class_images", generate)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    assert loop.train(config).status == "done"
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    # placed in CPU memory, brought to the training device (here the CPU too) to generate, back to wait
+    assert order[:4] == ["unet to cpu", "unet to cpu", "generate with the unet on cpu", "unet to cpu"], order
 
 
 def test_prior_preservation_keeps_the_class_prediction_near_the_base_model(class_model, photos, tmp_path):

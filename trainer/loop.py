@@ -98,7 +98,9 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        _place_models(base, device, weight_dtype)
+        cache = ConditioningCache(config.use_cached_latents)
+        offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
+        _place_models(base, device, weight_dtype, unet_waits=offload)
         class_data = None
         if config.with_prior_preservation:
             # On the training device and precision; the new LoRA is still zero, so this is the base model.
@@ -115,8 +117,6 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if config.compile_unet:
             base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
 
-        cache = ConditioningCache(config.use_cached_latents)
-        offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
         if config.offload_frozen_models and not offload:
             events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
                        "cache_latents not 'no') and no text-encoder training", level="info")
@@ -350,9 +350,9 @@ def _fill_cache_then_offload(instance_data: ImageDataset, class_data: ImageDatas
                              config: TrainConfig, device) -> None:
     """Encode every latent and caption, then keep the VAE and text encoders in CPU memory.
 
-    The UNet waits in CPU memory while the VAE encodes: SDXL's fp32 VAE encoding a 1024 px
-    image beside the UNet was a run's memory peak (9.8 GB, against 6.4 GB while stepping;
-    README, Performance).
+    The UNet waits in CPU memory until then (placed there, or back there after making class
+    images): SDXL's fp32 VAE encoding a 1024 px image beside the UNet was a run's memory peak
+    (9.8 GB, against 6.4 GB while stepping; README, Performance).
     """
     cpu = torch.device("cpu")
     torch.nn.Module.to(base.unet, cpu)
@@ -470,10 +470,14 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
                          num_training_steps=config.max_train_steps)
 
 
-def _place_models(base: BaseModel, device, weight_dtype) -> None:
-    """Frozen weights in the compute dtype, LoRA weights in fp32, everything on the device."""
+def _place_models(base: BaseModel, device, weight_dtype, unet_waits: bool = False) -> None:
+    """Frozen weights in the compute dtype, LoRA weights in fp32, everything on the device.
+
+    With `unet_waits` (offload_frozen_models) the UNet stays in CPU memory: it joins the GPU
+    once the latents are made (`_fill_cache_then_offload`).
+    """
     # torch's own Module.to: diffusers' override warns on every dtype cast, even with nothing to keep in fp32.
-    torch.nn.Module.to(base.unet, device, dtype=weight_dtype)
+    torch.nn.Module.to(base.unet, torch.device("cpu") if unet_waits else device, dtype=weight_dtype)
     vae_dtype = torch.float32 if base.info.arch == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
     torch.nn.Module.to(base.vae, device, dtype=vae_dtype)
     for encoder in base.text_encoders:
@@ -497,6 +501,8 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
             if stop.requested():
                 raise _Stopped
 
+        unet_home = next(base.unet.parameters()).device
+        torch.nn.Module.to(base.unet, accelerator.device)  # it may wait in CPU memory (offload_frozen_models)
         try:
             ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
                                 size=config.resolution, steps=config.class_sample_steps,
@@ -504,6 +510,8 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
                                 on_progress=progress, autocast=accelerator.autocast)
         except _Stopped:
             pass  # the others wait below; then every process stops together
+        finally:
+            torch.nn.Module.to(base.unet, unet_home)
     accelerator.wait_for_everyone()
     if _stop_everywhere(stop, accelerator):
         raise _Stopped
