@@ -59,6 +59,7 @@ LEVERS = [  # (label, levers): each changes one thing against "ours" as shipped 
     ("ours, AdamW fused", ["adamw_fused"]),
     ("ours + gradient checkpointing", ["grad_ckpt"]),
     ("ours, attention without SDPA", ["no_sdpa"]),
+    ("ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
     ("baseline", None),
 ]
 PHOTO_LEVERS = [("ours", []), ("baseline", None)]
@@ -141,17 +142,19 @@ def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
 GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same group of the pairs
     ("sd15", 512, "ours + torch.compile", ["compile"]),
     ("sd15", 512, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),
+    ("sd15", 512, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
     ("sdxl", 1024, "ours + torch.compile", ["compile"]),
-    ("sd15", 512, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
-    ("sdxl", 1024, "ours + cudnn.benchmark", ["cudnn_benchmark"]),
+    ("sdxl", 1024, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
     ("sd15", 512, "ours, no latent/text cache", ["no_cache"]),
     ("sd15", 512, "ours + channels_last", ["channels_last"]),
     ("sd15", 512, "ours, fp16", ["fp16"]),
     ("sd15", 512, "ours + gradient checkpointing", ["grad_ckpt"]),
+    ("sd15", 512, "ours + cudnn.benchmark", ["cudnn_benchmark"]),  # measured 2026-11-26: +19%
 ]
 # The presets whose peak memory the issue's targets name first (SD1.5 < 6 GB, SDXL < 12 GB), then the rest.
 GPU_PRESET_ORDER = [("sdxl", "8 GB"), ("sd15", "8 GB"), ("sdxl", "12 GB"), ("sd15", "12 GB"), ("sdxl", "16 GB"),
                     ("sdxl", "24 GB"), ("sd15", "16 GB"), ("sd15", "24 GB")]
+FIRST_PRESETS, FIRST_LEVERS = 3, 3  # run before the other presets and levers: what is least known
 
 
 def gpu_session_plan() -> list[dict]:
@@ -159,13 +162,14 @@ def gpu_session_plan() -> list[dict]:
     baseline at SD1.5 512 / SDXL 1024 (with FLOPs and a profiled last step), the memory presets,
     then the GPU levers one by one."""
     groups = {"sd15": "SD1.5 512 px, GPU", "sdxl": "SDXL 1024 px, GPU"}
-    cases = gpu_pair(groups["sd15"], "sd15", 512, 40) + gpu_pair(groups["sdxl"], "sdxl", 1024, 30)
     resolution = {"sd15": 512, "sdxl": 1024}
-    cases += [case(f"presets: {groups[model]}", f"ours, preset {name}", "ours", model, resolution[model], 6, 2,
-                   preset=name, instance_images=4, class_images=4) for model, name in GPU_PRESET_ORDER]
-    cases += [case(groups[model], label, "ours", model, res, 40 if model == "sd15" else 30, 10, levers)
-              for model, res, label, levers in GPU_LEVERS]
-    return cases
+    presets = [case(f"presets: {groups[model]}", f"ours, preset {name}", "ours", model, resolution[model], 6, 2,
+                    preset=name, instance_images=4, class_images=4) for model, name in GPU_PRESET_ORDER]
+    levers = [case(groups[model], label, "ours", model, res, 40 if model == "sd15" else 30, 10, changes,
+                   flops=not any("compile" in c for c in changes))  # FLOPs and ops/step of the eager UNet
+              for model, res, label, changes in GPU_LEVERS]
+    return (gpu_pair(groups["sd15"], "sd15", 512, 40) + gpu_pair(groups["sdxl"], "sdxl", 1024, 30)
+            + presets[:FIRST_PRESETS] + levers[:FIRST_LEVERS] + presets[FIRST_PRESETS:] + levers[FIRST_LEVERS:])
 
 
 def run_case(spec: dict, cache: Path, out_dir: Path, index: int, timeout: float) -> dict:
@@ -223,7 +227,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
         row = rows.setdefault(key, {
             "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0,
             "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [], "train_alloc": [],
-            "reserved": [], "others": [], "losses": None, "flops": None, "device": None})
+            "reserved": [], "others": [], "losses": None, "flops": None, "ops": None, "device": None})
         if r.get("failed"):
             row["failed"] += 1
             continue
@@ -246,6 +250,8 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
             row["reserved"].append(r["peak_reserved_bytes"])
         if r.get("step_flops"):
             row["flops"] = r["step_flops"]
+        if r.get("step_ops"):
+            row["ops"] = r["step_ops"]
     out = list(rows.values())
     for row in out:  # the UNet work is the same for every row of a group: share the count
         if row["flops"] is None:
@@ -274,7 +280,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
 def table(rows: list[dict]) -> str:
     gpu = any(r["alloc"] for r in rows)
     head = ["case", "trainer", "s/step median (min-max, n)", "vs baseline: median / min", "CPU s/step", "samples/s",
-            "1st step s", "peak RSS GB", "RSS stepping GB", "TFLOP/s", "loss vs ours", "others busy"]
+            "1st step s", "peak RSS GB", "RSS stepping GB", "TFLOP/s", "ops/step", "loss vs ours", "others busy"]
     if gpu:
         head += ["alloc GB", "alloc stepping GB", "reserved GB", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -288,7 +294,7 @@ def table(rows: list[dict]) -> str:
         cells = [r["group"], r["label"], spread, f"{ratio(r['vs_baseline'])} / {ratio(r['best_vs_baseline'])}",
                  f"{r['cpu_median']:.2f}" if r["cpu_median"] else "-",
                  f"{r['samples_per_step'] / r['median']:.2f}", f"{statistics.median(r['first']):.1f}", gb(r["rss"]), gb(r["train_rss"]),
-                 f"{r['tflops']:.3f}" if r["tflops"] else "-",
+                 f"{r['tflops']:.3f}" if r["tflops"] else "-", str(r["ops"] or "-"),
                  f"{100 * r['loss_delta']:.2f}%" if r["loss_delta"] is not None else "-",
                  (f"{max(r['others']):.2f}" + (" BUSY" if max(r["others"]) > BUSY else "")) if r["others"] else "-"]
         if gpu:

@@ -22,6 +22,8 @@ so that the trainer code itself stays as it is:
   compile         compile_unet = true (torch.compile of the UNet, in place)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
   cudnn_benchmark torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms per shape)
+  peft_input_cast the UNet's LoRA layers cast their input to the fp32 LoRA weights again (peft's
+                  default; the trainer turns it off since autocast casts straight back)
   load_bf16       with bf16 compute: read the frozen weights as bf16 straight from the files (no fp32 copy first)
 """
 
@@ -49,7 +51,7 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp16", "fp32", "cudnn_benchmark", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "compile_cudagraphs", "load_bf16"}
+                "no_sdpa", "compile", "compile_cudagraphs", "load_bf16", "peft_input_cast"}
 
 
 class RssSampler(threading.Thread):
@@ -127,6 +129,10 @@ def apply_levers(levers: set[str]) -> None:
             base.unet.set_attn_processor(AttnProcessor())
         if "channels_last" in levers:
             base.unet.to(memory_format=torch.channels_last)
+        if "peft_input_cast" in levers:
+            for module in base.unet.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = True
         if "compile_cudagraphs" in levers:
             base.unet.compile(mode="reduce-overhead")
 
@@ -200,6 +206,29 @@ class StepFlops:
             out.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
+
+    def count_ops(self) -> int | None:
+        """Ops dispatched to kernels (below autograd and autocast: backward ops and casts
+        included) in one UNet forward + backward: on a GPU, the host's work per step."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            ops = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        if self.captured is None:
+            return None
+        unet, latents, embeds, added = self.captured
+        unet = getattr(unet, "_orig_mod", unet)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        with Count(), torch.autocast(latents.device.type, dtype=latents.dtype, enabled=latents.dtype != torch.float32):
+            out = unet(torch.randn_like(latents), timesteps, embeds, added_cond_kwargs=added).sample
+            out.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+        return Count.ops
 
 
 def profile_listener(output: Path, at_step: int, events_log: list):
@@ -366,6 +395,7 @@ def run(spec: dict) -> dict:
             result["step_flops"] = flops.count()
         except Exception as e:  # noqa: BLE001
             result["step_flops_error"] = f"{type(e).__name__}: {e}"
+        result["step_ops"] = flops.count_ops()
     return result
 
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.export import export_lora, kohya_state_dict, lora_metadata
-from comfyui_dreambooth_lora.trainer.lora import add_lora, load_lora_state, lora_parameters, lora_state
+from comfyui_dreambooth_lora.trainer.lora import (add_lora, load_lora_state, lora_parameters, lora_state,
+                                                  skip_lora_input_casts)
 from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components, sd_noise_scheduler_config, write_char_tokenizer
 
 TOL = 1e-4
@@ -153,6 +154,46 @@ def apply_kohya_by_hand(state: dict[str, torch.Tensor], unet: nn.Module, text_en
             used.add(f"{module}.dora_scale")
         weight.copy_(merged)
     assert used == set(state), f"keys nobody applies: {sorted(set(state) - used)[:5]}"
+
+
+def test_unet_lora_layers_skip_the_input_cast_autocast_undoes_with_the_same_result():
+    # On a GPU a step is bound by the ops it dispatches; peft's cast of each LoRA layer's input
+    # to the fp32 LoRA weights is undone by autocast at once.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    unet, text_encoders = components("sd1")
+    add_lora(unet, text_encoders, make_config())
+    perturb([unet])
+    for name, param in unet.named_parameters():  # frozen weights in bf16, as placed for a bf16 run
+        if ".lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator).to(torch.bfloat16)
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(torch.bfloat16)
+
+    def step():
+        counter = Count()
+        counter.ops = 0
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(latents, torch.tensor([10, 500]), embeds).sample
+            out.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        unet.zero_grad(set_to_none=True)
+        return counter.ops, out.detach(), grads
+
+    casting = step()  # peft's default
+    skip_lora_input_casts(unet)
+    skipping = step()
+    assert skipping[0] < casting[0]
+    torch.testing.assert_close(skipping[1], casting[1], rtol=0, atol=0)
+    assert skipping[2].keys() == casting[2].keys() and len(skipping[2]) > 0
+    for name, grad in casting[2].items():
+        torch.testing.assert_close(skipping[2][name], grad, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,10 +188,12 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     real_place, real_generate = loop._place_models, loop.ensure_class_images
 
     autocast = {"unet": set(), "vae decoder": set()}
+    casts = set()  # peft's input casts in the UNet's LoRA layers: off (every UNet call is under autocast)
 
     def place(base, device, weight_dtype, **kwargs):
         real_place(base, device, weight_dtype, **kwargs)
         dtypes.append(("placed", base.unet.conv_in.weight.dtype, {p.dtype for p in loop.lora_parameters(base.unet)}))
+        casts.update(m.cast_input_dtype_enabled for m in base.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
         for name, module in (("unet", base.unet), ("vae decoder", base.vae.decoder)):
             module.register_forward_pre_hook(lambda *_, name=name: autocast[name].add(torch.is_autocast_enabled("cpu")))
 
@@ -207,6 +209,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     assert len(list((tmp_path / "class").glob("*.png"))) == 2 and len(result.samples) == 1
     # denoising in the training precision; the VAE decodes in its own dtype (SDXL's overflows in fp16)
     assert autocast == {"unet": {True}, "vae decoder": {False}}
+    assert casts == {False}
 
 
 @pytest.mark.parametrize("on_cpu, native_bf16, cuda_capability, expected", [

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
-from .lora import add_lora, load_lora_state, lora_parameters, lora_state
+from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
 from .sample import build_pipeline, ensure_class_images, generate_images, save_png
 from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
@@ -95,6 +95,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
         add_lora(base.unet, base.text_encoders, config)
+        skip_lora_input_casts(base.unet)  # every UNet call below is under autocast (text encoders: not so)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
