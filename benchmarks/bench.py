@@ -143,6 +143,7 @@ GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same
     ("sd15", 512, "ours + torch.compile", ["compile"]),
     ("sd15", 512, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),
     ("sd15", 512, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
+    ("sd15", 512, "ours, norm weights fp32", ["fp32_norms"]),
     ("sdxl", 1024, "ours + torch.compile", ["compile"]),
     ("sdxl", 1024, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
     ("sd15", 512, "ours, no latent/text cache", ["no_cache"]),
@@ -154,7 +155,7 @@ GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same
 # The presets whose peak memory the issue's targets name first (SD1.5 < 6 GB, SDXL < 12 GB), then the rest.
 GPU_PRESET_ORDER = [("sdxl", "8 GB"), ("sd15", "8 GB"), ("sdxl", "12 GB"), ("sd15", "12 GB"), ("sdxl", "16 GB"),
                     ("sdxl", "24 GB"), ("sd15", "16 GB"), ("sd15", "24 GB")]
-FIRST_PRESETS, FIRST_LEVERS = 3, 3  # run before the other presets and levers: what is least known
+FIRST_PRESETS, FIRST_LEVERS = 3, 4  # run before the other presets and levers: what is least known
 
 
 def gpu_session_plan() -> list[dict]:
@@ -172,7 +173,9 @@ def gpu_session_plan() -> list[dict]:
             + presets[:FIRST_PRESETS] + levers[:FIRST_LEVERS] + presets[FIRST_PRESETS:] + levers[FIRST_LEVERS:])
 
 
-def run_case(spec: dict, cache: Path, out_dir: Path, index: int, timeout: float) -> dict:
+def run_case(spec: dict, cache: Path, out_dir: Path, index: int, timeout: float, cut_by_budget: bool = False) -> dict:
+    """Run one case in its own process; a case that outlives `timeout` is failed (or, with
+    `cut_by_budget`, cut: the run's time was up, which is not the case's fault)."""
     name = f"{index:02d}_{spec['trainer']}_{spec['model']}_{spec['resolution']}"
     spec = {**spec, "cache": str(cache), "result_dir": str(out_dir / name), "tmp": str(cache / "tmp")}
     (out_dir / name).mkdir(parents=True, exist_ok=True)
@@ -189,6 +192,9 @@ def run_case(spec: dict, cache: Path, out_dir: Path, index: int, timeout: float)
         ok = proc.returncode == 0 and result_file.exists()
     except subprocess.TimeoutExpired:
         ok = False
+        if cut_by_budget:
+            print(f"cut after {time.time() - started:.0f} s: the run's time is up", flush=True)
+            return {"spec": spec, "failed": True, "cut": True, "wall_seconds": time.time() - started}
     wall = time.time() - started
     if not ok:
         tail = log_file.read_text(errors="replace").splitlines()[-15:]
@@ -225,11 +231,12 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
     for r in results:
         key = (r["spec"]["group"], r["spec"]["label"])
         row = rows.setdefault(key, {
-            "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0,
+            "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0, "cut": 0,
             "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [], "train_alloc": [],
             "reserved": [], "others": [], "losses": None, "flops": None, "ops": None, "device": None})
         if r.get("failed"):
             row["failed"] += 1
+            row["cut"] += bool(r.get("cut"))
             continue
         steady = steady_steps(r)
         row["runs"] += 1
@@ -246,7 +253,8 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
             row["others"].append(r["other_cores"])
         if "peak_allocated_bytes" in r:
             row["alloc"].append(r["peak_allocated_bytes"])
-            row["train_alloc"].append(r.get("train_allocated_bytes", r["peak_allocated_bytes"]))
+            if "train_allocated_bytes" in r:  # results from before 2026-11-26 have no split
+                row["train_alloc"].append(r["train_allocated_bytes"])
             row["reserved"].append(r["peak_reserved_bytes"])
         if r.get("step_flops"):
             row["flops"] = r["step_flops"]
@@ -287,7 +295,8 @@ def table(rows: list[dict]) -> str:
     gb = lambda xs: f"{max(xs) / 2**30:.2f}" if xs else "-"  # noqa: E731
     for r in rows:
         if not r["steady"]:
-            lines.append(f"| {r['group']} | {r['label']} | failed |" + " |" * (len(head) - 3))
+            why = "cut: the run's time was up" if r["cut"] == r["failed"] else "failed"
+            lines.append(f"| {r['group']} | {r['label']} | {why} |" + " |" * (len(head) - 3))
             continue
         spread = f"{r['median']:.3f} ({min(r['steady']):.3f}-{max(r['steady']):.3f}, n={len(r['steady'])})"
         ratio = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
@@ -303,25 +312,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_kernel(row: dict) -> bool:
+    """A GPU activity (kernel, memcpy, memset) of a profile: device time and no host time of its own.
+    Not aten ops (their device time repeats their kernels') nor annotations ("## unet.forward",
+    "Optimizer.step#AdamW.step"), whose device rows span the kernels inside them."""
+    name = row["name"]
+    annotation = name.startswith("##") or ("#" in name and " " not in name and "::" not in name)
+    return row["self_device_ms"] > 0 and row["self_cpu_ms"] == 0 and not name.startswith("aten::") and not annotation
+
+
 def profile_report(results: list[dict], top: int) -> str:
-    """Top ops by self time (on the GPU when there is one) of the profiled step, and the labelled phases."""
+    """The profiled step: host time per labelled phase, then the top kernels by GPU time (with a
+    GPU; their sum against the step's time says how busy the GPU was) or the top ops by CPU time."""
     out = []
     for r in results:
         prof = r.get("profile")
         if not prof:
             continue
         rows = prof["rows"]
-        where = "device" if any(x["self_device_ms"] > 0 for x in rows) else "cpu"
-        total = sum(x[f"self_{where}_ms"] for x in rows)
-        out.append(f"\n{r['spec']['label']} ({r['spec']['group']}): one step of {prof['step_seconds']:.2f} s, "
-                   f"{total / 1e3:.2f} s self {where.upper()} time in ops")
+        kernels = [x for x in rows if is_kernel(x)]
+        step = f"{r['spec']['label']} ({r['spec']['group']}): one step of {prof['step_seconds']:.3f} s under the profiler"
+        if kernels:
+            busy = sum(x["self_device_ms"] for x in kernels)
+            out.append(f"\n{step}; {sum(x['count'] for x in kernels)} GPU activities (kernels, copies) took "
+                       f"{busy:.1f} ms; {sum(x['count'] for x in rows if x['name'].startswith('aten::'))} aten calls")
+            listed, where, total = kernels, "device", busy
+        else:
+            total = sum(x["self_cpu_ms"] for x in rows)
+            out.append(f"\n{step}; {total / 1e3:.2f} s self CPU time in ops")
+            listed, where = [x for x in rows if not x["name"].startswith("## ")], "cpu"
         out.append("  phase                      CPU total ms")
-        for x in sorted((x for x in rows if x["name"].startswith("## ") or x["name"].startswith("Optimizer.step")),
-                        key=lambda x: -x["cpu_total_ms"]):
+        for x in sorted((x for x in rows if (x["name"].startswith("## ") or x["name"].startswith("Optimizer."))
+                         and x["cpu_total_ms"] > 0), key=lambda x: -x["cpu_total_ms"]):
             out.append(f"  {x['name']:<26} {x['cpu_total_ms']:10.1f}  ({x['count']} calls)")
-        out.append(f"  {'op':<56} {'self ' + where.upper() + ' ms':>10}   share  calls")
-        ops = sorted((x for x in rows if not x["name"].startswith("## ")), key=lambda x: -x[f"self_{where}_ms"])
-        for x in ops[:top]:
+        out.append(f"  {'kernel' if kernels else 'op':<56} {'self ' + where.upper() + ' ms':>10}   share  calls")
+        for x in sorted(listed, key=lambda x: -x[f"self_{where}_ms"])[:top]:
             ms = x[f"self_{where}_ms"]
             out.append(f"  {x['name'][:56]:<56} {ms:10.1f}  {100 * ms / max(total, 1e-9):5.1f}%  {x['count']:5d}")
     return "\n".join(out)
@@ -357,13 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--cache", type=Path, default=None, help="models, images, results (default .cache/bench)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="print the table and profiles of a saved results.json (or .json.gz) and exit")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the folder for this run's table, results.json and logs (default CACHE/results/<time>)")
     args = parser.parse_args(argv)
+    if args.report:
+        print(render_saved(args.report, args.peak_tflops, args.top))
+        return 0
 
     import torch
 
     cuda = torch.cuda.is_available()
     cache = (args.cache or default_cache()).resolve()
-    out_dir = cache / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir = (args.results or cache / "results" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = args.only.split("|")
     cases = [{**c, "threads": args.threads} for c in plan(args, cuda)
@@ -378,16 +410,20 @@ def main(argv: list[str] | None = None) -> int:
     def time_left() -> float:
         return args.stop_at - time.time() if args.stop_at else args.timeout
 
+    def no_time_for(spec: dict) -> bool:
+        return bool(args.stop_at) and time_left() < MIN_CASE_SECONDS.get(spec["model"], 45)
+
     for i, spec in enumerate(cases):
-        if time_left() < MIN_CASE_SECONDS:
+        if no_time_for(spec):
             skipped.append(f"{spec['group']}: {spec['label']}")
             continue
-        result = run_case(spec, cache, out_dir, i, min(args.timeout, time_left()))
+        result = run_case(spec, cache, out_dir, i, min(args.timeout, time_left()), cut_by_budget=bool(args.stop_at))
         for retry in range(args.retry_busy if not spec["model"].startswith("tiny") else 0):
-            if result.get("failed") or (result.get("other_cores") or 0) <= BUSY or time_left() < MIN_CASE_SECONDS:
+            if result.get("failed") or (result.get("other_cores") or 0) <= BUSY or no_time_for(spec):
                 break
             print("[bench]   the machine was busy with other work during that case; running it again", flush=True)
-            again = run_case(spec, cache, out_dir, i + 100 * (retry + 1), min(args.timeout, time_left()))
+            again = run_case(spec, cache, out_dir, i + 100 * (retry + 1), min(args.timeout, time_left()),
+                             cut_by_budget=bool(args.stop_at))
             if not again.get("failed") and again["other_cores"] < result["other_cores"]:
                 result, again = again, result
             discarded.append(again)
@@ -398,10 +434,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] no time left for {len(skipped)} cases: " + "; ".join(skipped), flush=True)
         text = write_report(out_dir, results, discarded, skipped, args.peak_tflops, args.top, started)
     print("\n" + text)
-    return 1 if any(r.get("failed") for r in results) else 0
+    return 1 if any(r.get("failed") and not r.get("cut") for r in results) else 0
 
 
-MIN_CASE_SECONDS = 45  # with --stop-at: a case is only started with this much time left
+# With --stop-at, a case starts only with this much time left: loading, warm-up and its steps.
+MIN_CASE_SECONDS = {"sd15": 45, "sdxl": 70}
+
+
+def render_saved(path: Path, peak_tflops: float | None, top: int) -> str:
+    """The table and profiles of a results.json written by an earlier run (gzipped or not)."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    saved = json.loads(raw)
+    results = saved["results"]
+    device = next((r["device"] for r in results if r.get("device")), "?")
+    torch_version = next((r["torch"] for r in results if r.get("torch")), "?")
+    text = f"{device}, torch {torch_version} (from {path.name})\n\n{table(summarise(results, peak_tflops))}\n"
+    if saved.get("skipped"):
+        text += "\nskipped (no time left): " + "; ".join(saved["skipped"]) + "\n"
+    return text + profile_report(results, top) + "\n"
 
 
 def write_report(out_dir: Path, results: list[dict], discarded: list[dict], skipped: list[str],

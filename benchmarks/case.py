@@ -22,6 +22,8 @@ so that the trainer code itself stays as it is:
   compile         compile_unet = true (torch.compile of the UNet, in place)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
   cudnn_benchmark torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms per shape)
+  fp32_norms      the UNet's GroupNorm / LayerNorm weights kept in fp32 (CUDA autocast runs norms in
+                  fp32 and would cast bf16 norm weights up on every call)
   peft_input_cast the UNet's LoRA layers cast their input to the fp32 LoRA weights again (peft's
                   default; the trainer turns it off since autocast casts straight back)
   load_bf16       with bf16 compute: read the frozen weights as bf16 straight from the files (no fp32 copy first)
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp16", "fp32", "cudnn_benchmark", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "compile_cudagraphs", "load_bf16", "peft_input_cast"}
+                "no_sdpa", "compile", "compile_cudagraphs", "load_bf16", "peft_input_cast", "fp32_norms"}
 
 
 class RssSampler(threading.Thread):
@@ -129,6 +131,10 @@ def apply_levers(levers: set[str]) -> None:
             base.unet.set_attn_processor(AttnProcessor())
         if "channels_last" in levers:
             base.unet.to(memory_format=torch.channels_last)
+        if "fp32_norms" in levers:
+            for module in base.unet.modules():
+                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                    torch.nn.Module.to(module, dtype=torch.float32)
         if "peft_input_cast" in levers:
             for module in base.unet.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):

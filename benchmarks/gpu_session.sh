@@ -7,8 +7,9 @@
 #
 #     BUDGET=460 bash benchmarks/gpu_session.sh
 #
-# It checks the GPU path on the tiny model first (a failure there ends the call in seconds,
-# not minutes), then runs `bench.py --gpu-session` until BUDGET seconds after it began: ours and
+# It runs the trainer's GPU paths on the tiny models first (gpu_smoke.py, ~30 s; its lines go
+# to $OUT/smoke.txt, and a failure is reported, not fatal: the benchmark's own cases show which
+# paths work), then `bench.py --gpu-session` until BUDGET seconds after it began: ours and
 # the baseline at SD1.5 512 / SDXL 1024 (FLOPs, MFU, a profiled step), the memory presets, then
 # the GPU levers, most wanted first. The table, results.json and every case's log and profile
 # (one tar) land in $OUT, also when the time runs out.
@@ -27,6 +28,8 @@ if ! "$PYTHON" -c "import transformers, peft, diffusers" 2>/dev/null; then
     rm -rf /tmp/site/transformers* /tmp/site/peft*
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+# The step is bound by the host dispatching ops (README, Performance): the host CPU matters.
+echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 "$PYTHON" - <<'PY'
 import importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
@@ -38,13 +41,13 @@ if [[ -z "${SKIP_SMOKE:-}" ]]; then  # its lines also go to $OUT: the reply's ta
         || echo "gpu_session: gpu_smoke failed (see smoke.txt); the benchmark runs anyway"
 fi
 cache=${BENCH_CACHE:-/tmp/bench}
+results=$cache/results/session-$began  # this call's own: a warm machine keeps the last call's
 save() {
-    local latest
-    latest=$(ls -td "$cache"/results/*/ 2>/dev/null | head -1)
-    if [[ -n "${OUT:-}" && -n "$latest" ]]; then
-        cp "$latest"/results.json "$latest"/table.md "$OUT"/ 2>/dev/null || true
-        tar -czf "$OUT"/cases.tgz -C "$latest" . 2>/dev/null || true
+    if [[ -n "${OUT:-}" && -d "$results" ]]; then
+        cp "$results"/results.json "$results"/table.md "$OUT"/ 2>/dev/null || true
+        tar -czf "$OUT"/cases.tgz -C "$results" . 2>/dev/null || true
     fi
 }
 trap save EXIT
-"$PYTHON" benchmarks/bench.py --gpu-session --retry-busy 0 --cache "$cache" --stop-at $((began + BUDGET)) "$@"
+"$PYTHON" benchmarks/bench.py --gpu-session --retry-busy 0 --cache "$cache" --results "$results" \
+    --stop-at $((began + BUDGET)) "$@"

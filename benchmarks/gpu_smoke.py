@@ -3,7 +3,8 @@
 CI has no GPU, so these paths (bf16 autocast on CUDA, fused AdamW, class images generated
 on the device, offloading the frozen models, SDXL text-encoder LoRA, sampling) are only
 exercised here. Each run must finish, write its LoRA and samples, and keep its loss finite;
-a failure exits non-zero before the benchmark spends minutes on it.
+the script exits non-zero if one does not (gpu_session.sh reports it and benchmarks anyway:
+the benchmark's own cases show which paths work).
 
     python benchmarks/gpu_smoke.py [WORKDIR]
     python benchmarks/gpu_smoke.py --cpu     # the same runs on the CPU (to check this script itself)
@@ -57,6 +58,8 @@ def main(workdir: Path, expected_device: str = "cuda") -> int:
             sample_every=6, sample_steps=4, validation_prompts=["a photo of sks disc"], checkpoint_every=6,
             class_dir=str(out / "class"), output_dir=str(out), output_name="smoke", seed=0, **options)
         config.validate()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         started = time.time()
         try:
             result = train(config)
