@@ -65,6 +65,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
     assert start["start_step"] == 4
 
 
+def test_two_processes_offloading_with_class_images_made_on_the_way_match_one_process(tiny_sd1, tmp_path):
+    # offload_frozen_models fills the cache with the UNet waiting in CPU memory before `prepare`
+    # wraps it; the main process brings it over to make the class images first.
+    photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
+    common = dict(max_train_steps=4, learning_rate=3e-3, offload_frozen_models=True, with_prior_preservation=True,
+                  class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=2,
+                  class_sample_steps=2)
+    two = make_config(tiny_sd1, photos, tmp_path / "two", **common)
+    result = launch(two, tmp_path, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    one = make_config(tiny_sd1, photos, tmp_path / "one", gradient_accumulation_steps=2, **common)
+    loop.train(one)
+    steps_one = [e["loss"] for e in read_events(Path(one.output_dir) / "events.jsonl") if e["event"] == "step"]
+    steps_two = [e["loss"] for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "step"]
+    assert len(steps_two) == len(steps_one) == 4
+    for x, y in zip(steps_one, steps_two):
+        assert abs(x - y) < 1e-4
+
+
 def test_a_stop_while_the_main_process_makes_class_images_stops_every_process(tiny_sd1, tmp_path):
     # Only the main process generates; the others wait for it. A stop seen there must reach them
     # (before, the main process left and the others waited in a collective until it timed out).
