@@ -73,7 +73,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     try:
         # --- everything that can be checked before a model loads --------------------------
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-            # torch has no fp16 autocast on the CPU: fp16 weights would meet fp32 inputs in the first layer
+            # accelerate does not autocast fp16 on the CPU: fp16 weights would meet fp32 inputs in the first layer
             raise TrainingError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
                                 "'bf16' or 'no'")
         resume_from = resolve_resume(config)
