@@ -670,8 +670,9 @@ class _Progress:
             self.text(f"generating class images: {event.get('done')}/{event.get('total')}")
         elif kind == "checkpoint":
             self.text(f"checkpoint at step {event.get('step')}", force=True)
-        elif kind == "log":
+        elif kind == "log":  # on the node too: it says what the run is doing until the next event
             LOG.info("[DreamBooth LoRA] %s", event.get("message"))
+            self.text(str(event.get("message")), force=True)
         elif kind == "stopped":
             self.text(f"stopped at step {event.get('step')}; checkpoint written, resume to continue", force=True)
         elif kind == "done":

@@ -479,3 +479,23 @@ def test_train_node_takes_num_gpus_from_the_settings_and_checks_it(comfyui, monk
         comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 2})
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     assert comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 2}) == 2
+
+
+@pytest.mark.comfyui
+def test_progress_text_shows_what_the_run_says_until_its_next_event(comfyui, monkeypatch):
+    # e.g. "compile_unet: step 1 compiles the UNet ...": minutes without a step would look like a hang.
+    import server
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    shown = []
+    monkeypatch.setattr(server.PromptServer, "instance",  # set when a server runs
+                        type("Server", (), {"send_progress_text": lambda self, text, node: shown.append(text)})(),
+                        raising=False)
+    progress = comfy_nodes._Progress("7", total=10)
+    progress.show({"event": "start", "total_steps": 10, "model": "sd1", "num_images": 4, "device": "cuda:0"})
+    progress.show({"event": "log", "level": "info", "message": "compile_unet: step 1 compiles the UNet"})
+    assert shown[-1] == "compile_unet: step 1 compiles the UNet"
+    progress._last_text = 0.0  # minutes later (step texts are throttled to 4 a second)
+    progress.show({"event": "step", "step": 1, "total_steps": 10, "loss": 0.1, "seconds_per_step": 2.0})
+    assert shown[-1].startswith("step 1/10")

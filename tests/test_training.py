@@ -249,6 +249,18 @@ def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_
     assert seen == [("encode", [True]), ("sample", [False, False]), ("encode", [True])], seen
 
 
+def test_compile_unet_says_before_step_1_that_the_first_step_compiles(tiny_sd1, photos, tmp_path, monkeypatch):
+    # Minutes without a step would look like a hang in the node's progress.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, compile_unet=True)
+    loop.train(config)
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    names = [e["event"] for e in events]
+    said = next(i for i, e in enumerate(events) if e["event"] == "log" and "compiles the UNet" in e["message"])
+    assert compiled == ["UNet2DConditionModel"] and names.index("start") < said < names.index("step")
+
+
 @pytest.mark.slow  # compiling the tiny UNet takes ~40 s on 2 cores
 def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tiny_sd1, photos, tmp_path):
     eager = make_config(tiny_sd1, photos, tmp_path / "eager", max_train_steps=3, sample_at_end=True, sample_steps=2)

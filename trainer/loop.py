@@ -139,6 +139,9 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
                      num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
                      device=str(device), mixed_precision=accelerator.mixed_precision, summary=instance_data.summary())
+        if config.compile_unet:  # minutes without a step would look like a hang
+            events.log("compile_unet: step 1 compiles the UNet, minutes the first time (later runs with the same "
+                       "model and resolution reuse inductor's cache)", level="info")
         samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
         last_checkpoint = state.path if state else None
