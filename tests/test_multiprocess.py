@@ -35,7 +35,8 @@ def launch(config, tmp_path: Path, processes: int, wait: bool = True):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the one-process run on the CPU too, also where a GPU is
     photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
     common = dict(max_train_steps=4, learning_rate=3e-3, flip_p=0.5, checkpoint_every=2)
     two = make_config(tiny_sd1, photos, tmp_path / "two", **common)
@@ -65,7 +66,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
     assert start["start_step"] == 4
 
 
-def test_two_processes_offloading_with_class_images_made_on_the_way_match_one_process(tiny_sd1, tmp_path):
+def test_two_processes_offloading_with_class_images_made_on_the_way_match_one_process(tiny_sd1, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the one-process run on the CPU too, also where a GPU is
     # offload_frozen_models fills the cache with the UNet waiting in CPU memory before `prepare`
     # wraps it; the main process brings it over to make the class images first.
     photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)

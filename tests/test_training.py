@@ -20,6 +20,7 @@ from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+from test_lora_export import PEFT_CAN_SKIP_INPUT_CAST
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
 
     autocast = {"unet": set(), "vae decoder": set()}
     casts = set()  # peft's input casts in the UNet's LoRA layers: off (every UNet call is under autocast)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the hooks below read the CPU's autocast
 
     def place(base, device, weight_dtype, **kwargs):
         real_place(base, device, weight_dtype, **kwargs)
@@ -209,7 +211,22 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     assert len(list((tmp_path / "class").glob("*.png"))) == 2 and len(result.samples) == 1
     # denoising in the training precision; the VAE decodes in its own dtype (SDXL's overflows in fp16)
     assert autocast == {"unet": {True}, "vae decoder": {False}}
-    assert casts == {False}
+    assert casts == ({False} if PEFT_CAN_SKIP_INPUT_CAST else set())
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_dropout=0.1)])
+def test_dora_and_lora_dropout_keep_peft_input_cast(tiny_sd1, photos, tmp_path, monkeypatch, variant):
+    # Without the cast, DoRA would take its weight norm in bf16 and dropout would scale by a bf16 1/(1-p).
+    casts = set()
+    real_place = loop._place_models
+
+    def place(base, *args, **kwargs):
+        casts.update(m.cast_input_dtype_enabled for m in base.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        return real_place(base, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_place_models", place)
+    loop.train(make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, mixed_precision="bf16", **variant))
+    assert casts == ({True} if PEFT_CAN_SKIP_INPUT_CAST else set())
 
 
 @pytest.mark.parametrize("on_cpu, native_bf16, cuda_capability, expected", [

@@ -95,7 +95,9 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
         add_lora(base.unet, base.text_encoders, config)
-        skip_lora_input_casts(base.unet)  # every UNet call below is under autocast (text encoders: not so)
+        if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
+            # every UNet call below is under autocast, which undoes the cast (see the docstring)
+            skip_lora_input_casts(base.unet)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

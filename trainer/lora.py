@@ -135,11 +135,13 @@ def skip_lora_input_casts(unet: nn.Module) -> None:
     """Stop peft casting each UNet LoRA layer's input to the fp32 LoRA weights.
 
     Only for a UNet that runs under autocast whenever its frozen and LoRA weights differ in
-    dtype, as the training loop's does (steps, samples, class images): autocast casts that
-    input straight back to the compute dtype, so the maths is the same with two casts fewer
-    per layer each way. That is 442 of the 8,018 ops one SD1.5 step dispatches, and on a GPU
-    the step is bound by dispatching ops (README, Performance). Without autocast, a bf16
-    input would meet the fp32 LoRA weights: an error.
+    dtype, as the training loop's does with torch's own autocast (steps, samples, class
+    images; not under DeepSpeed), and only for plain LoRA without dropout: autocast casts
+    that input straight back to the compute dtype, so the maths is the same with two casts
+    fewer per layer each way. That is 442 of the 8,018 ops one SD1.5 step dispatches, and on
+    a GPU the step is bound by dispatching ops (README, Performance). Not so for DoRA (its
+    weight norm would be taken in bf16) or dropout (its 1/(1-p) scale rounded to bf16); and
+    without autocast a bf16 input would meet the fp32 LoRA weights: an error.
     """
     for module in unet.modules():
         if hasattr(module, "cast_input_dtype_enabled"):  # peft versions without the switch always cast
