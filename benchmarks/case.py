@@ -201,16 +201,9 @@ class StepFlops:
 
         if self.captured is None:
             return None
-        unet, latents, embeds, added = self.captured
-        unet = getattr(unet, "_orig_mod", unet)
-        dtype = latents.dtype
-        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
-        kernels = sdpa_kernel(SDPBackend.MATH) if latents.device.type == "cpu" else contextlib.nullcontext()
-        with kernels, FlopCounterMode(display=False) as counter, \
-                torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = unet(torch.randn_like(latents), timesteps, embeds, added_cond_kwargs=added).sample
-            out.float().pow(2).mean().backward()
-        unet.zero_grad(set_to_none=True)
+        counter = FlopCounterMode(display=False)
+        on_cpu = self.captured[1].device.type == "cpu"
+        self._forward_backward(sdpa_kernel(SDPBackend.MATH) if on_cpu else contextlib.nullcontext(), counter)
         return int(counter.get_total_flops())
 
     def count_ops(self) -> int | None:
@@ -222,19 +215,28 @@ class StepFlops:
             ops = 0
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Count.ops += 1
+                self.ops += 1
                 return func(*args, **(kwargs or {}))
 
         if self.captured is None:
             return None
+        counter = Count()
+        self._forward_backward(counter)
+        return counter.ops
+
+    def _forward_backward(self, *contexts) -> None:
+        """One UNet forward + backward at the captured shapes, in the training precision, under `contexts`."""
         unet, latents, embeds, added = self.captured
         unet = getattr(unet, "_orig_mod", unet)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
-        with Count(), torch.autocast(latents.device.type, dtype=latents.dtype, enabled=latents.dtype != torch.float32):
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            stack.enter_context(torch.autocast(latents.device.type, dtype=latents.dtype,
+                                               enabled=latents.dtype != torch.float32))
             out = unet(torch.randn_like(latents), timesteps, embeds, added_cond_kwargs=added).sample
             out.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
-        return Count.ops
 
 
 def profile_listener(output: Path, at_step: int, events_log: list):

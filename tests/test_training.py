@@ -48,6 +48,19 @@ def losses(config: TrainConfig) -> list[float]:
     return [e["loss"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
 
 
+def record_unet_moves(monkeypatch, order: list[str]) -> None:
+    """Append "unet to <device type>" to `order` whenever a UNet is moved (torch's Module.to)."""
+    real_to = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        if type(module).__name__ == "UNet2DConditionModel":
+            device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+            order.append(f"unet to {torch.device(device).type}" if device is not None else "unet cast")
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+
+
 def predict_noise(model: Path, lora: Path | None, images: list, prompt: str, seeds=range(8)):
     """The UNet's noise predictions for `images` noised with fixed seeds and timesteps, and that noise."""
     from comfyui_dreambooth_lora.trainer.conditioning import encode_prompts, tokenize
@@ -333,21 +346,15 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     # The UNet waits in CPU memory until the VAE has encoded everything (on a GPU, encoding beside it
     # was the run's memory peak). On a CPU machine every device is the CPU: what this can check is
     # the order of the moves; benchmarks/gpu_smoke.py and `bench.py --gpu-session` check it on a GPU.
-    real_fill, real_to = loop._fill_cache, torch.nn.Module.to
+    real_fill = loop._fill_cache
 
     def fill(*args, **kwargs):
         order.append("fill cache")
         return real_fill(*args, **kwargs)
 
-    def to(module, *args, **kwargs):
-        if type(module).__name__ == "UNet2DConditionModel":
-            device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
-            order.append(f"unet to {torch.device(device).type}" if device is not None else "unet cast")
-        return real_to(module, *args, **kwargs)
-
     monkeypatch.setattr(loop, "_place_models", place)
     monkeypatch.setattr(loop, "_fill_cache", fill)
-    monkeypatch.setattr(torch.nn.Module, "to", to)
+    record_unet_moves(monkeypatch, order)
     events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
     events.listeners.append(note)
     result = loop.train(offloaded, events=events)
@@ -405,19 +412,14 @@ def test_offloading_run_brings_the_waiting_unet_over_to_make_class_images(tiny_s
                          class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=2,
                          class_sample_steps=2, offload_frozen_models=True)
     order = []
-    real_generate, real_to = loop.ensure_class_images, torch.nn.Module.to
+    real_generate = loop.ensure_class_images
 
     def generate(base, *args, **kwargs):
         order.append(f"generate with the unet on {next(base.unet.parameters()).device.type}")
         return real_generate(base, *args, **kwargs)
 
-    def to(module, *args, **kwargs):
-        if type(module).__name__ == "UNet2DConditionModel" and args and isinstance(args[0], torch.device):
-            order.append(f"unet to {args[0].type}")
-        return real_to(module, *args, **kwargs)
-
     monkeypatch.setattr(loop, "ensure_class_images", generate)
-    monkeypatch.setattr(torch.nn.Module, "to", to)
+    record_unet_moves(monkeypatch, order)
     assert loop.train(config).status == "done"
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     device = torch.device(next(e for e in read_events(tmp_path / "run" / "events.jsonl")

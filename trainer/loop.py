@@ -354,18 +354,15 @@ def _fill_cache(instance_data: ImageDataset, class_data: ImageDataset | None, ba
 
 def _fill_cache_then_offload(instance_data: ImageDataset, class_data: ImageDataset | None, base: BaseModel, cache,
                              config: TrainConfig, device) -> None:
-    """Encode every latent and caption, then keep the VAE and text encoders in CPU memory.
+    """Encode every latent and caption, then keep the VAE and text encoders in CPU memory and
+    bring the UNet to the device.
 
-    The UNet waits in CPU memory until then (placed there, or back there after making class
-    images): SDXL's fp32 VAE encoding a 1024 px image beside the UNet was a run's memory peak
-    (9.8 GB, against 6.4 GB while stepping; README, Performance).
+    Until then the UNet waits in CPU memory (`_place_models(unet_waits=True)`; class-image
+    generation returns it there): SDXL's fp32 VAE encoding a 1024 px image beside the UNet was
+    a run's memory peak (9.8 GB, against 6.4 GB while stepping; README, Performance).
     """
-    cpu = torch.device("cpu")
-    torch.nn.Module.to(base.unet, cpu)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     _fill_cache(instance_data, class_data, base, base.text_encoders, cache, config, device)
-    _move_frozen_models(base, cpu)
+    _move_frozen_models(base, torch.device("cpu"))
     torch.nn.Module.to(base.unet, device)
 
 
