@@ -140,14 +140,15 @@ def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
 
 
 GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same group of the pairs
-    ("sd15", 512, "ours + torch.compile", ["compile"]),
-    ("sd15", 512, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),
+    ("sd15", 512, "ours, norms in fp32 (before 2026-11-26)", ["fp32_norms"]),
+    ("sd15", 512, "ours + channels_last", ["channels_last"]),
+    ("sd15", 512, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),  # minutes of compiling
+    ("sdxl", 1024, "ours, norms in fp32 (before 2026-11-26)", ["fp32_norms"]),
+    ("sd15", 512, "ours + torch.compile", ["compile"]),  # measured 2026-11-26 (run 2): 0.49x
+    ("sdxl", 1024, "ours + torch.compile, CUDA graphs", ["compile_cudagraphs"]),
     ("sd15", 512, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
-    ("sd15", 512, "ours, norm weights fp32", ["fp32_norms"]),
-    ("sdxl", 1024, "ours + torch.compile", ["compile"]),
     ("sdxl", 1024, "ours + peft's input cast (before 2026-11-26)", ["peft_input_cast"]),
     ("sd15", 512, "ours, no latent/text cache", ["no_cache"]),
-    ("sd15", 512, "ours + channels_last", ["channels_last"]),
     ("sd15", 512, "ours, fp16", ["fp16"]),
     ("sd15", 512, "ours + gradient checkpointing", ["grad_ckpt"]),
     ("sd15", 512, "ours + cudnn.benchmark", ["cudnn_benchmark"]),  # measured 2026-11-26: +19%
@@ -470,6 +471,10 @@ def write_report(out_dir: Path, results: list[dict], discarded: list[dict], skip
     for r in results:
         if r.get("step_flops_error"):
             text += f"\nFLOPs not counted for {r['spec']['group']}: {r['spec']['label']}: {r['step_flops_error']}\n"
+        if r.get("compile_counters"):  # a graph break or a skipped CUDA graph explains a slow compiled row
+            breaks, skips = r["compile_counters"]["graph_breaks"], r["compile_counters"]["cudagraph_skips"]
+            text += (f"\ncompiled {r['spec']['group']}: {r['spec']['label']}: {sum(breaks.values())} graph breaks"
+                     + (f" ({'; '.join(breaks)})" if breaks else "") + f", {skips} graphs not CUDA-graphed\n")
     prof = profile_report(results, top)
     if prof:
         text += prof + "\n"

@@ -22,8 +22,8 @@ so that the trainer code itself stays as it is:
   compile         compile_unet = true (torch.compile of the UNet, in place)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
   cudnn_benchmark torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms per shape)
-  fp32_norms      the UNet's GroupNorm / LayerNorm weights kept in fp32 (CUDA autocast runs norms in
-                  fp32 and would cast bf16 norm weights up on every call)
+  fp32_norms      the UNet's GroupNorm / LayerNorm computed in fp32, as CUDA autocast runs them (the
+                  trainer computes them in bf16 since 2026-11-26: trainer/precision.py)
   peft_input_cast the UNet's LoRA layers cast their input to the fp32 LoRA weights again (peft's
                   default; the trainer turns it off since autocast casts straight back)
   load_bf16       with bf16 compute: read the frozen weights as bf16 straight from the files (no fp32 copy first)
@@ -132,9 +132,10 @@ def apply_levers(levers: set[str]) -> None:
         if "channels_last" in levers:
             base.unet.to(memory_format=torch.channels_last)
         if "fp32_norms" in levers:
+            from comfyui_dreambooth_lora.trainer import precision
+            plain = {precision.GroupNormInInputDtype: torch.nn.GroupNorm, precision.LayerNormInInputDtype: torch.nn.LayerNorm}
             for module in base.unet.modules():
-                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    torch.nn.Module.to(module, dtype=torch.float32)
+                module.__class__ = plain.get(type(module), type(module))
         if "peft_input_cast" in levers:
             for module in base.unet.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
@@ -395,6 +396,10 @@ def run(spec: dict) -> dict:
         result["train_reserved_bytes"] = torch.cuda.max_memory_reserved()
         result["peak_allocated_bytes"] = max(gpu_load_peak[0], result["train_allocated_bytes"])
         result["peak_reserved_bytes"] = max(gpu_load_peak[1], result["train_reserved_bytes"])
+    if levers & {"compile", "compile_cudagraphs"}:  # did it compile whole, and did CUDA graphs take?
+        from torch._dynamo.utils import counters
+        result["compile_counters"] = {"graph_breaks": dict(counters["graph_break"]),
+                                      "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     profile = next((e for e in log if e.get("event") == "profile"), None)
     if profile:
         result["profile"] = profile

@@ -77,3 +77,12 @@ def test_a_saved_run_renders_again(tmp_path):
     path.write_bytes(gzip.compress(json.dumps({"results": [ours], "skipped": ["x: y"]}).encode()))
     text = bench.render_saved(path, None, top=5)
     assert "| SD1.5 512 px, GPU | ours | 0.100 (0.100-0.100, n=2) |" in text and "skipped (no time left): x: y" in text
+
+
+def test_the_report_says_where_a_compiled_case_broke_its_graph_or_skipped_cuda_graphs(tmp_path):
+    compiled = result("ours + torch.compile, CUDA graphs", [0.0, 0.0, 0.1, 0.1],
+                      compile_counters={"graph_breaks": {"a data-dependent branch": 2}, "cudagraph_skips": 1})
+    text = bench.write_report(tmp_path, [result("ours", [0.0, 0.0, 0.1, 0.1]), compiled], [], [], None, 5, time.time())
+    assert ("compiled SD1.5 512 px, GPU: ours + torch.compile, CUDA graphs: 2 graph breaks (a data-dependent branch), "
+            "1 graphs not CUDA-graphed") in text
+    assert text.count("compiled ") == 1

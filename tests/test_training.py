@@ -242,6 +242,25 @@ def test_dora_and_lora_dropout_keep_peft_input_cast(tiny_sd1, photos, tmp_path, 
     assert casts == ({True} if PEFT_CAN_SKIP_INPUT_CAST else set())
 
 
+def test_unet_norms_compute_in_the_input_dtype_only_under_mixed_precision(tiny_sd1, photos, tmp_path, monkeypatch):
+    # CUDA autocast would run them in fp32, casting to and fro (trainer/precision.py, tests/test_precision.py)
+    from comfyui_dreambooth_lora.trainer.precision import GroupNormInInputDtype, LayerNormInInputDtype
+
+    seen = {}
+    real_place = loop._place_models
+
+    def place(base, *args, **kwargs):
+        norms = [m for m in base.unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        seen[precision] = {type(m) for m in norms}
+        return real_place(base, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_place_models", place)
+    for precision in ("no", "bf16"):
+        loop.train(make_config(tiny_sd1, photos, tmp_path / precision, max_train_steps=1, mixed_precision=precision))
+    assert seen == {"no": {torch.nn.GroupNorm, torch.nn.LayerNorm},
+                    "bf16": {GroupNormInInputDtype, LayerNormInInputDtype}}
+
+
 @pytest.mark.parametrize("on_cpu, native_bf16, cuda_capability, expected", [
     (True, True, None, "bf16"), (True, False, None, "no"),
     (False, False, (9, 0), "bf16"), (False, False, (8, 0), "bf16"),  # H100, A100

@@ -27,6 +27,7 @@ from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
+from .precision import compute_norms_in_input_dtype
 from .sample import build_pipeline, ensure_class_images, generate_images, save_png
 from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
 
@@ -98,6 +99,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
             # every UNet call below is under autocast, which undoes the cast (see the docstring)
             skip_lora_input_casts(base.unet)
+        if accelerator.native_amp:  # else CUDA autocast runs the norms in fp32 and casts to and fro (precision.py)
+            compute_norms_in_input_dtype(base.unet)
         trained_encoders = base.text_encoders if config.train_text_encoder else []
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
