@@ -276,6 +276,35 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, on_c
     assert loop.resolve_mixed_precision(dataclasses.replace(auto, mixed_precision="no")) == "no"
 
 
+def test_samples_out_of_gpu_memory_are_skipped_with_a_warning_and_the_lora_is_written_before_them(
+        tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, sample_every=1, sample_at_end=True,
+                         sample_steps=2)
+    lora = Path(config.output_dir) / f"{config.output_name}.safetensors"
+    written_before = []
+
+    def out_of_memory(*args, **kwargs):
+        written_before.append(lora.exists())
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "generate_images", out_of_memory)
+    result = loop.train(config)
+    assert result.status == "done" and result.samples == [] and lora.exists()
+    assert written_before == [False, True]  # step 1's samples, then the end's, after the LoRA
+    events = read_events(Path(config.output_dir) / "events.jsonl")
+    skipped = [e["message"] for e in events if e["event"] == "log" and "ran out of memory" in e["message"]]
+    assert len(skipped) == 2 and "sample_resolution" in skipped[0]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]  # training went on after step 1's
+
+
+def test_a_failing_end_sample_fails_the_run_but_keeps_the_lora(tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, sample_at_end=True, sample_steps=2)
+    monkeypatch.setattr(loop, "generate_images", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        loop.train(config)
+    assert (Path(config.output_dir) / f"{config.output_name}.safetensors").exists()
+
+
 def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_sampling(tiny_sd1, photos,
                                                                                          tmp_path, monkeypatch):
     # Train mode is what makes LoRA dropout and gradient checkpointing act (also in the text encoders).

@@ -224,12 +224,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
 
         # --- the finished LoRA ---------------------------------------------------------------
         written = []
-        if main:
+        if main:  # the LoRA first: samples that fail must not cost it
+            written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
+                                  config, _metadata(config, base, step, instance_data))
             if config.sample_at_end:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
                                    offloaded=offload)
-            written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
-                                  config, _metadata(config, base, step, instance_data))
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
         accelerator.wait_for_everyone()
         return TrainResult("done", step, written, samples, last_checkpoint)
@@ -543,11 +543,20 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
 
 def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator,
             offloaded: bool = False) -> list[Path]:
-    """Validation images with fixed seeds, written as samples/step_<N>_<i>.png."""
+    """Validation images with fixed seeds, written as samples/step_<N>_<i>.png.
+
+    Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
+    """
     if offloaded:  # the VAE and text encoders wait in CPU memory between samples
         _move_frozen_models(base, accelerator.device)
     try:
         return _sample_on_device(base, unet, config, step, events, accelerator)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        events.log(f"validation samples at step {step} skipped: the GPU ran out of memory "
+                   f"({str(e).splitlines()[0]}). Training goes on. Lower sample_resolution, turn on "
+                   "offload_frozen_models (the 8 and 12 GB memory presets do), or turn sampling off.")
+        return []
     finally:
         if offloaded:
             _move_frozen_models(base, torch.device("cpu"))
