@@ -166,7 +166,8 @@ def gpu_session_plan() -> list[dict]:
     groups = {"sd15": "SD1.5 512 px, GPU", "sdxl": "SDXL 1024 px, GPU"}
     resolution = {"sd15": 512, "sdxl": 1024}
     presets = [case(f"presets: {groups[model]}", f"ours, preset {name}", "ours", model, resolution[model], 6, 2,
-                    preset=name, instance_images=4, class_images=4) for model, name in GPU_PRESET_ORDER]
+                    preset=name, instance_images=4, class_images=4, make_class_images=2, sample=True)
+               for model, name in GPU_PRESET_ORDER]  # as users run them: class images made, samples at the end
     levers = [case(groups[model], label, "ours", model, res, 40 if model == "sd15" else 30, 10, changes,
                    flops=not any("compile" in c for c in changes))  # FLOPs and ops/step of the eager UNet
               for model, res, label, changes in GPU_LEVERS]
@@ -234,6 +235,7 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
         row = rows.setdefault(key, {
             "group": key[0], "label": key[1], "trainer": r["spec"]["trainer"], "runs": 0, "failed": 0, "cut": 0,
             "steady": [], "run_medians": [], "cpu": [], "first": [], "rss": [], "train_rss": [], "alloc": [], "train_alloc": [],
+            "sample_alloc": [],
             "reserved": [], "others": [], "losses": None, "flops": None, "ops": None, "device": None})
         if r.get("failed"):
             row["failed"] += 1
@@ -256,6 +258,8 @@ def summarise(results: list[dict], peak_override: float | None) -> list[dict]:
             row["alloc"].append(r["peak_allocated_bytes"])
             if "train_allocated_bytes" in r:  # results from before 2026-11-26 have no split
                 row["train_alloc"].append(r["train_allocated_bytes"])
+            if "sample_allocated_bytes" in r:
+                row["sample_alloc"].append(r["sample_allocated_bytes"])
             row["reserved"].append(r["peak_reserved_bytes"])
         if r.get("step_flops"):
             row["flops"] = r["step_flops"]
@@ -291,7 +295,7 @@ def table(rows: list[dict]) -> str:
     head = ["case", "trainer", "s/step median (min-max, n)", "vs baseline: median / min", "CPU s/step", "samples/s",
             "1st step s", "peak RSS GB", "RSS stepping GB", "TFLOP/s", "ops/step", "loss vs ours", "others busy"]
     if gpu:
-        head += ["alloc GB", "alloc stepping GB", "reserved GB", "MFU"]
+        head += ["alloc GB", "alloc stepping GB", "alloc sampling GB", "reserved GB", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     gb = lambda xs: f"{max(xs) / 2**30:.2f}" if xs else "-"  # noqa: E731
     for r in rows:
@@ -308,7 +312,8 @@ def table(rows: list[dict]) -> str:
                  f"{100 * r['loss_delta']:.2f}%" if r["loss_delta"] is not None else "-",
                  (f"{max(r['others']):.2f}" + (" BUSY" if max(r["others"]) > BUSY else "")) if r["others"] else "-"]
         if gpu:
-            cells += [gb(r["alloc"]), gb(r["train_alloc"]), gb(r["reserved"]), f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"]
+            cells += [gb(r["alloc"]), gb(r["train_alloc"]), gb(r["sample_alloc"]), gb(r["reserved"]),
+                      f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

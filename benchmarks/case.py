@@ -4,7 +4,9 @@ The spec names the trainer ("ours": `trainer.loop.train` as shipped, or "baselin
 diffusers example in `baseline.py`), the model, resolution, steps and levers. The case runs
 the trainer for real and writes what it measured: every step's `seconds_per_step` from the
 events, the time from the call to the first step, peak RSS (the whole process, and sampled
-during the steps), on a GPU peak allocated / reserved memory, the FLOPs of one training
+during the steps), on a GPU peak allocated / reserved memory (while loading, which includes
+making `make_class_images` more class images, while stepping, and with `sample` while the
+end-of-run samples are made), the FLOPs of one training
 step, and with `profile` the top ops of one steady-state step.
 
 Levers (ours only) change one thing each, by monkeypatching the loop or by a config field,
@@ -104,11 +106,11 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
     values = dict(
         pretrained_model=str(model_dir), instance_dir=str(instance), instance_prompt=INSTANCE_PROMPT,
         with_prior_preservation=True, class_dir=str(classes), class_prompt=CLASS_PROMPT,
-        num_class_images=spec["class_images"], resolution=spec["resolution"], rank=4, alpha=4.0,
+        num_class_images=spec["class_images"] + spec.get("make_class_images", 0), resolution=spec["resolution"], rank=4, alpha=4.0,
         lora_targets="attention", batch_size=1, max_train_steps=spec["steps"], learning_rate=1e-4,
         mixed_precision=mixed, cache_latents="no" if "no_cache" in levers else "auto",
         gradient_checkpointing="grad_ckpt" in levers, compile_unet="compile" in levers, checkpoint_every=0,
-        sample_at_end=False,
+        sample_at_end=bool(spec.get("sample")), sample_steps=4, class_sample_steps=4,
         output_dir=str(output), output_name="bench", overwrite=True, seed=0,
     )
     if spec.get("preset"):  # what the Train node's memory preset sets for this architecture
@@ -306,6 +308,8 @@ def run(spec: dict) -> dict:
     instance, classes = ensure_images(cache, spec["image_size"], spec["instance_images"], spec["class_images"],
                                       photos=spec.get("photos", False))
     workdir = Path(tempfile.mkdtemp(prefix="bench_", dir=spec.get("tmp")))
+    if spec.get("make_class_images"):  # generated in a copy, so that the cached folder keeps its count
+        classes = Path(shutil.copytree(classes, workdir / "classes"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -322,6 +326,7 @@ def run(spec: dict) -> dict:
 
     cpu_marks: list[float] = []
     gpu_load_peak = [0, 0]  # allocated, reserved bytes before the first step
+    gpu_step_peak = [0, 0]  # ... from the first step to the last (then the LoRA is written and sampled)
     machine_marks: list[tuple[float, float, float]] = []  # (wall, machine busy, own CPU) at start and last step
 
     def watch(event):  # process CPU time (all threads) at the start and at the end of every step
@@ -335,6 +340,9 @@ def run(spec: dict) -> dict:
             if cuda:  # the peak while loading (all models on the GPU, latents being cached) apart
                 gpu_load_peak[:] = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
                 torch.cuda.reset_peak_memory_stats()
+        if cuda and event.get("event") == "step" and event["step"] == event["total_steps"]:
+            gpu_step_peak[:] = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+            torch.cuda.reset_peak_memory_stats()
     events.listeners.append(watch)
 
     # The libraries are imported before the clock starts (for both trainers alike): the time to the
@@ -392,10 +400,12 @@ def run(spec: dict) -> dict:
         "other_cores": other_cores,
     }
     if cuda:
-        result["train_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        result["train_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        result["peak_allocated_bytes"] = max(gpu_load_peak[0], result["train_allocated_bytes"])
-        result["peak_reserved_bytes"] = max(gpu_load_peak[1], result["train_reserved_bytes"])
+        end_peak = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+        result["train_allocated_bytes"], result["train_reserved_bytes"] = gpu_step_peak
+        if spec.get("sample"):  # the end-of-run samples (and writing the LoRA)
+            result["sample_allocated_bytes"], result["sample_reserved_bytes"] = end_peak
+        result["peak_allocated_bytes"] = max(gpu_load_peak[0], gpu_step_peak[0], end_peak[0])
+        result["peak_reserved_bytes"] = max(gpu_load_peak[1], gpu_step_peak[1], end_peak[1])
     if levers & {"compile", "compile_cudagraphs"}:  # did it compile whole, and did CUDA graphs take?
         from torch._dynamo.utils import counters
         result["compile_counters"] = {"graph_breaks": dict(counters["graph_break"]),

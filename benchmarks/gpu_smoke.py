@@ -34,7 +34,9 @@ RUNS = {  # name -> (architecture, options)
                     offload_frozen_models=True)),
     "sd1, fp16 with loss scaling": ("sd1", dict(mixed_precision="fp16")),
     "sdxl, text-encoder LoRA": ("sdxl", dict(train_text_encoder=True)),
-    "sdxl, gradient checkpointing, offload": ("sdxl", dict(gradient_checkpointing=True, offload_frozen_models=True)),
+    "sdxl, gradient checkpointing, offload, 5 class images (two turns of the models)": (
+        "sdxl", dict(gradient_checkpointing=True, offload_frozen_models=True, with_prior_preservation=True,
+                     class_prompt="a photo of disc", num_class_images=5)),
 }
 
 

@@ -58,7 +58,7 @@ def test_table_ratios_and_mfu():
     assert rows["ours"]["mfu"] == pytest.approx(0.1)  # 98.9 TFLOP/s against the H200's 989
     assert rows["baseline"]["flops"] == rows["ours"]["flops"]  # the same UNet work, shared in the group
     line = next(x for x in bench.table(list(rows.values())).splitlines() if "| ours |" in x)
-    assert "| 4.00 | 3.00 | 5.00 | 10.0% |" in line  # alloc, alloc stepping, reserved, MFU
+    assert "| 4.00 | 3.00 | - | 5.00 | 10.0% |" in line  # alloc, alloc stepping, alloc sampling, reserved, MFU
 
 
 def test_a_run_past_its_stop_time_skips_its_cases_and_says_so(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_dreambooth_lora.trainer import loop
@@ -317,9 +319,9 @@ def test_trained_models_are_in_train_mode_while_training_and_in_eval_mode_while_
         seen.append(("encode", [e.training for e in encoders]))
         return real_encode(arch, encoders, ids)
 
-    def generate(pipe, *args, **kwargs):
-        seen.append(("sample", [pipe.unet.training, pipe.text_encoder.training]))
-        return real_generate(pipe, *args, **kwargs)
+    def generate(base, unet, *args, **kwargs):
+        seen.append(("sample", [unet.training, base.text_encoders[0].training]))
+        return real_generate(base, unet, *args, **kwargs)
 
     monkeypatch.setattr(loop, "encode_prompts", encode)
     monkeypatch.setattr(loop, "generate_images", generate)
@@ -455,25 +457,71 @@ def test_prior_preservation_generates_class_images_once_and_trains_on_them(tiny_
     assert len(after) == 4 and [p.stat().st_mtime_ns for p in after[:3]] == mtimes  # reused; only the missing one made
 
 
-def test_offloading_run_brings_the_waiting_unet_over_to_make_class_images(tiny_sd1, photos, tmp_path, monkeypatch):
-    config = make_config(tiny_sd1, photos, tmp_path / "run", with_prior_preservation=True, max_train_steps=2,
-                         class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=2,
-                         class_sample_steps=2, offload_frozen_models=True)
-    order = []
-    real_generate = loop.ensure_class_images
+def test_offloading_run_makes_the_same_class_images_and_samples_with_the_models_taking_turns(tiny_sd1, photos,
+                                                                                          tmp_path, monkeypatch):
+    # On a CPU machine every move is to the CPU: this checks that the stages run in order and change
+    # nothing; test_offloaded_models_take_turns_on_the_gpu checks where each stage puts the models.
+    stages = []
+    real_placement = loop._placement
 
-    def generate(base, *args, **kwargs):
-        order.append(f"generate with the unet on {next(base.unet.parameters()).device.type}")
-        return real_generate(base, *args, **kwargs)
+    @contextlib.contextmanager
+    def placement(base, unet, device, take_turns, **kwargs):
+        with real_placement(base, unet, device, take_turns, **kwargs) as place:
+            yield lambda stage: (stages.append(stage if take_turns else f"{stage} (all stay)"), place(stage))
 
-    monkeypatch.setattr(loop, "ensure_class_images", generate)
-    record_unet_moves(monkeypatch, order)
-    assert loop.train(config).status == "done"
-    assert len(list((tmp_path / "class").glob("*.png"))) == 2
-    device = torch.device(next(e for e in read_events(tmp_path / "run" / "events.jsonl")
-                               if e["event"] == "start")["device"]).type
-    # placed in CPU memory, brought to the training device (on a CPU machine the CPU) to generate, back to wait
-    assert order[:4] == ["unet to cpu", f"unet to {device}", f"generate with the unet on {device}", "unet to cpu"], order
+    monkeypatch.setattr(loop, "_placement", placement)
+    runs = {}
+    for offload in (False, True):
+        config = make_config(tiny_sd1, photos, tmp_path / f"run_{offload}", with_prior_preservation=True,
+                             max_train_steps=2, class_prompt="a photo of disc", num_class_images=5,
+                             class_dir=str(tmp_path / f"class_{offload}"), class_sample_steps=2,
+                             offload_frozen_models=offload, sample_at_end=True, sample_steps=2,
+                             validation_prompts=["a photo of sks disc", "a sks disc on a table"])
+        stages.clear()
+        result = loop.train(config)
+        runs[offload] = (sorted(Path(config.class_dir).glob("*.png")), result.samples, list(stages))
+    assert len(runs[True][0]) == 5 and len(runs[True][1]) == 2
+    for plain, offloaded in zip(runs[False][0] + runs[False][1], runs[True][0] + runs[True][1]):
+        assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(offloaded)))
+    # class images 4 and then 1 per turn of the models (CLASS_IMAGES_PER_MOVE), then the samples at the end
+    assert runs[True][2] == ["encode", "denoise", "decode"] * 3
+    assert runs[False][2] == ["encode (all stay)", "denoise (all stay)", "decode (all stay)"] * 6
+
+
+@pytest.mark.parametrize("move_unet", [True, False])
+def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, move_unet):
+    # No GPU needed: the moves are recorded, not made, and a model is where its last move sent it.
+    from types import SimpleNamespace
+
+    from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components
+
+    parts = build_tiny_components("sdxl")
+    base = SimpleNamespace(text_encoders=[parts["text_encoder"], parts["text_encoder_2"]], vae=parts["vae"])
+    unet = parts["unet"]
+    names = {id(m): n for n, m in [("te1", base.text_encoders[0]), ("te2", base.text_encoders[1]), ("unet", unet),
+                                   ("vae", base.vae)]}
+    where = dict.fromkeys(names.values(), "cpu")
+    together = []  # the models on the GPU after every move
+
+    def to(module, device, *args, **kwargs):
+        where[names[id(module)]] = torch.device(device).type
+        together.append({n for n, d in where.items() if d == "cuda"})
+        return module
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    on_gpu = {}
+    with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
+        for stage in ("encode", "denoise", "decode"):
+            place(stage)
+            on_gpu[stage] = {n for n, d in where.items() if d == "cuda"}
+    assert on_gpu == {"encode": {"te1", "te2"}, "denoise": {"unet"} if move_unet else set(), "decode": {"vae"}}
+    assert all(len({"te" if n.startswith("te") else n for n in models}) <= 1 for models in together)
+    assert where == dict.fromkeys(names.values(), "cpu")  # back where they were
+    with loop._placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
+        moves = len(together)
+        for stage in ("encode", "denoise", "decode"):
+            place(stage)
+    assert len(together) == moves
 
 
 def test_prior_preservation_keeps_the_class_prediction_near_the_base_model(class_model, photos, tmp_path):

@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +28,7 @@ from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
-from .sample import build_pipeline, ensure_class_images, generate_images, save_png
+from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, save_png
 from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
 
 # How long processes wait for each other in a collective. Under a multi-process launch the
@@ -110,7 +110,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         class_data = None
         if config.with_prior_preservation:
             # On the training device and precision; the new LoRA is still zero, so this is the base model.
-            class_data = _prepare_class_data(config, base, events, stop, main, accelerator)
+            class_data = _prepare_class_data(config, base, events, stop, main, accelerator, offloaded=offload)
         if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
             raise _Stopped
         if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
@@ -494,8 +494,12 @@ def _place_models(base: BaseModel, device, weight_dtype, unet_waits: bool = Fals
 
 
 def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWriter, stop: StopRequest, main: bool,
-                        accelerator) -> ImageDataset:
-    """Class images for prior preservation: generate the missing ones once, then load them as a dataset."""
+                        accelerator, offloaded: bool = False) -> ImageDataset:
+    """Class images for prior preservation: generate the missing ones once, then load them as a dataset.
+
+    `offloaded`: the UNet waits in CPU memory (offload_frozen_models); the models then take
+    turns on the GPU while generating.
+    """
     class_dir = Path(config.class_dir)
     existing = count_images(class_dir)
     if existing < config.num_class_images and main:
@@ -507,17 +511,15 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
             if stop.requested():
                 raise _Stopped
 
-        unet_home = next(base.unet.parameters()).device
-        torch.nn.Module.to(base.unet, accelerator.device)  # it may wait in CPU memory (offload_frozen_models)
         try:
-            ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
-                                size=config.resolution, steps=config.class_sample_steps,
-                                guidance=config.sample_guidance, seed=config.seed, existing=existing,
-                                on_progress=progress, autocast=accelerator.autocast)
+            with _placement(base, base.unet, accelerator.device, offloaded) as place:
+                ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
+                                    size=config.resolution, steps=config.class_sample_steps,
+                                    guidance=config.sample_guidance, seed=config.seed, existing=existing,
+                                    on_progress=progress, autocast=accelerator.autocast, place=place,
+                                    per_call=CLASS_IMAGES_PER_MOVE if offloaded else 1)
         except _Stopped:
             pass  # the others wait below; then every process stops together
-        finally:
-            torch.nn.Module.to(base.unet, unet_home)
     accelerator.wait_for_everyone()
     if _stop_everywhere(stop, accelerator):
         raise _Stopped
@@ -546,36 +548,65 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png.
 
     Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
+    `offloaded`: the VAE and text encoders wait in CPU memory; the models take turns on the GPU
+    (the UNet too, in a one-process run: several processes' prepared UNets stay put).
     """
-    if offloaded:  # the VAE and text encoders wait in CPU memory between samples
-        _move_frozen_models(base, accelerator.device)
     try:
-        return _sample_on_device(base, unet, config, step, events, accelerator)
+        with _placement(base, unet, accelerator.device, offloaded,
+                        move_unet=accelerator.num_processes == 1) as place:
+            return _sample_on_device(base, unet, config, step, events, accelerator, place)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         events.log(f"validation samples at step {step} skipped: the GPU ran out of memory "
                    f"({str(e).splitlines()[0]}). Training goes on. Lower sample_resolution, turn on "
                    "offload_frozen_models (the 8 and 12 GB memory presets do), or turn sampling off.")
         return []
+
+
+@contextmanager
+def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, move_unet: bool = True):
+    """The `place(stage)` that `generate_images` calls before encoding, denoising and decoding.
+
+    Without `take_turns` every model stays where it is. With it (offload_frozen_models) only
+    the stage's own models are on `device` and the others wait in CPU memory, so that the text
+    encoders, the UNet and the VAE's decoding never need the GPU together (SDXL on an 8 GB
+    card); afterwards every model goes back to where it was.
+    """
+    if not take_turns:
+        yield lambda stage: None
+        return
+    turns = {"encode": list(base.text_encoders), "denoise": [unet] if move_unet else [], "decode": [base.vae]}
+    homes = [(model, next(model.parameters()).device) for models in turns.values() for model in models]
+
+    def place(stage: str) -> None:
+        for other, models in turns.items():  # out first, then in: never both on the GPU
+            for model in models if other != stage else []:
+                torch.nn.Module.to(model, torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for model in turns[stage]:
+            torch.nn.Module.to(model, device)
+
+    try:
+        yield place
     finally:
-        if offloaded:
-            _move_frozen_models(base, torch.device("cpu"))
+        for model, home in sorted(homes, key=lambda mh: mh[1].type != "cpu"):  # those leaving the GPU first
+            torch.nn.Module.to(model, home)
 
 
 def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
-                      accelerator) -> list[Path]:
+                      accelerator, place) -> list[Path]:
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     for module in (unet, *base.text_encoders):
         module.eval()
-    pipe = build_pipeline(base, unet)
     # A compiled UNet would compile again for sampling's shapes and eval mode (minutes on real models).
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     eager = set_stance("force_eager") if config.compile_unet and set_stance else nullcontext()
     with eager:
-        images = generate_images(pipe, prompts, seeds, size=config.sample_resolution or config.resolution,
+        images = generate_images(base, unet, prompts, seeds, size=config.sample_resolution or config.resolution,
                                  steps=config.sample_steps, guidance=config.sample_guidance,
-                                 autocast=accelerator.autocast)
+                                 autocast=accelerator.autocast, place=place)
     paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
              for i, img in enumerate(images)]
     events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)

@@ -12,47 +12,90 @@ from PIL import Image
 from .fileio import atomic_write
 
 
-def build_pipeline(base, unet=None):
+def build_pipeline(base, unet=None, *, denoise_only: bool = False):
     """A diffusers text-to-image pipeline over the loaded components (no safety checker, no download).
 
     `unet` replaces the base UNet, e.g. the one carrying LoRA adapters. Sampling uses
-    Euler with the model's own training schedule and prediction type.
+    Euler with the model's own training schedule and prediction type. With `denoise_only`
+    the text encoders and the VAE are left out (prompt embeddings in, latents out): the
+    pipeline then runs on the UNet's device wherever they are, which diffusers would
+    otherwise take from any one of its models (without a VAE it assumes the 8 pixels per
+    latent of every SD1/SDXL VAE).
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler.from_config(base.noise_scheduler.config)
     unet = unet if unet is not None else base.unet
+    vae, encoders = (None, [None] * len(base.text_encoders)) if denoise_only else (base.vae, base.text_encoders)
     if base.info.arch == "sd1":
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=base.tokenizers[0],
                                        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     else:
-        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
-                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
-                                         tokenizer_2=base.tokenizers[1], unet=unet, scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+# Class images made between two moves of the models when they take turns on the GPU: each move
+# of an SDXL UNet is ~5 GB over PCIe, and a stop waits for the images in hand to be finished.
+CLASS_IMAGES_PER_MOVE = 4
+
+
+def _stay(stage: str) -> None:
+    """Every model stays where it is (the default `place`)."""
+
+
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], *, size: int, steps: int, guidance: float,
-                    autocast: Callable[[], ContextManager] = nullcontext) -> list[Image.Image]:
+def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: int, steps: int, guidance: float,
+                    autocast: Callable[[], ContextManager] = nullcontext,
+                    place: Callable[[str], None] = _stay) -> list[Image.Image]:
     """One image per (prompt, seed), each from its own seeded generator so it can be reproduced.
 
-    Denoising runs under `autocast` (the training precision: fp32 LoRA layers meet bf16/fp16
-    weights); the VAE decodes outside it, in its own dtype, because SDXL's VAE (kept in
-    fp32) overflows to black images in fp16.
+    Three stages, each needing only its own models: the text encoders encode every prompt,
+    the UNet (`unet`, e.g. carrying the LoRA) denoises, the VAE decodes. `place(stage)` runs
+    before each ("encode", "denoise", "decode"); a run that keeps frozen models in CPU memory gives one that brings
+    only that stage's models to the GPU, so the three never need it together. Encoding and
+    denoising run under `autocast` (the training precision: fp32 LoRA layers meet bf16/fp16
+    weights); the VAE decodes outside it, in its own dtype, because SDXL's VAE (kept in fp32)
+    overflows to black images in fp16.
     """
-    images = []
-    for prompt, seed in zip(prompts, seeds):
+    place("encode")
+    encoder = build_pipeline(base, unet)
+    device = base.text_encoders[0].device
+    with autocast():
+        conditions = [_prompt_embeddings(encoder, prompt, device, guidance) for prompt in prompts]
+    place("denoise")
+    denoiser = build_pipeline(base, unet, denoise_only=True)
+    latents = []
+    for condition, seed in zip(conditions, seeds):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with autocast():
-            latents = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=generator, output_type="latent").images
-        vae = pipe.vae
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+            latents.append(denoiser(**condition, height=size, width=size, num_inference_steps=steps,
+                                    guidance_scale=guidance, generator=generator, output_type="latent").images)
+    place("decode")
+    vae = base.vae
+    images = []
+    for latent in latents:
+        pixels = vae.decode(latent.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        images += encoder.image_processor.postprocess(pixels.float(), output_type="pil")
     return images
+
+
+def _prompt_embeddings(pipe, prompt: str, device, guidance: float) -> dict[str, torch.Tensor]:
+    """What the pipeline would encode from `prompt` itself (and from the empty negative prompt with guidance)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    guided = guidance > 1
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided)
+        return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=negative_pooled)
+    embeds, negative = pipe.encode_prompt(prompt, device, 1, guided)
+    return dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
@@ -63,22 +106,25 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size: int, steps: int,
                         guidance: float, seed: int, existing: int, on_progress=None,
-                        autocast: Callable[[], ContextManager] = nullcontext) -> list[Path]:
+                        autocast: Callable[[], ContextManager] = nullcontext,
+                        place: Callable[[str], None] = _stay, per_call: int = 1) -> list[Path]:
     """Generate the class images the folder lacks, with the base model, and write them there.
 
     Called before anything is trained (the new LoRA is still zero), so the images show what
     the base model knows of the class. Files are named `class_<seed>_<i>.png` and written atomically one by one:
-    a stopped run keeps the ones it made and a later run makes only the rest.
+    a stopped run keeps the ones it made and a later run makes only the rest. `per_call`
+    images are made per call of `generate_images` (and per turn of models that `place` moves).
     """
     missing = count - existing
     if missing <= 0:
         return []
-    pipe = build_pipeline(base)
     written = []
-    for i in range(existing, count):
-        image = generate_images(pipe, [prompt], [seed + i], size=size, steps=steps, guidance=guidance,
-                                autocast=autocast)[0]
-        written.append(save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png"))
-        if on_progress:
-            on_progress(len(written), missing)
+    for first in range(existing, count, per_call):
+        indices = range(first, min(first + per_call, count))
+        images = generate_images(base, base.unet, [prompt] * len(indices), [seed + i for i in indices], size=size,
+                                 steps=steps, guidance=guidance, autocast=autocast, place=place)
+        for i, image in zip(indices, images):
+            written.append(save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png"))
+            if on_progress:
+                on_progress(len(written), missing)
     return written
