@@ -10,8 +10,8 @@
 # It runs the trainer's GPU paths on the tiny models first (gpu_smoke.py, ~30 s; its lines go
 # to $OUT/smoke.txt, and a failure is reported, not fatal: the benchmark's own cases show which
 # paths work), then `bench.py --gpu-session` until BUDGET seconds after it began: ours and
-# the baseline at SD1.5 512 / SDXL 1024 (FLOPs, MFU, a profiled step), the memory presets, then
-# the GPU levers, most wanted first. The table, results.json and every case's log and profile
+# the baseline at SD1.5 512 / SDXL 1024 (FLOPs, MFU, a profiled step), the levers that bear most
+# on the speed targets, the memory presets, then the other levers. The table, results.json and every case's log and profile
 # (one tar) land in $OUT, also when the time runs out.
 set -euo pipefail
 began=$(date +%s)
