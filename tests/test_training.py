@@ -488,8 +488,8 @@ def test_offloading_run_makes_the_same_class_images_and_samples_with_the_models_
     assert runs[False][2] == ["encode (all stay)", "denoise (all stay)", "decode (all stay)"] * 6
 
 
-@pytest.mark.parametrize("move_unet", [True, False])
-def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, move_unet):
+@pytest.mark.parametrize("case", ["class images", "samples", "samples, several processes"])
+def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     # No GPU needed: the moves are recorded, not made, and a model is where its last move sent it.
     from types import SimpleNamespace
 
@@ -500,7 +500,10 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, move_unet):
     unet = parts["unet"]
     names = {id(m): n for n, m in [("te1", base.text_encoders[0]), ("te2", base.text_encoders[1]), ("unet", unet),
                                    ("vae", base.vae)]}
-    where = dict.fromkeys(names.values(), "cpu")
+    # class images: made before training, the UNet waits in CPU memory; samples: made while it trains on the GPU
+    home = {"te1": "cpu", "te2": "cpu", "unet": "cuda", "vae": "cpu"} if case.startswith("samples") else \
+        {"te1": "cuda", "te2": "cuda", "unet": "cpu", "vae": "cuda"}
+    where = dict(home)
     together = []  # the models on the GPU after every move
 
     def to(module, device, *args, **kwargs):
@@ -509,19 +512,40 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, move_unet):
         return module
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(loop, "_device_of", lambda model: torch.device(home[names[id(model)]]))
+    move_unet = case != "samples, several processes"
+    resident = set() if move_unet else {"unet"}  # a wrapped UNet stays on the GPU throughout
     on_gpu = {}
     with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
         for stage in ("encode", "denoise", "decode"):
             place(stage)
             on_gpu[stage] = {n for n, d in where.items() if d == "cuda"}
-    assert on_gpu == {"encode": {"te1", "te2"}, "denoise": {"unet"} if move_unet else set(), "decode": {"vae"}}
-    assert all(len({"te" if n.startswith("te") else n for n in models}) <= 1 for models in together)
-    assert where == dict.fromkeys(names.values(), "cpu")  # back where they were
+        during = len(together)
+    assert on_gpu == {"encode": {"te1", "te2"} | resident, "denoise": {"unet"}, "decode": {"vae"} | resident}
+    stage_of = {"te1": "encode", "te2": "encode", "unet": "denoise", "vae": "decode"}
+    start = {n for n, d in home.items() if d == "cuda"}
+    # never more on the GPU than at the start or than one stage's models (out first, then in)
+    assert all(models <= start or len({stage_of[n] for n in models - resident}) <= 1 for models in together[:during])
+    assert where == home  # back where they were, those leaving the GPU first
+    assert not any({"vae", "unet"} <= models for models in together[during:]) or not move_unet
     with loop._placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
         moves = len(together)
         for stage in ("encode", "denoise", "decode"):
             place(stage)
     assert len(together) == moves
+
+
+def test_a_stop_while_making_class_images_keeps_every_image_already_made(tiny_sd1, photos, tmp_path):
+    # With offloading, class images come CLASS_IMAGES_PER_MOVE per turn of the models: a stop asked
+    # at the first of them must not drop the others, which are made by then.
+    config = make_config(tiny_sd1, photos, tmp_path / "run", with_prior_preservation=True, max_train_steps=2,
+                         class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=6,
+                         class_sample_steps=2, offload_frozen_models=True)
+    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events.listeners.append(lambda e: e["event"] == "class_images" and (Path(config.output_dir) / "STOP").touch())
+    result = loop.train(config, events=events)
+    assert result.status == "stopped" and result.step == 0
+    assert len(list((tmp_path / "class").glob("*.png"))) == loop.CLASS_IMAGES_PER_MOVE == 4
 
 
 def test_prior_preservation_keeps_the_class_prediction_near_the_base_model(class_model, photos, tmp_path):

@@ -549,18 +549,23 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
 
     Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
     `offloaded`: the VAE and text encoders wait in CPU memory; the models take turns on the GPU
-    (the UNet too, in a one-process run: several processes' prepared UNets stay put).
+    (the UNet too where accelerate has not wrapped it: DDP, DeepSpeed and FSDP keep theirs put).
     """
-    try:
-        with _placement(base, unet, accelerator.device, offloaded,
-                        move_unet=accelerator.num_processes == 1) as place:
+    from accelerate.utils import DistributedType
+
+    with _placement(base, unet, accelerator.device, offloaded,
+                    move_unet=accelerator.distributed_type == DistributedType.NO) as place:
+        try:
             return _sample_on_device(base, unet, config, step, events, accelerator, place)
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        events.log(f"validation samples at step {step} skipped: the GPU ran out of memory "
-                   f"({str(e).splitlines()[0]}). Training goes on. Lower sample_resolution, turn on "
-                   "offload_frozen_models (the 8 and 12 GB memory presets do), or turn sampling off.")
-        return []
+        except torch.cuda.OutOfMemoryError as e:
+            # Caught here, inside: the frames holding the failed stage's tensors are gone by the
+            # time the models move back to where they were.
+            failure = str(e).splitlines()[0]
+    torch.cuda.empty_cache()
+    fix = "" if offloaded else "turn on offload_frozen_models (the 8 and 12 GB memory presets do), "
+    events.log(f"validation samples at step {step} skipped: the GPU ran out of memory ({failure}). Training "
+               f"goes on. Lower sample_resolution, {fix}or turn sampling off.")
+    return []
 
 
 @contextmanager
@@ -576,7 +581,7 @@ def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, mo
         yield lambda stage: None
         return
     turns = {"encode": list(base.text_encoders), "denoise": [unet] if move_unet else [], "decode": [base.vae]}
-    homes = [(model, next(model.parameters()).device) for models in turns.values() for model in models]
+    homes = [(model, _device_of(model)) for models in turns.values() for model in models]
 
     def place(stage: str) -> None:
         for other, models in turns.items():  # out first, then in: never both on the GPU
@@ -592,6 +597,10 @@ def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, mo
     finally:
         for model, home in sorted(homes, key=lambda mh: mh[1].type != "cpu"):  # those leaving the GPU first
             torch.nn.Module.to(model, home)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,

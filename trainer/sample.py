@@ -17,24 +17,25 @@ def build_pipeline(base, unet=None, *, denoise_only: bool = False):
 
     `unet` replaces the base UNet, e.g. the one carrying LoRA adapters. Sampling uses
     Euler with the model's own training schedule and prediction type. With `denoise_only`
-    the text encoders and the VAE are left out (prompt embeddings in, latents out): the
-    pipeline then runs on the UNet's device wherever they are, which diffusers would
-    otherwise take from any one of its models (without a VAE it assumes the 8 pixels per
-    latent of every SD1/SDXL VAE).
+    the text encoders and the VAE are taken out after building (prompt embeddings in, latents
+    out): the pipeline then runs on the UNet's device wherever they are, which diffusers would
+    otherwise take from any one of its models. (Built without them, diffusers < 0.33 fails.)
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler.from_config(base.noise_scheduler.config)
     unet = unet if unet is not None else base.unet
-    vae, encoders = (None, [None] * len(base.text_encoders)) if denoise_only else (base.vae, base.text_encoders)
     if base.info.arch == "sd1":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=base.tokenizers[0],
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
                                        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     else:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                         tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=unet,
-                                         scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0],
+                                         text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
+                                         tokenizer_2=base.tokenizers[1], unet=unet, scheduler=scheduler)
+    if denoise_only:
+        encoders = ["text_encoder", "text_encoder_2"][:len(base.text_encoders)]
+        pipe.register_modules(vae=None, **dict.fromkeys(encoders))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -123,8 +124,9 @@ def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size:
         indices = range(first, min(first + per_call, count))
         images = generate_images(base, base.unet, [prompt] * len(indices), [seed + i for i in indices], size=size,
                                  steps=steps, guidance=guidance, autocast=autocast, place=place)
-        for i, image in zip(indices, images):
-            written.append(save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png"))
+        saved = [save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png") for i, image in zip(indices, images)]
+        for path in saved:  # all saved first: `on_progress` may stop the run
+            written.append(path)
             if on_progress:
                 on_progress(len(written), missing)
     return written
