@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+OLDEST := .venv-oldest
 export HF_HUB_OFFLINE := 1
 # Only for this repository's own test venv, and only when it has no torch yet: a CPU-capable
 # trio that ComfyUI's start-up (torchvision, torchaudio) accepts. The pack never installs torch.
 TORCH_FOR_TESTS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.*
 
-.PHONY: setup demo test test-slow test-all comfyui bench gpu-wheels clean
+.PHONY: setup demo test test-oldest test-slow test-all comfyui bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -27,9 +28,20 @@ comfyui: setup
 demo: setup
 	$(BIN)/python -m comfyui_dreambooth_lora.trainer demo --output demo_output
 
-## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code)
+## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the installed
+## versions and again at the oldest ones pyproject.toml allows
 test: comfyui
 	$(BIN)/python -m pytest -m "not slow" -q
+	$(MAKE) test-oldest
+
+## test-oldest: the same tests in .venv-oldest, at the floor of every dependency range (tests/oldest_versions.py)
+test-oldest: comfyui
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
+		$(OLDEST)/bin/python -m pip install --quiet $(TORCH_FOR_TESTS)
+	$(BIN)/python tests/oldest_versions.py > $(OLDEST)/constraints.txt
+	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt -r requirements-dev.txt -e .
+	DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
 
 ## test-slow: the tests too slow for CI
 test-slow: comfyui

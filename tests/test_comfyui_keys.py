@@ -148,8 +148,9 @@ def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
         if isinstance(module, nn.Linear):
             key_map["lora_unet_" + name.replace(".", "_")] = f"unet.{name}.weight"
     for name, module in fresh_te.named_modules():
-        if isinstance(module, nn.Linear):
-            key_map["lora_te_text_model_" + name.replace(".", "_")] = f"te.{name}.weight"
+        if isinstance(module, nn.Linear):  # transformers < 5 names them under `text_model.`
+            kohya = "lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_")
+            key_map[kohya] = f"te.{name}.weight"
     sample = torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 7, 32, generator=generator)
     ids = torch.tensor([[512, 5, 17, 99, 513]])

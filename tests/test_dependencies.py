@@ -5,9 +5,11 @@ say so before a user's install does.
 """
 
 import importlib.metadata
+import os
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +50,24 @@ def test_peft_adapters_work_on_transformers_and_diffusers_models():
     assert any("lora_A" in n for n, _ in parts["unet"].named_parameters())
     out = parts["text_encoder"](torch.tensor([[512, 1, 2, 513]]))[0]
     assert torch.isfinite(out).all()
+
+
+def test_every_dependency_has_one_floor_that_make_test_oldest_installs():
+    from oldest_versions import oldest_versions
+
+    floors = oldest_versions()
+    assert {"diffusers", "peft", "transformers", "accelerate", "safetensors", "pillow"} <= floors.keys()
+    for req in declared():
+        if req.marker is None or req.marker.evaluate():
+            assert req.specifier.contains(floors[req.name]), f"{req}: its floor {floors[req.name]} is outside it"
+
+
+@pytest.mark.skipif(not os.environ.get("DREAMBOOTH_LORA_OLDEST"), reason="only in `make test-oldest`")
+def test_the_oldest_run_has_the_floor_of_every_range_installed():
+    from packaging.version import Version
+
+    pins = [Requirement(line) for line in Path(os.environ["DREAMBOOTH_LORA_OLDEST"]).read_text().split()]
+    assert pins
+    for pin in pins:
+        pinned = next(iter(pin.specifier)).version
+        assert Version(importlib.metadata.version(pin.name)) == Version(pinned), pin

@@ -22,7 +22,6 @@ from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
-from test_lora_export import PEFT_CAN_SKIP_INPUT_CAST
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +225,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
     assert len(list((tmp_path / "class").glob("*.png"))) == 2 and len(result.samples) == 1
     # denoising in the training precision; the VAE decodes in its own dtype (SDXL's overflows in fp16)
     assert autocast == {"unet": {True}, "vae decoder": {False}}
-    assert casts == ({False} if PEFT_CAN_SKIP_INPUT_CAST else set())
+    assert casts == {False}
 
 
 @pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_dropout=0.1)])
@@ -241,7 +240,7 @@ def test_dora_and_lora_dropout_keep_peft_input_cast(tiny_sd1, photos, tmp_path, 
 
     monkeypatch.setattr(loop, "_place_models", place)
     loop.train(make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, mixed_precision="bf16", **variant))
-    assert casts == ({True} if PEFT_CAN_SKIP_INPUT_CAST else set())
+    assert casts == {True}
 
 
 def test_unet_norms_compute_in_the_input_dtype_only_under_mixed_precision(tiny_sd1, photos, tmp_path, monkeypatch):

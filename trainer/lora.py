@@ -144,7 +144,7 @@ def skip_lora_input_casts(unet: nn.Module) -> None:
     without autocast a bf16 input would meet the fp32 LoRA weights: an error.
     """
     for module in unet.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):  # peft versions without the switch always cast
+        if hasattr(module, "cast_input_dtype_enabled"):  # peft's LoRA layers (peft >= 0.15)
             module.cast_input_dtype_enabled = False
 
 
