@@ -505,8 +505,13 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     where = dict(home)
     together = []  # the models on the GPU after every move
 
+    moved = []  # (model, to), only the moves that change where it is
+
     def to(module, device, *args, **kwargs):
-        where[names[id(module)]] = torch.device(device).type
+        name, target = names[id(module)], torch.device(device).type
+        if where[name] != target:
+            moved.append((name, target))
+        where[name] = target
         together.append({n for n, d in where.items() if d == "cuda"})
         return module
 
@@ -519,14 +524,14 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
         for stage in ("encode", "denoise", "decode"):
             place(stage)
             on_gpu[stage] = {n for n, d in where.items() if d == "cuda"}
-        during = len(together)
-    assert on_gpu == {"encode": {"te1", "te2"} | resident, "denoise": {"unet"}, "decode": {"vae"} | resident}
-    stage_of = {"te1": "encode", "te2": "encode", "unet": "denoise", "vae": "decode"}
+    trains_on_gpu = {"unet"} if home["unet"] == "cuda" else set()  # it may stay beside the text encoders
+    assert on_gpu == {"encode": {"te1", "te2"} | trains_on_gpu, "denoise": {"unet"}, "decode": {"vae"} | resident}
     start = {n for n, d in home.items() if d == "cuda"}
-    # never more on the GPU than at the start or than one stage's models (out first, then in)
-    assert all(models <= start or len({stage_of[n] for n in models - resident}) <= 1 for models in together[:during])
-    assert where == home  # back where they were, those leaving the GPU first
-    assert not any({"vae", "unet"} <= models for models in together[during:]) or not move_unet
+    # the VAE decodes alone (beside a UNet that cannot move), out first, then in; and on the way home
+    assert all(models <= start or "vae" not in models or models - resident == {"vae"} for models in together)
+    assert where == home
+    if case == "samples":  # the training UNet leaves for the decoding and comes back: two moves, not four
+        assert [m for m in moved if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cuda")]
     with loop._placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
         moves = len(together)
         for stage in ("encode", "denoise", "decode"):

@@ -572,24 +572,28 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
 def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, move_unet: bool = True):
     """The `place(stage)` that `generate_images` calls before encoding, denoising and decoding.
 
-    Without `take_turns` every model stays where it is. With it (offload_frozen_models) only
-    the stage's own models are on `device` and the others wait in CPU memory, so that the text
-    encoders, the UNet and the VAE's decoding never need the GPU together (SDXL on an 8 GB
-    card); afterwards every model goes back to where it was.
+    Without `take_turns` every model stays where it is. With it (offload_frozen_models) each
+    stage brings its own models to `device` after sending the others it does not need to CPU
+    memory, so that the VAE's decoding never shares the GPU with the UNet or the text
+    encoders (SDXL on an 8 GB card). The UNet may stay beside the text encoders, which only
+    encode a few prompts: a UNet that trains on the GPU then moves twice per round of
+    samples (out for the decoding, back after), not four times. Afterwards every model goes
+    back to where it was. With `move_unet` False the UNet never moves (a wrapped one).
     """
     if not take_turns:
         yield lambda stage: None
         return
-    turns = {"encode": list(base.text_encoders), "denoise": [unet] if move_unet else [], "decode": [base.vae]}
-    homes = [(model, _device_of(model)) for models in turns.values() for model in models]
+    encoders, vae, unets = list(base.text_encoders), [base.vae], [unet] if move_unet else []
+    plan = {"encode": (encoders, vae), "denoise": (unets, encoders + vae), "decode": (vae, encoders + unets)}
+    homes = [(model, _device_of(model)) for model in encoders + vae + unets]
 
     def place(stage: str) -> None:
-        for other, models in turns.items():  # out first, then in: never both on the GPU
-            for model in models if other != stage else []:
-                torch.nn.Module.to(model, torch.device("cpu"))
+        needed, in_the_way = plan[stage]
+        for model in in_the_way:  # out first, then in
+            torch.nn.Module.to(model, torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for model in turns[stage]:
+        for model in needed:
             torch.nn.Module.to(model, device)
 
     try:
