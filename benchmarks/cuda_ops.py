@@ -11,7 +11,8 @@ Only the forward: autograd's engine needs a real device for the backward, which 
 
     .venv/bin/python benchmarks/cuda_ops.py [sd15] [sdxl] [tiny] [tiny_sdxl]
 
-prints, per model and variant, the forward's ops, its casts and the bytes they move.
+prints, per model and variant, the forward's ops (and those that are not views, each of
+which may launch a kernel), its casts and the bytes they move.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 class Census:
     """What one forward dispatched: ops by name, and the casts (`aten._to_copy`) with their traffic."""
     ops: collections.Counter = field(default_factory=collections.Counter)
+    launches: int = 0  # ops that are not views: each may launch a kernel
     casts: collections.Counter = field(default_factory=collections.Counter)  # (from, to, shape) -> count
     cast_bytes: int = 0
     output_dtype: torch.dtype | None = None
@@ -106,6 +108,7 @@ def forward_census(unet: nn.Module, batch: int, latent_size: int, dtype: torch.d
             name = str(func)
             if not name.startswith("prim."):
                 census.ops[name] += 1
+                census.launches += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
                 if func is torch.ops.aten._to_copy.default:
                     source = args[0]
                     census.casts[(source.dtype, out.dtype, tuple(source.shape))] += 1
@@ -173,8 +176,9 @@ def main(argv: list[str]) -> None:
         for variant in VARIANTS:
             census = counted[variant] = forward_census(trainer_unet(model, variant), batch=2,
                                                        latent_size=RESOLUTION[model] // 8)
-            print(f"{model} {RESOLUTION[model]} px, batch 2, bf16, {variant}: {census.total} ops, "
-                  f"{census.num_casts} casts moving {census.cast_bytes / 1e9:.3f} GB", flush=True)
+            print(f"{model} {RESOLUTION[model]} px, batch 2, bf16, {variant}: {census.total} ops "
+                  f"({census.launches} not views), {census.num_casts} casts moving {census.cast_bytes / 1e9:.3f} GB",
+                  flush=True)
         heavy = sorted(counted["ours"].casts.items(), key=lambda kv: -kv[1] * torch.Size(kv[0][2]).numel())[:4]
         print("  ours, largest casts:", "; ".join(f"{n} x {str(a)[6:]} -> {str(b)[6:]} {list(s)}"
                                                for (a, b, s), n in heavy))
