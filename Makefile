@@ -35,13 +35,16 @@ test: comfyui
 	$(MAKE) test-oldest
 
 ## test-oldest: the same tests in .venv-oldest, at the floor of every dependency range (tests/oldest_versions.py)
-test-oldest: comfyui
+test-oldest: comfyui $(OLDEST)/.installed
+	DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
+
+$(OLDEST)/.installed: pyproject.toml requirements-dev.txt tests/oldest_versions.py $(VENV)/.installed
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
 		$(OLDEST)/bin/python -m pip install --quiet $(TORCH_FOR_TESTS)
 	$(BIN)/python tests/oldest_versions.py > $(OLDEST)/constraints.txt
 	$(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/constraints.txt -r requirements-dev.txt -e .
-	DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
+	touch $@
 
 ## test-slow: the tests too slow for CI
 test-slow: comfyui

@@ -6,11 +6,15 @@ say so before a user's install does.
 
 import importlib.metadata
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -111,3 +111,21 @@ def test_a_stop_while_the_main_process_makes_class_images_stops_every_process(ti
     assert process.returncode == 0, stderr[-3000:]
     assert read_events(events)[-1]["event"] == "stopped"
     assert 0 < len(list((tmp_path / "class").glob("*.png"))) < 500
+
+
+def test_the_cli_takes_its_process_group_down_before_the_process_exits(tiny_sd1, tmp_path):
+    # Left to the interpreter's exit, gloo's threads once aborted a worker after a clean stop
+    # ("terminate called without an active exception"), failing the whole launch.
+    photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
+    script = f"""
+import json, torch.distributed as dist
+from comfyui_dreambooth_lora.trainer.cli import run_training
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+code = run_training(TrainConfig(**json.loads({json.dumps(json.dumps(config.to_dict()))})))
+print("exit", code, "group left:", dist.is_initialized())
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "exit 0 group left: False" in result.stdout, result.stderr[-3000:]

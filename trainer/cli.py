@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(config, events_to_stdout: bool = False) -> int:
     """Train with a terminal progress line; turn expected failures into a message and an exit code."""
+    import torch
     from accelerate import PartialState
 
     from .checkpoints import ResumeError
@@ -77,6 +78,12 @@ def run_training(config, events_to_stdout: bool = False) -> int:
         # bad input found before or while setting up (e.g. a rank larger than a layer)
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
+    finally:
+        # Left to the interpreter's exit, a process group's threads can abort the process
+        # ("terminate called without an active exception", seen once with accelerate 1.0 and
+        # gloo), which fails the whole launch after a clean stop.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if main_process:
         print(f"\n{result.status} at step {result.step}", file=sys.stderr)
         for path in result.lora_files:
