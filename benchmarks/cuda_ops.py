@@ -78,8 +78,9 @@ def _attention_as_one_op():
 
 
 @contextlib.contextmanager
-def _cuda_autocast(dtype: torch.dtype):
-    # torch.autocast("cuda") refuses without a GPU; the switches below are what it sets.
+def cuda_autocast(dtype: torch.dtype):
+    """CUDA autocast switched on without a GPU (for fake CUDA tensors); `torch.autocast("cuda")`
+    refuses there, and these switches are what it sets."""
     was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", dtype)
@@ -132,7 +133,7 @@ def forward_census(unet: nn.Module, batch: int, latent_size: int, dtype: torch.d
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
             added = {"text_embeds": torch.randn(batch, pooled, device="cuda", dtype=dtype),
                      "time_ids": torch.randn(batch, 6, device="cuda", dtype=dtype)}
-        with _attention_as_one_op(), _cuda_autocast(dtype), Count():
+        with _attention_as_one_op(), cuda_autocast(dtype), Count():
             out = torch.func.functional_call(unet, state, (sample, timesteps, embeds),
                                              {"added_cond_kwargs": added}).sample
         census.output_dtype = out.dtype

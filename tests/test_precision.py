@@ -76,7 +76,7 @@ def test_mixed_dtypes_are_left_to_autocast(norm):
 
     ours = copy.deepcopy(norm)
     compute_norms_in_input_dtype(ours)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, cuda_ops._cuda_autocast(torch.bfloat16):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, cuda_ops.cuda_autocast(torch.bfloat16):
         x = torch.randn(2, 8, 4, 8, device="cuda")
         results = []
         for layer in (norm, ours):

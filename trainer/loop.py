@@ -28,7 +28,7 @@ from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
-from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, save_png
+from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, keep_models_in_place, save_png
 from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
 
 # How long processes wait for each other in a collective. Under a multi-process launch the
@@ -580,19 +580,18 @@ def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, mo
     model goes back to where it was. With `move_unet` False the UNet never moves (a wrapped one).
     """
     if not take_turns:
-        yield lambda stage: None
+        yield keep_models_in_place
         return
-    encoders, vae, unets = list(base.text_encoders), [base.vae], [unet] if move_unet else []
-    plan = {"encode": (encoders, vae + unets), "denoise": (unets, encoders + vae), "decode": (vae, encoders + unets)}
-    homes = [(model, _device_of(model)) for model in encoders + vae + unets]
+    turns = {"encode": list(base.text_encoders), "denoise": [unet] if move_unet else [], "decode": [base.vae]}
+    homes = [(model, _device_of(model)) for models in turns.values() for model in models]
 
     def place(stage: str) -> None:
-        needed, in_the_way = plan[stage]
-        for model in in_the_way:  # out first, then in
-            torch.nn.Module.to(model, torch.device("cpu"))
+        for other, models in turns.items():  # out first, then in
+            for model in models if other != stage else []:
+                torch.nn.Module.to(model, torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for model in needed:
+        for model in turns[stage]:
             torch.nn.Module.to(model, device)
 
     try:

@@ -45,14 +45,14 @@ def build_pipeline(base, unet=None, *, denoise_only: bool = False):
 CLASS_IMAGES_PER_MOVE = 4
 
 
-def _stay(stage: str) -> None:
-    """Every model stays where it is (the default `place`)."""
+def keep_models_in_place(stage: str) -> None:
+    """The `place` that moves nothing: every model stays where it is."""
 
 
 @torch.no_grad()
 def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: int, steps: int, guidance: float,
                     autocast: Callable[[], ContextManager] = nullcontext,
-                    place: Callable[[str], None] = _stay) -> list[Image.Image]:
+                    place: Callable[[str], None] = keep_models_in_place) -> list[Image.Image]:
     """One image per (prompt, seed), each from its own seeded generator so it can be reproduced.
 
     Three stages, each needing only its own models: the text encoders encode every prompt,
@@ -66,8 +66,9 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
     place("encode")
     encoder = build_pipeline(base, unet)
     device = base.text_encoders[0].device
-    with autocast():
-        conditions = [_prompt_embeddings(encoder, prompt, device, guidance) for prompt in prompts]
+    with autocast():  # each prompt once: class images repeat theirs
+        encoded = {prompt: _prompt_embeddings(encoder, prompt, device, guidance) for prompt in dict.fromkeys(prompts)}
+    conditions = [encoded[prompt] for prompt in prompts]
     place("denoise")
     denoiser = build_pipeline(base, unet, denoise_only=True)
     latents = []
@@ -108,7 +109,7 @@ def save_png(image: Image.Image, path: Path) -> Path:
 def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size: int, steps: int,
                         guidance: float, seed: int, existing: int, on_progress=None,
                         autocast: Callable[[], ContextManager] = nullcontext,
-                        place: Callable[[str], None] = _stay, per_call: int = 1) -> list[Path]:
+                        place: Callable[[str], None] = keep_models_in_place, per_call: int = 1) -> list[Path]:
     """Generate the class images the folder lacks, with the base model, and write them there.
 
     Called before anything is trained (the new LoRA is still zero), so the images show what
