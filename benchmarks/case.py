@@ -16,12 +16,15 @@ so that the trainer code itself stays as it is:
   bf16            mixed_precision = "bf16" (on the CPU: bf16 autocast, frozen weights in bf16)
   fp16            mixed_precision = "fp16" (GPU: fp16 autocast with loss scaling, frozen weights in fp16)
   fp32            mixed_precision = "no" (what 'auto' picks on a CPU without native bf16)
-  channels_last   the UNet in channels-last memory format
+  channels_last   the UNet in channels-last memory format (the trainer's own layout on a GPU since 2026-11-26)
+  no_channels_last  on a GPU: the UNet in the default (NCHW) layout again
   adamw_forloop   torch AdamW with foreach=False (the per-parameter loop)
   adamw_fused     torch AdamW with fused=True (also on the CPU)
   grad_ckpt       gradient_checkpointing = true
   no_sdpa         diffusers' classic AttnProcessor (explicit softmax(QK^T)V) instead of SDPA
   compile         compile_unet = true (torch.compile of the UNet, in place)
+  no_cuda_graphs  cuda_graphs = "no" (the UNet eager; 'auto' replays its forward and backward as CUDA graphs
+                  on a GPU since 2026-11-26)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
   cudnn_benchmark torch.backends.cudnn.benchmark = True (cuDNN times its convolution algorithms per shape)
   fp32_norms      the UNet's GroupNorm / LayerNorm computed in fp32, as CUDA autocast runs them (the
@@ -55,7 +58,7 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp16", "fp32", "cudnn_benchmark", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "compile_cudagraphs", "load_bf16", "peft_input_cast", "fp32_norms"}
+                "no_sdpa", "compile", "compile_cudagraphs", "no_cuda_graphs", "no_channels_last", "load_bf16", "peft_input_cast", "fp32_norms"}
 
 
 class RssSampler(threading.Thread):
@@ -110,6 +113,7 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
         lora_targets="attention", batch_size=1, max_train_steps=spec["steps"], learning_rate=1e-4,
         mixed_precision=mixed, cache_latents="no" if "no_cache" in levers else "auto",
         gradient_checkpointing="grad_ckpt" in levers, compile_unet="compile" in levers, checkpoint_every=0,
+        cuda_graphs="no" if "no_cuda_graphs" in levers or "compile_cudagraphs" in levers else "auto",
         sample_at_end=bool(spec.get("sample")), sample_steps=4, class_sample_steps=4,
         output_dir=str(output), output_name="bench", overwrite=True, seed=0,
     )
@@ -133,6 +137,8 @@ def apply_levers(levers: set[str]) -> None:
             base.unet.set_attn_processor(AttnProcessor())
         if "channels_last" in levers:
             base.unet.to(memory_format=torch.channels_last)
+        if "no_channels_last" in levers:
+            base.unet.to(memory_format=torch.contiguous_format)
         if "fp32_norms" in levers:
             from comfyui_dreambooth_lora.trainer import precision
             plain = {precision.GroupNormInInputDtype: torch.nn.GroupNorm, precision.LayerNormInInputDtype: torch.nn.LayerNorm}
@@ -230,6 +236,7 @@ class StepFlops:
     def _forward_backward(self, *contexts) -> None:
         """One UNet forward + backward at the captured shapes, in the training precision, under `contexts`."""
         unet, latents, embeds, added = self.captured
+        unet = getattr(unet, "unet", unet)  # the UNet itself where the loss called cuda_graphs' GraphedUNet
         unet = getattr(unet, "_orig_mod", unet)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
         with contextlib.ExitStack() as stack:

@@ -8,6 +8,7 @@ the benchmark's own cases show which paths work).
 
     python benchmarks/gpu_smoke.py [WORKDIR]
     python benchmarks/gpu_smoke.py --cpu     # the same runs on the CPU (to check this script itself)
+    python benchmarks/gpu_smoke.py --graphs-only  # only cuda_graphs against eager training
 """
 
 from __future__ import annotations
@@ -40,57 +41,120 @@ RUNS = {  # name -> (architecture, options)
 }
 
 
-def main(workdir: Path, expected_device: str = "cuda") -> int:
+def main(workdir: Path, expected_device: str = "cuda", graphs_only: bool = False) -> int:
     if expected_device == "cuda" and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device")
         return 2
     data = workdir / "data"
-    make_demo_dataset(data, count=4, size=48)
-    failures = []
-    for name, (arch, options) in RUNS.items():
+    make_demo_dataset(data, count=4, size=96)
+    passed = []
+    for name, (arch, options) in RUNS.items() if not graphs_only else ():
         if options.get("mixed_precision") == "fp16" and expected_device == "cpu":
             continue  # the trainer refuses fp16 on the CPU
-        model = workdir / f"model_{arch}"
-        if not (model / "model_index.json").exists():
-            save_tiny_diffusers_model(model, arch)
-        out = workdir / name.split(",")[0].replace(" ", "_") / str(len(failures)) / str(time.time_ns())
-        config = TrainConfig(
-            pretrained_model=str(model), instance_dir=str(data), instance_prompt="a photo of sks disc",
-            resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=1e-3, max_train_steps=12,
-            sample_every=6, sample_steps=4, validation_prompts=["a photo of sks disc"], checkpoint_every=6,
-            class_dir=str(out / "class"), output_dir=str(out), output_name="smoke", seed=0, **options)
-        config.validate()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        started = time.time()
-        try:
-            result = train(config)
-            events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-            start = next(e for e in events if e["event"] == "start")
-            losses = [e["loss"] for e in events if e["event"] == "step"]
-            problems = []
-            if result.status != "done" or result.step != 12:
-                problems.append(f"status {result.status} at step {result.step}")
-            if not result.lora_files or not all(Path(p).exists() for p in result.lora_files):
-                problems.append("no LoRA written")
-            if len(result.samples) < 2:
-                problems.append(f"{len(result.samples)} samples")
-            if not all(math.isfinite(x) for x in losses):
-                problems.append(f"losses {losses}")
-            if start["device"].split(":")[0] != expected_device:
-                problems.append(f"trained on {start['device']}")
-            line = (f"{name}: {'FAIL ' + '; '.join(problems) if problems else 'ok'} "
-                    f"({start['mixed_precision']}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-                    f"{time.time() - started:.1f} s{peak_memory()})")
-        except Exception as e:  # noqa: BLE001
-            problems = [f"{type(e).__name__}: {e}"]
-            line = f"{name}: FAIL {problems[0]}"
-            import traceback
-            traceback.print_exc()
-        print("gpu_smoke:", line, flush=True)
-        if problems:
-            failures.append(name)
-    return 1 if failures else 0
+        passed.append(checked(name, lambda: check_run(workdir, data, arch, options, expected_device)))
+    if expected_device == "cuda":
+        for name, (arch, options) in GRAPH_RUNS.items():
+            passed.append(checked(f"cuda_graphs, {name}", lambda: compare_cuda_graphs(workdir, data, arch, options)))
+    return 0 if all(passed) else 1
+
+
+def checked(name: str, check) -> bool:
+    """Run one check (it returns its problems and a line of figures), print its result; True if it passed."""
+    try:
+        problems, figures = check()
+        line = f"{name}: {'FAIL ' + '; '.join(problems) if problems else 'ok'} ({figures})"
+    except Exception as e:  # noqa: BLE001
+        problems = [f"{type(e).__name__}: {e}"]
+        line = f"{name}: FAIL {problems[0]}"
+        import traceback
+        traceback.print_exc()
+    print("gpu_smoke:", line, flush=True)
+    return not problems
+
+
+def train_tiny(workdir: Path, data: Path, arch: str, **options):
+    """Train the tiny `arch` model on `data` with `options`; the result and the run's events."""
+    model = workdir / f"model_{arch}"
+    if not (model / "model_index.json").exists():
+        save_tiny_diffusers_model(model, arch)
+    out = workdir / "runs" / str(time.time_ns())
+    values = dict(resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=1e-3,
+                  validation_prompts=["a photo of sks disc"], seed=0)
+    values.update(options)
+    config = TrainConfig(pretrained_model=str(model), instance_dir=str(data), instance_prompt="a photo of sks disc",
+                         class_dir=str(out / "class"), output_dir=str(out), output_name="smoke", **values)
+    config.validate()
+    result = train(config)
+    return result, [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def check_run(workdir: Path, data: Path, arch: str, options: dict, expected_device: str) -> tuple[list[str], str]:
+    """One RUNS case: it must finish, write its LoRA and samples, and keep its loss finite."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.time()
+    result, events = train_tiny(workdir, data, arch, max_train_steps=12, sample_every=6, sample_steps=4,
+                                checkpoint_every=6, **options)
+    start = next(e for e in events if e["event"] == "start")
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    problems = []
+    if result.status != "done" or result.step != 12:
+        problems.append(f"status {result.status} at step {result.step}")
+    if not result.lora_files or not all(Path(p).exists() for p in result.lora_files):
+        problems.append("no LoRA written")
+    if len(result.samples) < 2:
+        problems.append(f"{len(result.samples)} samples")
+    if not all(math.isfinite(x) for x in losses):
+        problems.append(f"losses {losses}")
+    if start["device"].split(":")[0] != expected_device:
+        problems.append(f"trained on {start['device']}")
+    return problems, (f"{start['mixed_precision']}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+                      f"{time.time() - started:.1f} s{peak_memory()}")
+
+
+GRAPH_RUNS = {  # name -> (architecture, options); each trains with and without cuda_graphs
+    "sd1, bf16, 96 px: three bucket shapes in turn (one memory pool)": ("sd1", dict(resolution=96)),
+    "sd1, bf16, prior preservation, samples between": (
+        "sd1", dict(with_prior_preservation=True, class_prompt="a photo of disc", num_class_images=2)),
+    "sdxl, bf16, offload (the UNet moves for samples)": ("sdxl", dict(offload_frozen_models=True)),
+    "sdxl, bf16, gradient checkpointing": ("sdxl", dict(gradient_checkpointing=True)),
+    "sd1, fp16 with loss scaling": ("sd1", dict(mixed_precision="fp16")),
+    # what 'auto' leaves out until these pass on a GPU (not yet run there):
+    "sdxl, text-encoder LoRA (the embeddings need gradients)": ("sdxl", dict(train_text_encoder=True)),
+    "sd1, DoRA and LoRA dropout (random masks inside the graph)": ("sd1", dict(use_dora=True, lora_dropout=0.1)),
+}
+
+
+def compare_cuda_graphs(workdir: Path, data: Path, arch: str, options: dict) -> tuple[list[str], str]:
+    """Train eagerly and with cuda_graphs (same seed): the graphs must be captured (no
+    fallback), and the losses and LoRA weights must match the eager run's."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for graphs in ("no", "yes"):
+        result, events = train_tiny(workdir, data, arch, **{"mixed_precision": "bf16", **options},
+                                    max_train_steps=10, sample_every=5, sample_steps=2, checkpoint_every=0,
+                                    cuda_graphs=graphs)
+        runs[graphs] = dict(
+            losses=[e["loss"] for e in events if e["event"] == "step"],
+            steps=[e["seconds_per_step"] for e in events if e["event"] == "step"],
+            logs=[e["message"] for e in events if e["event"] == "log" and "cuda_graphs" in e["message"]],
+            lora=load_file(result.lora_files[0]))
+    eager, graphed = runs["no"], runs["yes"]
+    loss_diff = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(eager["losses"], graphed["losses"]))
+    weight_diff = max(((graphed["lora"][k].float() - v.float()).abs().max()
+                       / v.float().abs().max().clamp(min=1e-12)).item() for k, v in eager["lora"].items())
+    captures = sum("captured" in m for m in graphed["logs"])
+    problems = [m for m in graphed["logs"] if "failed" in m or "not used" in m]
+    if not captures:
+        problems.append("nothing captured")
+    if len(graphed["losses"]) != len(eager["losses"]) or loss_diff > 1e-2 or weight_diff > 5e-2:
+        problems.append(f"differs from eager: losses {eager['losses']} vs {graphed['losses']}")
+
+    def steady(run):  # the median step after the first two
+        return sorted(run["steps"][2:])[len(run["steps"][2:]) // 2]
+    return problems, (f"{captures} captures, largest loss difference {loss_diff:.2e}, LoRA weights "
+                      f"{weight_diff:.2e}; s/step median eager {steady(eager):.4f}, graphed {steady(graphed):.4f}")
 
 
 def peak_memory() -> str:
@@ -98,8 +162,8 @@ def peak_memory() -> str:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--cpu"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if "--cpu" in sys.argv:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     target = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
-    sys.exit(main(target, "cpu" if "--cpu" in sys.argv else "cuda"))
+    sys.exit(main(target, "cpu" if "--cpu" in sys.argv else "cuda", graphs_only="--graphs-only" in sys.argv))

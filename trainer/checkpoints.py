@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 RESUMABLE_CHANGES = {"max_train_steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
                      "sample_resolution", "validation_prompts", "output_dir", "lora_dir", "export_format",
-                     "save_dtype", "compile_unet", "offload_frozen_models"}
+                     "save_dtype", "compile_unet", "offload_frozen_models", "cuda_graphs"}
 
 
 class ResumeError(ValueError):
