@@ -119,6 +119,8 @@ GRAPH_RUNS = {  # name -> (architecture, options); each trains with and without 
     "sdxl, bf16, offload (the UNet moves for samples)": ("sdxl", dict(offload_frozen_models=True)),
     "sdxl, bf16, gradient checkpointing": ("sdxl", dict(gradient_checkpointing=True)),
     "sd1, fp16 with loss scaling": ("sd1", dict(mixed_precision="fp16")),
+    "sd1, bf16, 2 micro-batches per step (gradients accumulate beside the graphs' buffers)": (
+        "sd1", dict(gradient_accumulation_steps=2)),
     # what 'auto' leaves out until these pass on a GPU (not yet run there):
     "sdxl, text-encoder LoRA (the embeddings need gradients)": ("sdxl", dict(train_text_encoder=True)),
     "sd1, DoRA and LoRA dropout (random masks inside the graph)": ("sd1", dict(use_dora=True, lora_dropout=0.1)),

@@ -368,9 +368,9 @@ class DreamBoothTrainingSettings(io.ComfyNode):
                         "Train LoRA uses these defaults. A memory preset overrides the memory-related options.",
             inputs=[io.Combo.Input("memory_preset", options=list(cb.PRESET_CHOICES), default=cb.PRESET_NONE,
                                    tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size, "
-                                           "text-encoder training and (8 GB, and SDXL at 12 GB) "
-                                           "offload_frozen_models for the base model's architecture (SD1.x or "
-                                           "SDXL), overriding those options below."),
+                                           "text-encoder training, (8 GB, and SDXL at 12 GB) "
+                                           "offload_frozen_models and (SDXL) cuda_graphs = 'no' for the base "
+                                           "model's architecture (SD1.x or SDXL), overriding those options below."),
                     *[option_input(name) for name in cb.SETTINGS_OPTIONS],
                     # after the TrainConfig options: widgets_values of saved workflows are positional
                     io.Int.Input(NUM_GPUS, default=1, min=1, max=MAX_PROCESSES,

@@ -29,23 +29,57 @@ def photos(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("photos"), count=4, size=32, captions=False)
 
 
-class EagerCapture:
-    """Stands in for `torch.cuda.make_graphed_callables`: records each capture and what autocast
-    caches at that moment, and returns a callable that runs the module eagerly."""
+class StandInCapture:
+    """Stands in for `torch.cuda.make_graphed_callables` on the CPU, with what matters of a replay:
+    the output and the gradients land in fixed buffers of the capture, handed out as aliases
+    (as torch's graphed callables do), and the graphed module refers to itself, as torch's does
+    (its forward becomes a closure over it). Records each capture and autocast's cache state."""
 
     def __init__(self, fail: bool = False):
         self.shapes: list[tuple[int, ...]] = []
         self.autocast_cache: list[bool] = []
+        self.captured: list = []  # weak references to the graphed callables
         self.fail = fail
 
     def __call__(self, module, static_inputs, pool=None, allow_unused_input=False):
+        import weakref
+
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
         self.shapes.append(tuple(static_inputs[0].shape))
         self.autocast_cache.append(torch.is_autocast_cache_enabled())
+        surface = tuple(static_inputs) + tuple(module.parameters())
+        grad_buffers = [torch.zeros_like(t) if t.requires_grad else None for t in surface]
+        output_buffer = []
+        eager_forward = module.forward
 
-        assert all(not s.requires_grad or s.is_leaf for s in static_inputs)  # buffers of their own
-        return lambda *args: module(*args)
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                with torch.enable_grad():
+                    ctx.inputs = [t.detach().requires_grad_(t.requires_grad) for t in inputs[:len(static_inputs)]]
+                    ctx.output = eager_forward(*ctx.inputs)
+                if not output_buffer:
+                    output_buffer.append(torch.empty_like(ctx.output))
+                output_buffer[0].copy_(ctx.output)
+                return output_buffer[0].detach()
+
+            @staticmethod
+            def backward(ctx, grad_output):
+                wanted = [t for t in (*ctx.inputs, *surface[len(static_inputs):]) if t.requires_grad]
+                grads = iter(torch.autograd.grad(ctx.output, wanted, grad_output, allow_unused=True))
+                for buffer in grad_buffers:
+                    if buffer is not None:
+                        grad = next(grads)
+                        buffer.copy_(grad if grad is not None else torch.zeros_like(buffer))
+                return tuple(b.detach() if b is not None else None for b in grad_buffers)
+
+        def graphed(*args):
+            return Replay.apply(*args, *surface[len(static_inputs):])
+        module.forward = graphed  # a cycle, as torch makes one: module -> forward -> module
+        graphed.module = module
+        self.captured.append(weakref.ref(module))
+        return module
 
 
 def lora_unet(arch: str) -> torch.nn.Module:
@@ -84,7 +118,7 @@ def prediction_and_grads(call, unet, inputs):
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_one_capture_per_input_shape_and_the_same_prediction_and_gradients_as_the_unet(arch):
     unet = lora_unet(arch)
-    capture, logged = EagerCapture(), []
+    capture, logged = StandInCapture(), []
     graphed = GraphedUNet(unet, log=lambda message, level="warning": logged.append((level, message)), capture=capture)
     for size in (8, 8, 16, 8):
         inputs = unet_inputs(unet, arch, size)
@@ -97,13 +131,14 @@ def test_one_capture_per_input_shape_and_the_same_prediction_and_gradients_as_th
     assert [level for level, _ in logged] == ["info", "info"] and "2x4x16x16" in logged[1][1]
 
     graphed.release()  # as before sampling, which may move the UNet: the next call captures anew
+    assert all(ref() is None for ref in capture.captured)  # their memory is free, though they refer to themselves
     graphed(*unet_inputs(unet, arch, 8)[:3], added_cond_kwargs=unet_inputs(unet, arch, 8)[3])
     assert capture.shapes[-1] == (2, 4, 8, 8) and len(capture.shapes) == 3
 
 
 def test_a_failed_capture_is_reported_once_and_the_unet_runs_eagerly():
     unet = lora_unet("sd1")
-    capture, logged = EagerCapture(fail=True), []
+    capture, logged = StandInCapture(fail=True), []
     graphed = GraphedUNet(unet, log=lambda message, level="warning": logged.append((level, message)), capture=capture)
     for size in (8, 16):
         inputs = unet_inputs(unet, "sd1", size)
@@ -121,7 +156,7 @@ def test_cuda_graphs_on_the_cpu_say_they_have_no_effect_and_change_nothing(tiny_
     loop.train(plain)
     loop.train(asked)
     messages = [e["message"] for e in read_events(tmp_path / "asked" / "events.jsonl") if e["event"] == "log"]
-    assert any("cuda_graphs: not used, they need a CUDA GPU" in m for m in messages), messages
+    assert any("cuda_graphs = 'yes', but they are not used: they need a CUDA GPU" in m for m in messages), messages
     assert losses(asked) == losses(plain)
     for key, value in lora_file(plain).items():
         assert torch.equal(lora_file(asked)[key], value), key
@@ -130,18 +165,20 @@ def test_cuda_graphs_on_the_cpu_say_they_have_no_effect_and_change_nothing(tiny_
 def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampling(tiny_sd1, photos, tmp_path,
                                                                                    monkeypatch):
     # bf16 autocast on the CPU stands in for CUDA's: the capture must see autocast's cache off.
+    # Two micro-batches per step: the graphs' gradient buffers must not become the parameters' .grad.
     eager = make_config(tiny_sd1, photos, tmp_path / "eager", max_train_steps=4, sample_every=2, sample_at_end=True,
-                        sample_steps=2, mixed_precision="bf16", cuda_graphs="no")
+                        sample_steps=2, mixed_precision="bf16", cuda_graphs="no", gradient_accumulation_steps=2)
     graphed = dataclasses.replace(eager, output_dir=str(tmp_path / "graphed"), cuda_graphs="yes")
-    capture, order = EagerCapture(), []
+    capture, order = StandInCapture(), []
 
     def graphed_unet(unet, config, accelerator, events):  # as on a GPU
         return GraphedUNet(unet, log=events.log, capture=capture) if config.cuda_graphs == "yes" else None
 
-    real_release, real_sample = GraphedUNet.release, loop._sample
+    real_release, real_sample = GraphedUNet.release, loop._sample_on_device
     monkeypatch.setattr(loop, "_graphed_unet", graphed_unet)
     monkeypatch.setattr(GraphedUNet, "release", lambda self: (order.append("release"), real_release(self)))
-    monkeypatch.setattr(loop, "_sample", lambda *a, **k: (order.append(f"sample {a[3]}"), real_sample(*a, **k))[1])
+    monkeypatch.setattr(loop, "_sample_on_device",
+                        lambda *a, **k: (order.append(f"sample {a[3]}"), real_sample(*a, **k))[1])
     loop.train(eager)
     order.clear()
     capture.shapes.clear()

@@ -13,13 +13,19 @@ had when it was captured. Hence the rules this module keeps:
 - the UNet's parameters must not move after a capture: `release` drops the graphs before
   anything that may move them (sampling with offloaded models), and the next step captures anew;
 - autocast must not cache casts across a capture (the trainer's accelerator turns the cache off),
-  or a graph would keep reading the LoRA weights' cast from before the first optimizer step.
+  or a graph would keep reading the LoRA weights' cast from before the first optimizer step;
+- the graphed backward hands out its own fixed gradient buffers, which autograd adopts as a
+  parameter's `.grad` when that is None, and the next replay overwrites. With one micro-batch
+  per step that is harmless (the optimizer reads `.grad` before the next replay); with
+  gradient accumulation the last micro-batch's gradient would be added to itself. So there
+  each trained parameter keeps a `.grad` of its own (`own_gradients`), and autograd adds into it.
 A capture that fails (an op that cannot be captured) is reported once, and the run goes on
 without graphs.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -64,27 +70,28 @@ class GraphedUNet:
         args = (sample, timestep, encoder_hidden_states)
         if added_cond_kwargs is not None:
             args += (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        if not self.failed and key not in self.graphs:
+            self._capture_or_give_up(key, args, sdxl=added_cond_kwargs is not None)
         if self.failed:
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
-        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
-        graphed = self.graphs.get(key)
-        if graphed is None:
-            started = time.perf_counter()
-            try:
-                graphed = self._capture(args, sdxl=added_cond_kwargs is not None)
-            except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager UNet, which works
-                self.failed = True
-                self.release()
-                self.log(f"cuda_graphs: capturing the UNet failed, training goes on without CUDA graphs "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-                return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
-            self.graphs[key] = graphed
-            self.log(f"cuda_graphs: captured the UNet's forward and backward for inputs of shape "
-                     f"{'x'.join(map(str, sample.shape))} in {time.perf_counter() - started:.1f} s", level="info")
-        return UNetOutput(sample=graphed(*args))
+        return UNetOutput(sample=self.graphs[key](*args))
+
+    def _capture_or_give_up(self, key: tuple, args: tuple[torch.Tensor, ...], sdxl: bool) -> None:
+        started = time.perf_counter()
+        try:
+            self.graphs[key] = self._capture(args, sdxl)
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager UNet, which works
+            self.failed = True
+            self.release()
+            self.log(f"cuda_graphs: capturing the UNet failed, training goes on without CUDA graphs "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            return
+        self.log(f"cuda_graphs: captured the UNet's forward and backward for inputs of shape "
+                 f"{'x'.join(map(str, args[0].shape))} in {time.perf_counter() - started:.1f} s", level="info")
 
     def _capture(self, args: tuple[torch.Tensor, ...], sdxl: bool) -> Callable:
-        if self.pool is None:
+        if self.pool is None:  # (no CUDA: the tests' stand-in capture)
             self.pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
         # The graph's own input buffers: each replay copies the step's inputs into them.
         static_inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
@@ -98,5 +105,14 @@ class GraphedUNet:
         """Drop every graph and its memory; the next call captures again (after the UNet may have moved)."""
         self.graphs.clear()
         self.pool = None
+        gc.collect()  # a graphed module refers to itself (its forward is a closure over it): only gc frees it
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def own_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Give each parameter a zero `.grad` that autograd adds into, instead of adopting the graph's
+    gradient buffer (see the module docstring); keep it with `zero_grad(set_to_none=False)`."""
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)

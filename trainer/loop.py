@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .checkpoints import TrainingState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig
-from .cuda_graphs import GraphedUNet
+from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
@@ -67,8 +67,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     output_dir = Path(config.output_dir)
     lora_path = Path(config.lora_dir or config.output_dir) / f"{config.output_name}.safetensors"
     # Autocast's cache of cast weights is off: a CUDA graph captured while it holds the LoRA
-    # weights' casts would replay them stale (cuda_graphs.py); each LoRA weight is cast once per
-    # forward anyway, so the cache saves nothing here.
+    # weights' casts would replay them stale (cuda_graphs.py). A training forward casts each
+    # LoRA weight once anyway; sampling casts them again at every denoising step (negligible).
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu(),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT),
                                                AutocastKwargs(cache_enabled=False)])
@@ -146,6 +146,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
         graphs = _graphed_unet(unet, config, accelerator, events)
         unet_call = graphs if graphs is not None else unet  # what the loss calls; samples use the UNet itself
+        trained_parameters = [p for g in param_groups for p in g["params"]]
+        # With one micro-batch per step the graphs' gradient buffers may serve as .grad (nothing
+        # adds to them before the optimizer reads them); with several, see cuda_graphs.py.
+        keep_gradients = graphs is not None and config.gradient_accumulation_steps > 1
+        if keep_gradients:
+            own_gradients(trained_parameters)
 
         batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
         events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
@@ -188,10 +194,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     accelerator.backward(loss / config.gradient_accumulation_steps)
                 step_loss += loss.detach().float() / config.gradient_accumulation_steps
             if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], config.max_grad_norm)
+                accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not keep_gradients)
             # The step's one host sync, once all its work is queued: waiting for the loss before
             # queueing the clipping and the optimizer would leave the GPU idle meanwhile.
             step_loss = accelerator.reduce(step_loss, reduction="mean").item()
@@ -226,10 +232,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                 reason=stop.reason)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and config.sample_every and step % config.sample_every == 0 and not finished:
-                if graphs is not None:  # sampling may move the UNet, and needs the graphs' memory
-                    graphs.release()
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload)
+                                   offloaded=offload, graphs=graphs)
                 for module in trained:
                     module.train()
 
@@ -239,10 +243,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
             if config.sample_at_end:
-                if graphs is not None:
-                    graphs.release()
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload)
+                                   offloaded=offload, graphs=graphs)
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
         accelerator.wait_for_everyone()
         return TrainResult("done", step, written, samples, last_checkpoint)
@@ -274,7 +276,9 @@ def _graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) -
                   "checked on a GPU with graphs ('yes' turns them on)")
     else:
         return GraphedUNet(unet, log=events.log)
-    if config.cuda_graphs == "yes" or accelerator.device.type == "cuda":  # a CPU run asked nothing of them
+    if config.cuda_graphs == "yes":
+        events.log(f"cuda_graphs = 'yes', but they are not used: {reason}")
+    elif accelerator.device.type == "cuda":  # 'auto' on a CPU asked nothing of them
         events.log(f"cuda_graphs: not used, {reason}", level="info")
     return None
 
@@ -588,15 +592,18 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
 
 
 def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator,
-            offloaded: bool = False) -> list[Path]:
+            offloaded: bool = False, graphs: GraphedUNet | None = None) -> list[Path]:
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png.
 
     Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
     `offloaded`: the VAE and text encoders wait in CPU memory; the models take turns on the GPU
     (the UNet too where accelerate has not wrapped it: DDP, DeepSpeed and FSDP keep theirs put).
+    `graphs` are released first: sampling may move the UNet, and needs their memory.
     """
     from accelerate.utils import DistributedType
 
+    if graphs is not None:
+        graphs.release()
     with _placement(base, unet, accelerator.device, offloaded,
                     move_unet=accelerator.distributed_type == DistributedType.NO) as place:
         try:
