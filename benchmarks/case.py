@@ -23,6 +23,7 @@ so that the trainer code itself stays as it is:
   grad_ckpt       gradient_checkpointing = true
   no_sdpa         diffusers' classic AttnProcessor (explicit softmax(QK^T)V) instead of SDPA
   compile         compile_unet = true (torch.compile of the UNet, in place)
+  cuda_graphs_yes cuda_graphs = "yes", also over a memory preset's "no" (the SDXL presets')
   no_cuda_graphs  cuda_graphs = "no" (the UNet eager; 'auto' replays its forward and backward as CUDA graphs
                   on a GPU since 2026-11-26)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
@@ -58,7 +59,7 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp16", "fp32", "cudnn_benchmark", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "compile_cudagraphs", "no_cuda_graphs", "no_channels_last", "load_bf16", "peft_input_cast", "fp32_norms"}
+                "no_sdpa", "compile", "compile_cudagraphs", "no_cuda_graphs", "cuda_graphs_yes", "no_channels_last", "load_bf16", "peft_input_cast", "fp32_norms"}
 
 
 class RssSampler(threading.Thread):
@@ -121,6 +122,8 @@ def ours_config(spec: dict, model_dir: Path, instance: Path, classes: Path, outp
         from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
 
         values.update(MEMORY_PRESETS[spec["preset"]]["sdxl" if "sdxl" in spec["model"] else "sd1"])
+    if "cuda_graphs_yes" in levers:  # after the preset, which turns them off for SDXL
+        values["cuda_graphs"] = "yes"
     return TrainConfig(**values)
 
 

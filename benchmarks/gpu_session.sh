@@ -28,7 +28,7 @@ if ! "$PYTHON" -c "import transformers, peft, diffusers" 2>/dev/null; then
     rm -rf /tmp/site/transformers* /tmp/site/peft*
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
-# The step is bound by the host dispatching ops (README, Performance): the host CPU matters.
+# An eager step is bound by the host dispatching ops (README, Performance): the host CPU matters (less with CUDA graphs).
 echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 "$PYTHON" - <<'PY'
 import importlib.metadata as m, torch
