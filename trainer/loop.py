@@ -76,6 +76,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
     step = 0
+    graphs = None
     try:
         # --- everything that can be checked before a model loads --------------------------
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -255,6 +256,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("error", message=str(e), kind=type(e).__name__, step=step)
         raise
     finally:
+        if graphs is not None:  # their memory, for whatever runs next in this process
+            graphs.release()
         stop.close()
         events.close()
 
