@@ -90,7 +90,7 @@ def plan(args, cuda: bool) -> list[dict]:
         cases += [case(group, "ours", "ours", "sd15", 256, 5, 2, profile=True),
                   case(group, "ours, fp32", "ours", "sd15", 256, 5, 2, ["fp32"], profile=True),
                   case(group, "baseline", "baseline", "sd15", 256, 5, 2, profile=True)]
-        return cases  # on a GPU, every case of the SD1.5 512 / SDXL 1024 pairs profiles its last step
+        return cases  # on a GPU, every case of the SD1.5 512 / SDXL 1024 pairs profiles its next-to-last step
     if args.presets:
         from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
 
@@ -134,12 +134,15 @@ def plan(args, cuda: bool) -> list[dict]:
 
 
 def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
-    """Ours and the baseline on a GPU; each profiles its last step, which the figures leave out."""
-    return [case(group, "ours", "ours", model, resolution, steps, 10, flops=True, profile=True, profile_step=steps),
-            case(group, "baseline", "baseline", model, resolution, steps, 10, profile=True, profile_step=steps)]
+    """Ours and the baseline on a GPU; each profiles its next-to-last step (the last step a profile
+    can end before, case.profile_listener), which the figures leave out with the last."""
+    return [case(group, "ours", "ours", model, resolution, steps, 10, flops=True, profile=True, profile_step=steps - 1),
+            case(group, "baseline", "baseline", model, resolution, steps, 10, profile=True, profile_step=steps - 1)]
 
 
 GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same group of the pairs
+    ("sd15", 512, "ours reading the loss every step (before 2026-11-26)", ["loss_read_every_step"]),
+    ("sdxl", 1024, "ours reading the loss every step (before 2026-11-26)", ["loss_read_every_step"]),
     ("sd15", 512, "ours without CUDA graphs (before 2026-11-26)", ["no_cuda_graphs"]),
     ("sdxl", 1024, "ours without CUDA graphs (before 2026-11-26)", ["no_cuda_graphs"]),
     ("sd15", 512, "ours without channels_last (before 2026-11-26)", ["no_channels_last"]),  # with graphs: +9%
@@ -159,12 +162,12 @@ GPU_LEVERS = [  # (model, resolution, label, levers), against "ours" in the same
 # The presets whose peak memory the issue's targets name first (SD1.5 < 6 GB, SDXL < 12 GB), then the rest.
 GPU_PRESET_ORDER = [("sdxl", "8 GB"), ("sd15", "8 GB"), ("sdxl", "12 GB"), ("sd15", "12 GB"), ("sdxl", "16 GB"),
                     ("sdxl", "24 GB"), ("sd15", "16 GB"), ("sd15", "24 GB")]
-FIRST_LEVERS = 6  # before the presets: what the speed figures rest on
+FIRST_LEVERS = 8  # before the presets: what the speed figures rest on
 
 
 def gpu_session_plan() -> list[dict]:
     """Everything a lent GPU is for, most wanted first (`--stop-at` cuts the tail): ours and the
-    baseline at SD1.5 512 / SDXL 1024 (with FLOPs and a profiled last step), the GPU levers that
+    baseline at SD1.5 512 / SDXL 1024 (with FLOPs and a profiled step), the GPU levers that
     bear on the unmet speed targets, the memory presets, then the other levers."""
     groups = {"sd15": "SD1.5 512 px, GPU", "sdxl": "SDXL 1024 px, GPU"}
     resolution = {"sd15": 512, "sdxl": 1024}
@@ -227,10 +230,12 @@ def gpu_peak(device: str, override: float | None) -> float | None:
 
 
 def steady_steps(result: dict, key: str = "seconds_per_step") -> list[float]:
-    """The steps after the warm-up, less the profiled one (the profiler slows it down)."""
+    """The steps after the warm-up, less the profiled one and the one after it: the profiler slows
+    both down where the trainer reads each loss one step late (on a GPU; case.profile_listener)."""
     spec = result["spec"]
     profiled = spec.get("profile_step", spec["warmup"] + 2) if spec.get("profile") else None
-    return [t for step, t in enumerate(result.get(key, []), start=1) if step > spec["warmup"] and step != profiled]
+    return [t for step, t in enumerate(result.get(key, []), start=1)
+            if step > spec["warmup"] and (profiled is None or step not in (profiled, profiled + 1))]
 
 
 def summarise(results: list[dict], peak_override: float | None) -> list[dict]:

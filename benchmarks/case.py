@@ -24,6 +24,8 @@ so that the trainer code itself stays as it is:
   no_sdpa         diffusers' classic AttnProcessor (explicit softmax(QK^T)V) instead of SDPA
   compile         compile_unet = true (torch.compile of the UNet, in place)
   cuda_graphs_yes cuda_graphs = "yes", also over a memory preset's "no" (the SDXL presets')
+  loss_read_every_step  on a GPU: each step's loss read at the end of its own step, as before
+                  2026-11-26 (the trainer reads it one step late there: trainer/loss_readout.py)
   no_cuda_graphs  cuda_graphs = "no" (the UNet eager; 'auto' replays its forward and backward as CUDA graphs
                   on a GPU since 2026-11-26)
   compile_cudagraphs  the UNet compiled with mode="reduce-overhead" (CUDA graphs replay the step's launches)
@@ -59,7 +61,8 @@ import torch  # noqa: E402
 INSTANCE_PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of disc"
 KNOWN_LEVERS = {"no_cache", "bf16", "fp16", "fp32", "cudnn_benchmark", "channels_last", "adamw_forloop", "adamw_fused", "grad_ckpt",
-                "no_sdpa", "compile", "compile_cudagraphs", "no_cuda_graphs", "cuda_graphs_yes", "no_channels_last", "load_bf16", "peft_input_cast", "fp32_norms"}
+                "no_sdpa", "compile", "compile_cudagraphs", "no_cuda_graphs", "cuda_graphs_yes", "no_channels_last", "loss_read_every_step",
+                "load_bf16", "peft_input_cast", "fp32_norms"}
 
 
 class RssSampler(threading.Thread):
@@ -164,6 +167,8 @@ def apply_levers(levers: set[str]) -> None:
 
     loop._place_models = place_models
     loop.build_optimizer = build_optimizer
+    if "loss_read_every_step" in levers:
+        loop.read_loss_late = lambda device: False
     if "cudnn_benchmark" in levers:
         torch.backends.cudnn.benchmark = True
     if "load_bf16" in levers:
@@ -253,7 +258,13 @@ class StepFlops:
 
 
 def profile_listener(output: Path, at_step: int, events_log: list):
-    """Profile from the end of step `at_step` to the end of the next one: one steady-state step."""
+    """Profile from the step event of `at_step` to the next one: one steady-state step's work.
+
+    Where the trainer reads each loss one step late (on a GPU: trainer/loss_readout.py), a step's
+    event comes after the next step is queued, so the window holds the queueing and the GPU work of
+    step `at_step + 2` (the profiler waits for the GPU when it stops), and must not end at the
+    last step, whose event follows the one before it at once.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -8,7 +8,8 @@ the benchmark's own cases show which paths work).
 
     python benchmarks/gpu_smoke.py [WORKDIR]
     python benchmarks/gpu_smoke.py --cpu     # the same runs on the CPU (to check this script itself)
-    python benchmarks/gpu_smoke.py --graphs-only  # only cuda_graphs against eager training
+    python benchmarks/gpu_smoke.py --graphs-only  # only cuda_graphs against eager training, and
+                                                  # the steps' waits for the GPU (sync debug mode)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from comfyui_dreambooth_lora.trainer.config import TrainConfig  # noqa: E402
+from comfyui_dreambooth_lora.trainer.events import EventWriter  # noqa: E402
 from comfyui_dreambooth_lora.trainer.loop import train  # noqa: E402
 from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset, save_tiny_diffusers_model  # noqa: E402
 
@@ -55,6 +57,9 @@ def main(workdir: Path, expected_device: str = "cuda", graphs_only: bool = False
     if expected_device == "cuda":
         for name, (arch, options) in GRAPH_RUNS.items():
             passed.append(checked(f"cuda_graphs, {name}", lambda: compare_cuda_graphs(workdir, data, arch, options)))
+        for name, (arch, options) in SYNC_FREE_RUNS.items():
+            passed.append(checked(f"no host wait, {name}",
+                                  lambda: check_steps_do_not_wait_for_the_gpu(workdir, data, arch, options)))
     return 0 if all(passed) else 1
 
 
@@ -72,8 +77,9 @@ def checked(name: str, check) -> bool:
     return not problems
 
 
-def train_tiny(workdir: Path, data: Path, arch: str, **options):
-    """Train the tiny `arch` model on `data` with `options`; the result and the run's events."""
+def train_tiny(workdir: Path, data: Path, arch: str, listener=None, **options):
+    """Train the tiny `arch` model on `data` with `options` (`listener` hears each event as it
+    is written); the result and the run's events."""
     model = workdir / f"model_{arch}"
     if not (model / "model_index.json").exists():
         save_tiny_diffusers_model(model, arch)
@@ -84,7 +90,10 @@ def train_tiny(workdir: Path, data: Path, arch: str, **options):
     config = TrainConfig(pretrained_model=str(model), instance_dir=str(data), instance_prompt="a photo of sks disc",
                          class_dir=str(out / "class"), output_dir=str(out), output_name="smoke", **values)
     config.validate()
-    result = train(config)
+    events = EventWriter(out / "events.jsonl")
+    if listener is not None:
+        events.listeners.append(listener)
+    result = train(config, events=events)
     return result, [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
@@ -157,6 +166,33 @@ def compare_cuda_graphs(workdir: Path, data: Path, arch: str, options: dict) -> 
         return sorted(run["steps"][2:])[len(run["steps"][2:]) // 2]
     return problems, (f"{captures} captures, largest loss difference {loss_diff:.2e}, LoRA weights "
                       f"{weight_diff:.2e}; s/step median eager {steady(eager):.4f}, graphed {steady(graphed):.4f}")
+
+
+SYNC_FREE_RUNS = {  # name -> (architecture, options): the default GPU path, CUDA graphs included
+    "sd1, bf16": ("sd1", {}),
+    "sdxl, bf16, noise offset (its time ids and offset noise also come from the host)": (
+        "sdxl", dict(noise_offset=0.05)),
+}
+
+
+def check_steps_do_not_wait_for_the_gpu(workdir: Path, data: Path, arch: str, options: dict) -> tuple[list[str], str]:
+    """Steady-state steps queue their work without waiting for the GPU: from step 2's event to
+    step 8's (steps 4-9 queued, the losses read one step late) torch's sync debug mode turns any
+    synchronising CUDA call (`.item()`, a copy from pageable memory) into an error."""
+    window = {"on": False}
+
+    def listener(event):
+        if event["event"] == "step" and event["step"] in (2, 8):
+            window["on"] = event["step"] == 2
+            torch.cuda.set_sync_debug_mode("error" if window["on"] else "default")
+    try:
+        result, events = train_tiny(workdir, data, arch, listener=listener, **{"mixed_precision": "bf16", **options},
+                                    max_train_steps=10, checkpoint_every=0, sample_at_end=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    problems = [] if result.status == "done" and steps == list(range(1, 11)) else [f"{result.status}, steps {steps}"]
+    return problems, "no synchronising call in steps 4-9"
 
 
 def peak_memory() -> str:

@@ -8,7 +8,9 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
 - `start`: `total_steps`, `start_step` (> 0 when resumed), `model` (architecture),
   `num_images`, `buckets` (list of [width, height]), `device`, `mixed_precision` (what
   'auto' chose: `no`, `fp16` or `bf16`), `summary` (the dataset in words).
-- `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`.
+- `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`. On a GPU
+  a step's event comes once the next step is queued (loss_readout.py), and always before
+  the `checkpoint`, `sample`, `stopped` or `done` of its step.
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
 - `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).

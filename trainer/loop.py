@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
+from .loss_readout import LossReadout, StepLoss
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
@@ -164,6 +166,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
         last_checkpoint = state.path if state else None
+        losses = LossReadout(late=read_loss_late(device))
 
         # --- the loop: one iteration = one optimizer step -----------------------------------
         trained = [unet, *trained_encoders]  # train mode: LoRA dropout and gradient checkpointing act
@@ -199,21 +202,21 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=not keep_gradients)
-            # The step's one host sync, once all its work is queued: waiting for the loss before
-            # queueing the clipping and the optimizer would leave the GPU idle meanwhile.
-            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            if not torch.isfinite(torch.tensor(step_loss)):
-                raise TrainingError(f"the loss became {step_loss} at step {step + 1}; nothing from this step was "
-                                    f"saved (last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, "
-                                    "or use mixed_precision 'bf16' or 'no'.")
             step += 1
             position += 1  # the next batch to read after this step
-            events.emit("step", step=step, total_steps=config.max_train_steps, loss=round(step_loss, 6),
-                        lr=lr_scheduler.get_last_lr()[0], seconds_per_step=round(time.perf_counter() - started, 4))
+            # On a GPU this reads the previous step's loss, not this one's (loss_readout.py).
+            step_loss = accelerator.reduce(step_loss, reduction="mean")
+            for done in losses.push(step, step_loss, lr_scheduler.get_last_lr()[0], started):
+                _report_step(done, config, events, last_checkpoint)
 
             stopping = _stop_everywhere(stop, accelerator)
             finished = step >= config.max_train_steps
-            if config.checkpoint_every and step % config.checkpoint_every == 0 or stopping or finished:
+            checkpointing = config.checkpoint_every and step % config.checkpoint_every == 0 or stopping or finished
+            sampling = main and config.sample_every and step % config.sample_every == 0 and not finished
+            if checkpointing or sampling:  # nothing is saved or sampled from a step whose loss was not read
+                for done in losses.flush():
+                    _report_step(done, config, events, last_checkpoint)
+            if checkpointing:
                 state = TrainingState(step=step, epoch=epoch, position=position,
                                       lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
@@ -232,7 +235,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
                                 reason=stop.reason)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
-            if main and config.sample_every and step % config.sample_every == 0 and not finished:
+            if sampling:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
                                    offloaded=offload, graphs=graphs)
                 for module in trained:
@@ -260,6 +263,23 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             graphs.release()
         stop.close()
         events.close()
+
+
+def read_loss_late(device: torch.device) -> bool:
+    """Whether each step's loss is read one step late: on a GPU, which then never waits for the host
+    between steps. On a CPU the loss is ready when the step returns; reading it late would only
+    delay the progress shown."""
+    return device.type == "cuda"
+
+
+def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_checkpoint: Path | None) -> None:
+    """The step event of a step whose loss is now read; a loss that is not finite ends the run."""
+    if not math.isfinite(done.loss):
+        raise TrainingError(f"the loss became {done.loss} at step {done.step}; nothing from this step was saved "
+                            f"(last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, or use "
+                            "mixed_precision 'bf16' or 'no'.")
+    events.emit("step", step=done.step, total_steps=config.max_train_steps, loss=round(done.loss, 6), lr=done.lr,
+                seconds_per_step=round(done.seconds, 4))
 
 
 def _graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) -> GraphedUNet | None:
@@ -295,11 +315,11 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeds: torch.T
     Noise and timesteps come from `rng` (seeded per step), so a resumed run draws the same ones.
     """
     device = latents.device
-    noise = torch.randn(latents.shape, generator=rng).to(device)
+    noise = host_to_device(torch.randn(latents.shape, generator=rng), device)
     if config.noise_offset:
-        noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng).to(device)
+        noise += config.noise_offset * host_to_device(torch.randn((*latents.shape[:2], 1, 1), generator=rng), device)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=rng).to(device)
+    timesteps = host_to_device(torch.randint(0, num_timesteps, (latents.shape[0],), generator=rng), device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -313,6 +333,19 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeds: torch.T
     if loss.shape[0] == num_instance:
         return instance_loss
     return instance_loss + config.prior_loss_weight * loss[num_instance:].mean()
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor.to(device)` without making the host wait for the GPU.
+
+    torch copies from pageable memory to a GPU only once the work queued before has finished (a
+    stream synchronisation per copy); from pinned memory it copies asynchronously, and its pinned
+    cache keeps the source until the copy has run. So a step's noise and timesteps reach the GPU
+    while it still runs the previous step, which the host can then run ahead of (loss_readout.py).
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -355,7 +388,7 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
         means.append(mean)
         stds.append(std)
     mean, std = torch.cat(means), torch.cat(stds)
-    latents = mean + std * torch.randn(mean.shape, generator=rng).to(device)
+    latents = mean + std * host_to_device(torch.randn(mean.shape, generator=rng), device)
     latents = (latents * base.vae.config.scaling_factor).to(weight_dtype)
 
     captions = [s.caption for s in samples]
@@ -363,7 +396,7 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
     added = None
     if base.info.arch == "sdxl":
         time_ids = torch.stack([sdxl_time_ids(s.original_size, s.crop_top_left, s.target_size) for s in samples])
-        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": host_to_device(time_ids, device).to(weight_dtype)}
     return latents, embeds.to(weight_dtype), added
 
 
@@ -376,7 +409,7 @@ def _encode_image(dataset: ImageDataset, index: int, bucket, epoch: int, base: B
         return cache.latents[key]
     sample = dataset.prepare(index, bucket, epoch=epoch, seed=config.seed)
     with torch.no_grad():
-        dist = base.vae.encode(sample.pixels[None].to(device, base.vae.dtype)).latent_dist
+        dist = base.vae.encode(host_to_device(sample.pixels[None], device).to(base.vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
     if cache.enabled:
         cache.latents[key] = (dataclasses.replace(sample, pixels=None), mean, std)
@@ -425,7 +458,7 @@ def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained
         embeds = torch.cat([e for e, _ in found])
         pooled = torch.cat([p for _, p in found]) if found[0][1] is not None else None
         return embeds, pooled
-    ids = [tokenize(tok, captions).to(device) for tok in base.tokenizers]
+    ids = [host_to_device(tokenize(tok, captions), device) for tok in base.tokenizers]
     with torch.set_grad_enabled(trained):
         embeds, pooled = encode_prompts(base.info.arch, encoders, ids)
     if cache.enabled:
