@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,40 @@ def test_prior_preservation_needs_class_prompt_and_folder():
         TrainConfig.from_dict({**REQUIRED, "with_prior_preservation": True})
     assert "class_prompt: required with with_prior_preservation" in str(e.value)
     assert "class_dir: required with with_prior_preservation" in str(e.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"alpha": 0.0}, "alpha: 0.0 trains nothing"),
+    ({"lora_dropout": 1.0}, "lora_dropout: 1.0 drops the whole LoRA path"),
+    ({"adam_beta1": 1.0}, "adam_beta1: 1.0 must be below 1"),
+    ({"adam_beta2": 1.0}, "adam_beta2: 1.0 must be below 1"),
+    ({"sample_resolution": 100}, "sample_resolution: 100 must be a multiple of 8"),
+    ({"caption_extension": "txt"}, "caption_extension: 'txt' must start with a dot, e.g. '.txt'"),
+    ({"resolution": 256, "bucket_step": 512}, "bucket_step: 512 is above resolution 256"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog", "class_dir": "data"}, "class_dir: data is or overlaps"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog", "class_dir": "data/class"}, "overlaps instance_dir"),
+])
+def test_settings_that_would_train_nothing_or_fail_later_are_refused_up_front(options, message):
+    # Each was accepted before and trained a LoRA that did nothing, or failed after the model had loaded.
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        TrainConfig.from_dict({**REQUIRED, **options})
+    assert len(e.value.problems) == 1
+
+
+def test_a_number_too_large_for_an_integer_option_is_a_config_error(tmp_path):
+    (tmp_path / "run.toml").write_text('max_train_steps = inf\nrank = 1e400\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as e:  # was an OverflowError traceback
+        load_config(tmp_path / "run.toml", REQUIRED)
+    assert "max_train_steps: expected an integer, got inf" in str(e.value) and "rank: expected an integer" in str(e.value)
+
+
+def test_resume_folder_is_relative_to_the_config_file(tmp_path):
+    checkpoint = tmp_path / "runs" / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run.toml").write_text('resume = "runs/checkpoints/step_00000004"\n', encoding="utf-8")
+    assert Path(load_config(tmp_path / "run.toml", REQUIRED).resume) == checkpoint
+    (tmp_path / "latest.toml").write_text('resume = "latest"\n', encoding="utf-8")
+    assert load_config(tmp_path / "latest.toml", REQUIRED).resume == "latest"
 
 
 def test_json_round_trip(tmp_path):

@@ -140,7 +140,7 @@ class TrainConfig:
                 continue
             try:
                 kwargs[key] = _coerce(value, hints[key])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), a TOML 1e400
                 problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
         if problems:
             raise ConfigError(problems)
@@ -187,6 +187,30 @@ class TrainConfig:
             problems.append(f"resolution: {self.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
         if self.keep_tokens and not self.shuffle_captions:
             problems.append("keep_tokens: only has an effect with shuffle_captions = true")
+        if self.bucket_step > self.resolution:
+            problems.append(f"bucket_step: {self.bucket_step} is above resolution {self.resolution}; buckets would "
+                            "train larger than the resolution asks. Use a bucket_step of at most the resolution")
+        if self.sample_resolution % 8:
+            problems.append(f"sample_resolution: {self.sample_resolution} must be a multiple of 8 (the VAE "
+                            "downsamples by 8), or 0 for resolution")
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            problems.append(f"caption_extension: {self.caption_extension!r} must start with a dot, e.g. "
+                            f"'.{self.caption_extension}'")
+        if not self.alpha > 0:  # NaN included
+            problems.append(f"alpha: {self.alpha} trains nothing (the LoRA's update is scaled by alpha / rank); "
+                            f"use a value above 0, e.g. {self.rank} for a scale of 1")
+        if self.lora_dropout >= 1:
+            problems.append(f"lora_dropout: {self.lora_dropout} drops the whole LoRA path, which then never trains; "
+                            "use a value below 1 (0 to 0.1 is usual)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                problems.append(f"{name}: {getattr(self, name)} must be below 1 (0.9 and 0.999 are usual)")
+        if self.with_prior_preservation and self.class_dir and self.instance_dir:
+            instance, classes = Path(self.instance_dir).resolve(), Path(self.class_dir).resolve()
+            if instance == classes or instance in classes.parents or classes in instance.parents:
+                problems.append(f"class_dir: {self.class_dir} is or overlaps instance_dir {self.instance_dir}; the "
+                                "subject's photos would train as class images (and generated class images land "
+                                "among them). Use a folder of its own, e.g. beside the instance folder")
         if problems:
             raise ConfigError(problems)
 
@@ -275,9 +299,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     data = _flatten_sections(data)
     data.update(overrides or {})
     data.setdefault("output_dir", "output")  # beside the config file, not wherever the command ran
-    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir"):
+    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume"):
         value = data.get(key)
-        if isinstance(value, str) and value and not os.path.isabs(value):
+        if isinstance(value, str) and value and value != "latest" and not os.path.isabs(value):
             data[key] = str((path.parent / value).resolve())
     return TrainConfig.from_dict(data)
 
