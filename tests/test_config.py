@@ -43,7 +43,7 @@ def test_unknown_key_suggests_the_close_one_and_types_are_checked():
     assert "buckets: expected true or false, got 1" in text
 
 
-@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", ""])
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", "", "dog_step000002", "x" * 201])
 def test_output_name_must_be_a_plain_file_name(name):
     with pytest.raises(ConfigError, match="output_name"):
         TrainConfig.from_dict({**REQUIRED, "output_name": name})

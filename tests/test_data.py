@@ -292,19 +292,19 @@ def one_image_dataset(tmp_path: Path, size=(96, 64), caption=None, **overrides) 
 
 def test_prepare_is_deterministic_with_sdxl_conditioning(tmp_path):
     data = one_image_dataset(tmp_path, size=(96, 64), crop="random", flip_p=0.5)
-    a = data.prepare(0, (64, 64), epoch=2, seed=5)
-    b = data.prepare(0, (64, 64), epoch=2, seed=5)
+    a = data.prepare(0, (64, 64), draw=2, seed=5)
+    b = data.prepare(0, (64, 64), draw=2, seed=5)
     assert torch.equal(a.pixels, b.pixels) and a.crop_top_left == b.crop_top_left
     assert a.pixels.shape == (3, 64, 64) and a.pixels.dtype == torch.float32
     assert a.pixels.min() >= -1 and a.pixels.max() <= 1 and a.pixels.max() - a.pixels.min() > 1
     assert a.original_size == (64, 96) and a.target_size == (64, 64)
-    wide = data.prepare(0, (72, 40), epoch=2, seed=5)  # another bucket, e.g. of an instance batch
+    wide = data.prepare(0, (72, 40), draw=2, seed=5)  # another bucket, e.g. of an instance batch
     assert wide.pixels.shape == (3, 40, 72) and wide.target_size == (40, 72)
 
 
 def test_prepare_resizes_to_cover_then_center_crops(tmp_path):
     data = one_image_dataset(tmp_path, size=(192, 128))
-    sample = data.prepare(0, (64, 64), epoch=0, seed=0)
+    sample = data.prepare(0, (64, 64), draw=0, seed=0)
     assert sample.crop_top_left == (0, 16)  # resized to 96x64, 32 columns cropped evenly
     expected = load_image(tmp_path / "img.png").resize((96, 64), Image.Resampling.LANCZOS).crop((16, 0, 80, 64))
     expected = torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -314,48 +314,48 @@ def test_prepare_resizes_to_cover_then_center_crops(tmp_path):
 def test_flip_mirrors_the_sample(tmp_path):
     plain = one_image_dataset(tmp_path, size=(160, 64), crop="random", flip_p=0.0)
     flipped = one_image_dataset(tmp_path, size=(160, 64), crop="random", flip_p=1.0)
-    a = plain.prepare(0, (64, 64), epoch=1, seed=0)
-    b = flipped.prepare(0, (64, 64), epoch=1, seed=0)
+    a = plain.prepare(0, (64, 64), draw=1, seed=0)
+    b = flipped.prepare(0, (64, 64), draw=1, seed=0)
     assert not torch.equal(a.pixels, b.pixels)
     assert torch.equal(a.pixels.flip(-1), b.pixels)
     # SDXL sees the crop's position in the mirrored image: 160 - left - 64
     assert a.crop_top_left[1] != 48 and b.crop_top_left == (0, 160 - a.crop_top_left[1] - 64)
-    unaugmented = ImageDataset(flipped.scan, flipped.config, augment=False).prepare(0, (64, 64), epoch=1, seed=0)
-    centered = one_image_dataset(tmp_path, size=(160, 64)).prepare(0, (64, 64), epoch=1, seed=0)
+    unaugmented = ImageDataset(flipped.scan, flipped.config, augment=False).prepare(0, (64, 64), draw=1, seed=0)
+    centered = one_image_dataset(tmp_path, size=(160, 64)).prepare(0, (64, 64), draw=1, seed=0)
     assert torch.equal(unaugmented.pixels, centered.pixels) and unaugmented.crop_top_left == (0, 48)
 
 
 def test_random_crop_varies_by_epoch_center_crop_does_not(tmp_path):
     random_crop = one_image_dataset(tmp_path, size=(160, 64), crop="random")
-    lefts = {random_crop.prepare(0, (64, 64), epoch=e, seed=0).crop_top_left for e in range(10)}
+    lefts = {random_crop.prepare(0, (64, 64), draw=e, seed=0).crop_top_left for e in range(10)}
     assert len(lefts) > 3 and all(0 <= left <= 96 for _, left in lefts)
 
     center = one_image_dataset(tmp_path, size=(160, 64), crop="center")
-    assert {center.prepare(0, (64, 64), epoch=e, seed=0).crop_top_left for e in range(10)} == {(0, 48)}
+    assert {center.prepare(0, (64, 64), draw=e, seed=0).crop_top_left for e in range(10)} == {(0, 48)}
 
     unaugmented = ImageDataset(random_crop.scan, random_crop.config, augment=False)
-    samples = [unaugmented.prepare(0, (64, 64), epoch=e, seed=e) for e in range(3)]
+    samples = [unaugmented.prepare(0, (64, 64), draw=e, seed=e) for e in range(3)]
     assert all(s.crop_top_left == (0, 48) and torch.equal(s.pixels, samples[0].pixels) for s in samples)
 
 
 def test_caption_shuffle_keeps_first_tokens(tmp_path):
     caption = "sks, red, round, star, outdoors, sunny, photo"
     data = one_image_dataset(tmp_path, caption=caption, shuffle_captions=True, keep_tokens=1)
-    shuffled = [data.prepare(0, (64, 64), epoch=e, seed=0).caption for e in range(8)]
+    shuffled = [data.prepare(0, (64, 64), draw=e, seed=0).caption for e in range(8)]
     assert all(c.split(", ")[0] == "sks" for c in shuffled)
     assert all(sorted(c.split(", ")) == sorted(caption.split(", ")) for c in shuffled)
     assert len(set(shuffled)) > 1
-    assert data.prepare(0, (64, 64), epoch=3, seed=0).caption == shuffled[3]
+    assert data.prepare(0, (64, 64), draw=3, seed=0).caption == shuffled[3]
 
 
 def test_caption_dropout(tmp_path):
     always = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=1.0)
-    assert always.prepare(0, (64, 64), epoch=0, seed=0).caption == ""
+    assert always.prepare(0, (64, 64), draw=0, seed=0).caption == ""
     half = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=0.5)
-    captions = {half.prepare(0, (64, 64), epoch=e, seed=0).caption for e in range(20)}
+    captions = {half.prepare(0, (64, 64), draw=e, seed=0).caption for e in range(20)}
     assert captions == {"", "sks, red"}
     never = one_image_dataset(tmp_path, caption="sks, red", caption_dropout=0.0)
-    assert never.prepare(0, (64, 64), epoch=0, seed=0).caption == "sks, red"
+    assert never.prepare(0, (64, 64), draw=0, seed=0).caption == "sks, red"
 
 
 def test_cache_key_changes_with_bucket_and_file(tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_dreambooth_lora.trainer import loop
+from comfyui_dreambooth_lora.trainer.checkpoints import ResumeError
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
@@ -351,12 +352,16 @@ def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tiny_sd1, pho
     assert len(result.samples) == 1  # sampling runs eager (no compile for its shapes)
 
 
-def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path):
-    a = make_config(tiny_sd1, photos, tmp_path / "a", cache_latents="yes", max_train_steps=4)
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "text encoder too"])
+def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path, train_text_encoder):
+    # With the text encoder trained, its LoRA used to learn on step 1 only: the cached embeddings were detached.
+    a = make_config(tiny_sd1, photos, tmp_path / "a", cache_latents="yes", max_train_steps=4,
+                    train_text_encoder=train_text_encoder)
     b = dataclasses.replace(a, output_dir=str(tmp_path / "b"), cache_latents="no")
     loop.train(a)
     loop.train(b)
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    assert any(key.startswith("lora_te") for key in lora_file(a)) == train_text_encoder
     for key, value in lora_file(a).items():
         torch.testing.assert_close(value, lora_file(b)[key])
 
@@ -420,6 +425,26 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     assert losses(offloaded) == losses(plain)
     for key, value in lora_file(plain).items():
         torch.testing.assert_close(lora_file(offloaded)[key], value, rtol=0, atol=0)
+
+
+def test_each_repeat_of_an_image_within_an_epoch_is_augmented_afresh(tiny_sd1, tmp_path, monkeypatch):
+    # Draws used to be seeded by (epoch, image): all 8 repeats of the image in epoch 0 were one identical sample.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_subject_image((96, 48), seed=0).save(photos / "wide.png")
+    config = make_config(tiny_sd1, photos, tmp_path / "run", repeats=8, max_train_steps=8, crop="random", flip_p=0.5,
+                         buckets=False)
+    from comfyui_dreambooth_lora.trainer.data import ImageDataset
+
+    prepare, seen = ImageDataset.prepare, []
+
+    def recorded(self, *args, **kwargs):
+        sample = prepare(self, *args, **kwargs)
+        seen.append(sample.crop_top_left)
+        return sample
+    monkeypatch.setattr(ImageDataset, "prepare", recorded)
+    loop.train(config)
+    assert len(seen) == 8 and len(set(seen)) > 2  # one image, one epoch (8 repeats), random crops
 
 
 def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, tmp_path):
@@ -629,6 +654,74 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     assert kept == ["step_00000006", "step_00000007"]  # keep_checkpoints = 2
 
 
+def checkpoint_names(config: TrainConfig) -> list[str]:
+    return sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
+    earlier = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, checkpoint_every=2)
+    loop.train(earlier)
+    (Path(earlier.output_dir) / "test_lora.safetensors").unlink()  # as a stopped run leaves it: no final LoRA
+    fresh = dataclasses.replace(earlier, seed=8, max_train_steps=8)
+    with pytest.raises(loop.TrainingError, match=r"checkpoints of an earlier run \(step_00000002, step_00000004\)"):
+        loop.train(fresh)
+    assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
+
+    # Before, the earlier run's step 4 outlived this run's stop at step 2, and 'latest' resumed from it.
+    events = EventWriter(Path(fresh.output_dir) / "events.jsonl")
+    stop = StopRequest(handle_signals=False)
+    events.listeners.append(StopAtStep(stop, 2))
+    assert loop.train(dataclasses.replace(fresh, overwrite=True), events=events, stop=stop).step == 2
+    assert checkpoint_names(fresh) == ["step_00000002"]
+    resumed = loop.train(dataclasses.replace(fresh, resume="latest"))
+    assert resumed.status == "done" and resumed.step == 8
+    starts = [e for e in read_events(Path(fresh.output_dir) / "events.jsonl") if e["event"] == "start"]
+    assert starts[-1]["start_step"] == 2
+
+
+def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2, keep_checkpoints=5)
+    loop.train(config)
+    older = Path(config.output_dir) / "checkpoints" / "step_00000002"
+    again = dataclasses.replace(config, resume=str(older), keep_checkpoints=1)
+    with pytest.raises(loop.TrainingError, match=r"checkpoints after step_00000002, which this run resumes from "
+                                                 r"\(step_00000004, step_00000006\)"):
+        loop.train(again)
+    result = loop.train(dataclasses.replace(again, overwrite=True))
+    assert result.step == 6 and result.checkpoint.name == "step_00000006" and result.checkpoint.is_dir()
+    assert checkpoint_names(config) == ["step_00000006"]  # written by this run, pruned to 1 by it
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert any("deleted the checkpoints this run did not write (step_00000004, step_00000006)" in m for m in logs)
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
+    loop.train(config)
+    (Path(config.output_dir) / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("")  # power loss
+    with pytest.raises(ResumeError, match=r"step_00000002: its trainer_state.json cannot be read .*Delete the folder"):
+        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+
+
+def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_halves_go(tmp_path, monkeypatch):
+    from comfyui_dreambooth_lora.trainer import checkpoints
+
+    stale = tmp_path / "checkpoints" / ".tmp_step_00000001_99999"  # a process killed while writing
+    stale.mkdir(parents=True)
+    happened = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (happened.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (happened.append(("replace", str(dst))), replace(src, dst)))
+    state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
+                                      lr_scheduler={}, config={}, path=tmp_path)
+    final = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
+    renamed = happened.index(("replace", str(final)))
+    synced_before = {Path(p).name for kind, p in happened[:renamed] if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} <= synced_before
+    assert ("fsync", str(final.parent)) in happened[renamed:]
+    assert not stale.exists()
+
+
 def test_resume_refuses_a_checkpoint_with_other_training_options(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     loop.train(config)
@@ -775,6 +868,19 @@ def test_min_snr_weights():
     assert w[2] == pytest.approx(1.0)  # high noise: SNR < gamma, weight 1
 
 
+@pytest.mark.parametrize("prediction_type, last", [("epsilon", 1.0), ("v_prediction", 0.0)])
+def test_min_snr_weights_stay_finite_on_a_zero_terminal_snr_schedule(prediction_type, last):
+    from diffusers import DDPMScheduler
+
+    from comfyui_dreambooth_lora.trainer.tiny import sd_noise_scheduler_config
+
+    scheduler = DDPMScheduler(**{**sd_noise_scheduler_config(), "rescale_betas_zero_snr": True,
+                                 "prediction_type": prediction_type})
+    assert scheduler.alphas_cumprod[999] == 0  # its last timestep is pure noise: SNR 0 (the weight was 0/0 = NaN)
+    w = loop.min_snr_weights(scheduler, torch.tensor([0, 999]), gamma=5.0)
+    assert torch.isfinite(w).all() and w[1].item() == pytest.approx(last, abs=1e-6)
+
+
 def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -822,7 +928,7 @@ def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_
     assert loop.train(config).status == "done"
 
     (out / "STOP").touch()  # a request made after this process started: honoured at once
-    result = loop.train(dataclasses.replace(config, output_name="second"))
+    result = loop.train(dataclasses.replace(config, output_name="second", overwrite=True))
     assert result.status == "stopped" and result.step == 0
     kinds = [e["event"] for e in read_events(out / "events.jsonl")]
     assert kinds[-2:] == ["loading", "stopped"]

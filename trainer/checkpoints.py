@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, with_option_defaults
 from .export import save_safetensors
+from .fileio import fsync_directory, fsync_folder
 
 CHECKPOINTS = "checkpoints"
 # Options that may change between a stop and its resume without changing what is trained.
@@ -54,7 +55,8 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp_step_{state.step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):  # left by a process killed while writing (and ours, if any)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
@@ -63,9 +65,11 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
                 "mixed_precision": state.mixed_precision}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        fsync_folder(tmp)
         if final.exists():  # the same step written again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_directory(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -78,6 +82,16 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+
+
+def checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Complete checkpoint folders in `output_dir` of steps after `step` (after 0: all of them)."""
+    return [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds, from its name (`step_<N>`)."""
+    return int(path.name.removeprefix("step_"))
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
@@ -106,7 +120,12 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     in another precision than it trained in (a CPU with bf16, say, where it trained in fp32).
     """
     path = Path(path)
-    meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeError(f"cannot resume from {path}: its trainer_state.json cannot be read ({e}); the checkpoint "
+                          f"is damaged (a crash while it was written?). Delete the folder to resume from the one "
+                          f"before it") from e
     saved, current = meta["config"], config.to_dict()
     saved = with_option_defaults(saved)  # options added since the checkpoint was written
     saved_precision = meta.get("mixed_precision", "")

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,7 @@ class TrainConfig:
     snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=1000.0)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
     offload_frozen_models: bool = opt(False, "Encode every image and caption once before the first step (the UNet waits in CPU memory meanwhile), then keep the VAE and text encoders in CPU memory (on a GPU: ~1.8 GB less for SDXL, ~0.4 GB for SD1.5). Class images and samples are made with the models taking turns on the GPU: text encoders, then UNet, then VAE. Has an effect only while latents are cached and the text encoders are not trained.")
-    cache_latents: str = opt("auto", "Cache VAE latents and text embeddings per sample. 'auto': when no augmentation or text-encoder training changes them.", choices=("auto", "yes", "no"))
+    cache_latents: str = opt("auto", "Cache VAE latents and text embeddings per sample. 'auto': when no augmentation or text-encoder training changes them. 'yes' also with augmentation (each image's first draw is then reused every step); text embeddings are never cached while the text encoders train.", choices=("auto", "yes", "no"))
     seed: int = opt(42, "Seed for noise, data order, augmentation and LoRA initialisation: the same seed repeats a run.", min=0, max=2**32 - 1)
 
     # --- samples ---------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class TrainConfig:
     checkpoint_every: int = opt(250, "Write a resumable checkpoint (and a partial LoRA) every N steps; 0 only when stopped.", min=0, max=10_000_000, section="output")
     keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep.", min=1, max=1000, section="output")
     resume: str = opt("", "'latest' continues from the newest checkpoint in output_dir; a checkpoint folder resumes from it; empty starts fresh.", section="output")
-    overwrite: bool = opt(False, "Replace an existing LoRA of the same name (otherwise the run refuses to start).", section="output")
+    overwrite: bool = opt(False, "Replace an existing LoRA of the same name, and delete the checkpoints in output_dir this run did not write: an earlier run's, or those after the checkpoint it resumes from (otherwise the run refuses to start).", section="output")
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -240,6 +241,11 @@ def _check_output_name(name: str) -> list[str]:
         return [f"output_name: {name!r} must be a plain file name without folders, '..' or a drive"]
     if any(ord(c) < 32 for c in name):
         return [f"output_name: {name!r} contains control characters"]
+    if re.search(r"_step\d{6}$", name):  # a stopped run named 'dog' writes dog_step000002: it would replace this one's
+        return [f"output_name: {name!r} ends like the partial LoRA a stopped run writes (<name>_stepNNNNNN); "
+                "choose a name without that ending"]
+    if len(name.encode("utf-8")) > 200:  # file systems allow 255 bytes, and '_step000000.safetensors' is added
+        return [f"output_name: {len(name.encode('utf-8'))} bytes long; use at most 200"]
     return []
 
 

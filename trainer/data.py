@@ -5,7 +5,8 @@
 `build_buckets` gives each image a training size of about `resolution**2` pixels with its
 own aspect ratio. `ImageDataset` orders the images into batches of one bucket each and
 prepares a sample (resize, crop, flip, caption shuffle and dropout); every random choice
-is a pure function of (seed, epoch, index), so a resumed run sees exactly the same data.
+is a pure function of the seed, the epoch (batch order) or the draw (augmentation: the
+trainer's micro-batch number) and the image, so a resumed run sees exactly the same data.
 """
 
 from __future__ import annotations
@@ -284,18 +285,19 @@ class ImageDataset:
         rng.shuffle(batches)
         return batches
 
-    def prepare(self, index: int, bucket: tuple[int, int], *, epoch: int, seed: int) -> Sample:
+    def prepare(self, index: int, bucket: tuple[int, int], *, draw: int, seed: int) -> Sample:
         """Item `index` as a training sample of size `bucket` (width, height).
 
         The image is resized to cover the bucket (keeping its aspect ratio), cropped to it
         (`config.crop`), flipped with probability `config.flip_p`; the caption's tags are
         shuffled (`shuffle_captions`, the first `keep_tokens` stay) and dropped with
-        probability `caption_dropout`. The random choices come from (seed, epoch, index),
-        so the same call always returns the same sample.
+        probability `caption_dropout`. The random choices come from (seed, draw, index), so
+        the same call always returns the same sample; the trainer draws anew each time an image
+        comes round (its micro-batch number), repeats within an epoch included.
         """
         config, item = self.config, self.items[index]
         # Every draw is made whether used or not, so enabling one augmentation leaves the others unchanged.
-        rng = random.Random(f"sample:{seed}:{epoch}:{index}")
+        rng = random.Random(f"sample:{seed}:{draw}:{index}")
         u_top, u_left, u_flip, u_drop = rng.random(), rng.random(), rng.random(), rng.random()
 
         image = load_image(item.path)

@@ -32,3 +32,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync every file in `folder` (not recursive) and the folder itself: after a power loss a
+    renamed folder then holds its files whole, not empty ones."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_directory(folder)
+
+
+def fsync_directory(folder: Path) -> None:
+    """fsync a directory's entries (a rename into it, say), where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; NTFS journals the rename itself
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import math
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import TrainingState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoints import (TrainingState, checkpoints_after, load_checkpoint, prune_checkpoints, resolve_resume,
+                          save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig
 from .cuda_graphs import GraphedUNet, own_gradients
@@ -92,6 +94,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
+        _clear_checkpoints_of_another_run(config, state, events, main)
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
@@ -181,7 +184,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 for rank in range(accelerator.num_processes):
                     epoch, position, drawn = next(batches)
                     if rank == accelerator.process_index:
-                        batch, batch_epoch = drawn, epoch
+                        batch = drawn
                 # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
                 # draw what 1 process x N micro-batches would.
                 index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
@@ -190,7 +193,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
                 sync = micro == config.gradient_accumulation_steps - 1
                 with nullcontext() if sync else accelerator.no_sync(unet):
-                    latents, embeds, added = _batch_inputs(batch, batch_epoch, index, instance_data, class_data,
+                    latents, embeds, added = _batch_inputs(batch, index, instance_data, class_data,
                                                            base, encoders, cache, config, rng, device, weight_dtype)
                     with accelerator.autocast():
                         loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
@@ -263,6 +266,31 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             graphs.release()
         stop.close()
         events.close()
+
+
+def _clear_checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None, events: EventWriter,
+                                      main: bool) -> None:
+    """Refuse to mix with checkpoints this run did not write (with `overwrite`, delete them).
+
+    Those are an earlier run's in the same folder, for a fresh run, or those after the checkpoint
+    a run resumes from. Left there, `latest` and the pruning (which go by step) would take them
+    for this run's: a resumed run could pick the other run's last state and finish with its LoRA.
+    """
+    later = checkpoints_after(Path(config.output_dir), state.step if state else 0)
+    if not later:
+        return
+    root, names = later[0].parent, ", ".join(p.name for p in later)
+    if not config.overwrite and state is not None:
+        raise TrainingError(f"{root} holds checkpoints after {state.path.name}, which this run resumes from ({names}); "
+                            "this run would mix with them. Set overwrite = true to delete them, or resume = 'latest'.")
+    if not config.overwrite:
+        raise TrainingError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
+                            "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
+                            "over, or choose another output_dir.")
+    if main:
+        for path in later:
+            shutil.rmtree(path)
+        events.log(f"overwrite: deleted the checkpoints this run did not write ({names})", level="info")
 
 
 def read_loss_late(device: torch.device) -> bool:
@@ -351,7 +379,9 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), for epsilon and v targets."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    # At least tiny: a zero-terminal-SNR schedule's last timestep has an SNR of 0, whose weight
+    # 0/0 was NaN; min(snr, gamma) / snr tends to 1 there (and v's to 0).
+    snr = (alphas_cumprod / (1 - alphas_cumprod)).clamp(min=torch.finfo(torch.float32).tiny)
     clipped = torch.clamp(snr, max=gamma)
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
@@ -373,17 +403,20 @@ class ConditioningCache:
         self.prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
-def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseModel, encoders, cache,
+def _batch_inputs(batch, index, instance_data, class_data, base: BaseModel, encoders, cache,
                   config: TrainConfig, rng, device, weight_dtype):
-    """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images)."""
+    """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images).
+
+    `index` (the run's micro-batch number) is also each image's augmentation draw: every time an
+    image comes round, in a later epoch or as a repeat in the same one, it is augmented afresh."""
     bucket = instance_data.buckets[batch[0]]
     parts = [(instance_data, i) for i in batch]
     if class_data is not None:
         first = index * len(batch)  # class images in turn, the same ones whatever the process count
         parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
     samples, means, stds = [], [], []
-    for dataset, index in parts:
-        sample, mean, std = _encode_image(dataset, index, bucket, epoch, base, cache, config, device)
+    for dataset, item in parts:
+        sample, mean, std = _encode_image(dataset, item, bucket, index, base, cache, config, device)
         samples.append(sample)
         means.append(mean)
         stds.append(std)
@@ -400,14 +433,14 @@ def _batch_inputs(batch, epoch, index, instance_data, class_data, base: BaseMode
     return latents, embeds.to(weight_dtype), added
 
 
-def _encode_image(dataset: ImageDataset, index: int, bucket, epoch: int, base: BaseModel, cache, config: TrainConfig,
+def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int, base: BaseModel, cache, config: TrainConfig,
                   device) -> tuple[Sample, torch.Tensor, torch.Tensor]:
     """A sample (without its pixels once cached) and its latent distribution's mean and std."""
     key = dataset.cache_key(index, bucket)
     if cache.enabled and key in cache.latents:
         # Nothing augments a cached sample, so its image need not be read and resized again.
         return cache.latents[key]
-    sample = dataset.prepare(index, bucket, epoch=epoch, seed=config.seed)
+    sample = dataset.prepare(index, bucket, draw=draw, seed=config.seed)
     with torch.no_grad():
         dist = base.vae.encode(host_to_device(sample.pixels[None], device).to(base.vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
@@ -453,7 +486,9 @@ def _move_frozen_models(base: BaseModel, device: torch.device) -> None:
 
 
 def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained: bool):
-    if cache.enabled and all(c in cache.prompts for c in captions):
+    """Prompt embeddings (and SDXL's pooled one) of `captions`; from the cache unless the text
+    encoders train (`trained`), whose LoRA would get no gradient through a cached embedding."""
+    if cache.enabled and not trained and all(c in cache.prompts for c in captions):
         found = [cache.prompts[c] for c in captions]
         embeds = torch.cat([e for e, _ in found])
         pooled = torch.cat([p for _, p in found]) if found[0][1] is not None else None
@@ -461,7 +496,7 @@ def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained
     ids = [host_to_device(tokenize(tok, captions), device) for tok in base.tokenizers]
     with torch.set_grad_enabled(trained):
         embeds, pooled = encode_prompts(base.info.arch, encoders, ids)
-    if cache.enabled:
+    if cache.enabled and not trained:
         for i, caption in enumerate(captions):
             cache.prompts[caption] = (embeds[i:i + 1].detach(), None if pooled is None else pooled[i:i + 1].detach())
     return embeds, pooled
