@@ -694,6 +694,22 @@ def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_delet
     assert any("deleted the checkpoints this run did not write (step_00000004, step_00000006)" in m for m in logs)
 
 
+def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos, tmp_path):
+    import shutil
+
+    data = tmp_path / "photos"
+    shutil.copytree(photos, data)
+    config = make_config(tiny_sd1, data, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    names = sorted(p.name for p in data.iterdir())
+    (data / names[0]).unlink()
+    draw_subject_image((32, 32), seed=9).save(data / "new.png")
+    (data / names[1]).with_suffix(".txt").write_text("a photo of sks disc, red", encoding="utf-8")
+    with pytest.raises(ResumeError) as e:  # was accepted: the data order and repeats then followed neither run
+        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
+    assert f"added: new.png; removed: {names[0]}; changed (size, repeats or caption): {names[1]}" in str(e.value)
+
+
 def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)

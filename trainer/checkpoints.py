@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, with_option_defaults
+from .data import DatasetScan, dataset_manifest, manifest_differences
 from .export import save_safetensors
 from .fileio import fsync_directory, fsync_folder
 
@@ -47,6 +48,7 @@ class TrainingState:
     config: dict[str, Any]
     path: Path
     mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
+    dataset: list[list] | None = None  # data.dataset_manifest of the instance images; None in older checkpoints
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
@@ -63,7 +65,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
         torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
         save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
-                "mixed_precision": state.mixed_precision}
+                "mixed_precision": state.mixed_precision, "dataset": state.dataset}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         fsync_folder(tmp)
         if final.exists():  # the same step written again (a resumed run stopped at once)
@@ -143,4 +145,15 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=load_file(path / "lora_state.safetensors"), optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
-                         mixed_precision=saved_precision)
+                         mixed_precision=saved_precision, dataset=meta.get("dataset"))
+
+
+def check_same_dataset(state: TrainingState, scan: DatasetScan) -> None:
+    """Refuse to resume on other images than the checkpoint's run trained on: the data order, the
+    repeats and so the result would follow neither run."""
+    if state.dataset is None:  # a checkpoint from before datasets were recorded
+        return
+    differences = manifest_differences(state.dataset, dataset_manifest(scan))
+    if differences:
+        raise ResumeError(f"cannot resume from {state.path}: the images in {scan.folder} changed since it was "
+                          f"written ({'; '.join(differences)}). Put them back as they were, or start a new run")

@@ -250,6 +250,22 @@ def _candidate_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
 # --- the dataset ---------------------------------------------------------------------------
 
 
+def dataset_manifest(scan: DatasetScan) -> list[list]:
+    """What a resumed run must find again: each image's path in the folder, pixel size, file size,
+    repeats and caption. (Not modification times: a dataset copied to another machine is the same.)"""
+    return [[item.path.relative_to(scan.folder).as_posix(), *item.size, item.path.stat().st_size, item.repeats,
+             item.caption] for item in scan.items]
+
+
+def manifest_differences(saved: list[list], current: list[list], limit: int = 5) -> list[str]:
+    """How two dataset manifests differ, by image (at most `limit` named per kind)."""
+    before, after = {row[0]: row for row in saved}, {row[0]: row for row in current}
+    kinds = {"added": [n for n in after if n not in before], "removed": [n for n in before if n not in after],
+             "changed (size, repeats or caption)": [n for n in after if n in before and after[n] != before[n]]}
+    return [f"{kind}: {', '.join(names[:limit])}{f' and {len(names) - limit} more' if len(names) > limit else ''}"
+            for kind, names in kinds.items() if names]
+
+
 class ImageDataset:
     """Scanned images with their buckets: batch order per epoch and prepared samples.
 

@@ -21,12 +21,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (TrainingState, checkpoints_after, load_checkpoint, prune_checkpoints, resolve_resume,
-                          save_checkpoint)
+from .checkpoints import (TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
+                          resolve_resume, save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig
 from .cuda_graphs import GraphedUNet, own_gradients
-from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_summary, scan_images
+from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_manifest, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
 from .loss_readout import LossReadout, StepLoss
@@ -98,9 +98,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
+        if state is not None:
+            check_same_dataset(state, instance_scan)
         for warning in instance_scan.warnings:
             events.log(warning)
         instance_data = ImageDataset(instance_scan, config)
+        manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
 
         # --- model, class images, LoRA -----------------------------------------------------
         events.emit("loading", model=config.pretrained_model)
@@ -224,7 +227,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                       lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                                       config=config.to_dict(), path=output_dir,
-                                      mixed_precision=accelerator.mixed_precision)
+                                      mixed_precision=accelerator.mixed_precision, dataset=manifest)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
                                                         config, events)
