@@ -710,6 +710,22 @@ def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos
     assert f"added: new.png; removed: {names[0]}; changed (size, repeats or caption): {names[1]}" in str(e.value)
 
 
+def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
+    # Only the optimizer and scheduler were kept: a resumed fp16 run restarted at scale 65536 and skipped steps.
+    from comfyui_dreambooth_lora.trainer import checkpoints
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))  # (its scale tensor is made on first use)
+    scaler.update(new_scale=512.0)
+    state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
+                                      lr_scheduler={}, config=TrainConfig().to_dict(), path=tmp_path,
+                                      scaler=scaler.state_dict())
+    path = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(checkpoints.load_checkpoint(path, TrainConfig()).scaler)
+    assert restored.get_scale() == 512.0
+
+
 def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)
@@ -743,6 +759,15 @@ def test_resume_refuses_a_checkpoint_with_other_training_options(tiny_sd1, photo
     loop.train(config)
     with pytest.raises(Exception, match="rank: checkpoint has 4, config has 8"):
         loop.train(dataclasses.replace(config, resume="latest", rank=8, alpha=8.0))
+
+
+@pytest.mark.parametrize("schedule, warned", [("linear", True), ("constant", False)])
+def test_a_longer_resumed_run_warns_that_a_decaying_schedule_jumps(tiny_sd1, photos, tmp_path, schedule, warned):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, lr_scheduler=schedule)
+    loop.train(config)
+    loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert any("max_train_steps changed from 2 to 4 on resume" in m for m in logs) == warned
 
 
 def test_resume_refuses_another_precision_and_accepts_options_added_since(tiny_sd1, photos, tmp_path):

@@ -1,9 +1,9 @@
 """Resumable training states: `<output_dir>/checkpoints/step_<N>/`.
 
-A checkpoint folder holds the LoRA weights (`lora_state.safetensors`), the optimizer and
-learning-rate scheduler states (`optimizer.pt`, loaded with `weights_only=True`), the
-data position and the config (`trainer_state.json`), and the partial LoRA as a kohya
-file (`lora.safetensors`). It is written under a temporary name and renamed when
+A checkpoint folder holds the LoRA weights (`lora_state.safetensors`), the optimizer,
+learning-rate scheduler and fp16 loss-scaler states (`optimizer.pt`, loaded with
+`weights_only=True`), the data position, the config and the images trained on
+(`trainer_state.json`), and the partial LoRA as a kohya file (`lora.safetensors`). It is written under a temporary name and renamed when
 complete, so a crash never leaves a half checkpoint that `latest` would pick.
 Random numbers in the loop are derived from (seed, step), so the step restores them.
 """
@@ -49,6 +49,7 @@ class TrainingState:
     path: Path
     mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
     dataset: list[list] | None = None  # data.dataset_manifest of the instance images; None in older checkpoints
+    scaler: dict[str, Any] | None = None  # fp16's loss scaler (its scale and growth tracker); None otherwise
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
@@ -62,7 +63,8 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
-        torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
+        torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler, "scaler": state.scaler},
+                   tmp / "optimizer.pt")
         save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
                 "mixed_precision": state.mixed_precision, "dataset": state.dataset}
@@ -145,7 +147,7 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=load_file(path / "lora_state.safetensors"), optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
-                         mixed_precision=saved_precision, dataset=meta.get("dataset"))
+                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"))
 
 
 def check_same_dataset(state: TrainingState, scan: DatasetScan) -> None:

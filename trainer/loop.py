@@ -95,6 +95,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         _clear_checkpoints_of_another_run(config, state, events, main)
+        if state is not None and config.lr_scheduler != "constant" \
+                and state.config["max_train_steps"] != config.max_train_steps:
+            events.log(f"max_train_steps changed from {state.config['max_train_steps']} to {config.max_train_steps} on "
+                       f"resume: the {config.lr_scheduler!r} learning-rate schedule now spans {config.max_train_steps} "
+                       f"steps, so the learning rate jumps at step {state.step} (the run matches neither length run "
+                       "uninterrupted)")
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
@@ -152,6 +158,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             optimizer.load_state_dict(state.optimizer)
             lr_scheduler.load_state_dict(state.lr_scheduler)
         unet, optimizer, *trained_encoders = accelerator.prepare(base.unet, optimizer, *trained_encoders)
+        if state is not None and state.scaler and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)  # fp16: else it starts at 65536 and skips steps again
         encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
         graphs = _graphed_unet(unet, config, accelerator, events)
         unet_call = graphs if graphs is not None else unet  # what the loss calls; samples use the UNet itself
@@ -227,7 +235,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                       lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
                                       optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                                       config=config.to_dict(), path=output_dir,
-                                      mixed_precision=accelerator.mixed_precision, dataset=manifest)
+                                      mixed_precision=accelerator.mixed_precision, dataset=manifest,
+                                      scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
                                                         config, events)
