@@ -90,7 +90,7 @@ def plan(args, cuda: bool) -> list[dict]:
         cases += [case(group, "ours", "ours", "sd15", 256, 5, 2, profile=True),
                   case(group, "ours, fp32", "ours", "sd15", 256, 5, 2, ["fp32"], profile=True),
                   case(group, "baseline", "baseline", "sd15", 256, 5, 2, profile=True)]
-        return cases  # on a GPU, every case of the SD1.5 512 / SDXL 1024 pairs profiles its next-to-last step
+        return cases  # on a GPU, every case of the SD1.5 512 / SDXL 1024 pairs profiles a step near its end
     if args.presets:
         from comfyui_dreambooth_lora.nodes.config_build import MEMORY_PRESETS
 
@@ -134,8 +134,9 @@ def plan(args, cuda: bool) -> list[dict]:
 
 
 def gpu_pair(group: str, model: str, resolution: int, steps: int) -> list[dict]:
-    """Ours and the baseline on a GPU; each profiles its next-to-last step (the last step a profile
-    can end before, case.profile_listener), which the figures leave out with the last."""
+    """Ours and the baseline on a GPU, each profiled over one step near the end (the window ends at
+    the next-to-last step's event: reading late, ours's last event follows at once;
+    case.profile_listener), which the figures leave out."""
     return [case(group, "ours", "ours", model, resolution, steps, 10, flops=True, profile=True, profile_step=steps - 1),
             case(group, "baseline", "baseline", model, resolution, steps, 10, profile=True, profile_step=steps - 1)]
 
@@ -230,12 +231,13 @@ def gpu_peak(device: str, override: float | None) -> float | None:
 
 
 def steady_steps(result: dict, key: str = "seconds_per_step") -> list[float]:
-    """The steps after the warm-up, less the profiled one and the one after it: the profiler slows
-    both down where the trainer reads each loss one step late (on a GPU; case.profile_listener)."""
+    """The steps after the warm-up, less the profiled one (the profiler slows it down) and, where
+    the trainer read each loss one step late (ours on a GPU), the one after it too, which the
+    profiler's start and stop also fall into (case.profile_listener)."""
     spec = result["spec"]
     profiled = spec.get("profile_step", spec["warmup"] + 2) if spec.get("profile") else None
-    return [t for step, t in enumerate(result.get(key, []), start=1)
-            if step > spec["warmup"] and (profiled is None or step not in (profiled, profiled + 1))]
+    slowed = set() if profiled is None else {profiled, profiled + 1} if result.get("loss_read_late") else {profiled}
+    return [t for step, t in enumerate(result.get(key, []), start=1) if step > spec["warmup"] and step not in slowed]
 
 
 def summarise(results: list[dict], peak_override: float | None) -> list[dict]:

@@ -416,6 +416,8 @@ def run(spec: dict) -> dict:
         "load_rss_bytes": sampler.peaks["load"][0],
         "load_anon_bytes": sampler.peaks["load"][1],
         "device": torch.cuda.get_device_name() if cuda else cpu_name(),
+        # where a step's event came once the next step was queued (the profile's window shifts by a step)
+        "loss_read_late": spec["trainer"] == "ours" and cuda and "loss_read_every_step" not in levers,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "other_cores": other_cores,

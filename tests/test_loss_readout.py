@@ -30,6 +30,51 @@ def test_prompt_readout_hands_back_the_step_just_pushed():
     assert readout.flush() == []
 
 
+def test_a_gpu_loss_is_copied_without_blocking_behind_an_event_and_read_only_after_it(monkeypatch):
+    # Stand-ins for a CUDA loss and event (no GPU here), which log what happens in which order.
+    log = []
+
+    class HostCopy:  # what `.to("cpu", non_blocking=True)` returns: valid once its event completed
+        def __init__(self, value, step):
+            self.value, self.step = value, step
+
+        def __float__(self):
+            assert ("wait", self.step) in log, f"step {self.step}'s loss read before its copy was waited for"
+            log.append(("read", self.step))
+            return self.value
+
+    class CudaLoss:
+        is_cuda = True
+
+        def __init__(self, value, step):
+            self.value, self.step = value, step
+
+        def detach(self):
+            return self
+
+        def to(self, device, non_blocking=False):
+            assert device == "cpu" and non_blocking
+            log.append(("copy", self.step))
+            return HostCopy(self.value, self.step)
+
+    class Event:
+        def record(self):
+            self.step = log[-1][1]  # after the copy just queued
+            log.append(("record", self.step))
+
+        def synchronize(self):
+            log.append(("wait", self.step))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    readout = LossReadout(late=True)
+    assert readout.push(1, CudaLoss(0.5, 1), lr=0.0, started=0.0) == []
+    [one] = readout.push(2, CudaLoss(0.25, 2), lr=0.0, started=0.0)
+    [two] = readout.flush()
+    assert (one.step, one.loss, two.step, two.loss) == (1, 0.5, 2, 0.25)
+    assert log == [("copy", 1), ("record", 1), ("copy", 2), ("record", 2), ("wait", 1), ("read", 1),
+                   ("wait", 2), ("read", 2)]
+
+
 def test_seconds_per_step_is_the_time_between_reads_once_reads_lag_behind_the_steps():
     clock = iter([10.0, 12.0, 14.0, 30.0])
     readout = LossReadout(late=True, clock=lambda: next(clock))
@@ -81,6 +126,7 @@ def test_a_nan_loss_at_a_checkpoint_step_is_caught_before_the_checkpoint(tiny_sd
     assert sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir()) == ["step_00000002"]
     events = read_events(Path(config.output_dir) / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert [e["step"] for e in events if e["event"] == "error"] == [4]  # the step whose loss it was
 
 
 def test_a_stop_with_losses_read_late_reports_every_step_before_it_saves(tiny_sd1, photos, tmp_path, monkeypatch):

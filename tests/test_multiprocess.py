@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,13 +22,16 @@ from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 from test_training import make_config
 
 
-def launch(config, tmp_path: Path, processes: int, wait: bool = True):
+def launch(config, tmp_path: Path, processes: int, wait: bool = True, script: Path | None = None):
+    """The trainer's CLI under `accelerate launch` (or `script CONFIG`, a stand-in that runs it)."""
     path = tmp_path / f"{Path(config.output_dir).name}.json"
     path.write_text(json.dumps(config.to_dict()))
+    program = [str(script), str(path)] if script else ["-m", "comfyui_dreambooth_lora.trainer", "train", "--config",
+                                                       str(path)]
     # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes the processes talk over gloo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(path)]
+               "29517", *program]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if not wait:  # in a session of its own, so the launcher and its workers can be killed together
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -129,3 +133,35 @@ print("exit", code, "group left:", dist.is_initialized())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "exit 0 group left: False" in result.stdout, result.stderr[-3000:]
+
+
+POISONED_TRAINER = """
+import os, runpy, sys
+from comfyui_dreambooth_lora.trainer import loop
+loop.read_loss_late = lambda device: True  # as on a GPU
+real, calls = loop.diffusion_loss, {"n": 0}
+def poisoned(*args, **kwargs):
+    calls["n"] += 1
+    loss = real(*args, **kwargs)
+    return loss * float("nan") if calls["n"] == 3 else loss  # step 3, on every process
+loop.diffusion_loss = poisoned
+try:
+    sys.argv = ["trainer", "train", "--config", sys.argv[1]]
+    runpy.run_module("comfyui_dreambooth_lora.trainer", run_name="__main__")
+finally:
+    print(f"rank {os.environ['RANK']} left after loss call {calls['n']}", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_nan_loss_read_late_stops_every_process_at_the_same_step(tiny_sd1, tmp_path):
+    # Only the main process read the pending loss before a sample step: it stopped at step 3 while
+    # the others went on into step 4's all-reduce (which, over NCCL, hangs until a timeout).
+    photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, sample_every=3, sample_steps=1)
+    script = tmp_path / "poisoned_trainer.py"
+    script.write_text(POISONED_TRAINER, encoding="utf-8")
+    result = launch(config, tmp_path, processes=2, script=script)
+    assert result.returncode != 0
+    assert sorted(re.findall(r"rank (\d) left after loss call (\d+)", result.stderr)) == [("0", "3"), ("1", "3")]
+    errors = [e for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["step"] == 3 and "at step 3" in errors[0]["message"]

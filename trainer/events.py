@@ -10,12 +10,14 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
   'auto' chose: `no`, `fp16` or `bf16`), `summary` (the dataset in words).
 - `step`: `step`, `total_steps`, `loss` (this step's mean loss), `lr`, `seconds_per_step`. On a GPU
   a step's event comes once the next step is queued (loss_readout.py), and always before
-  the `checkpoint`, `sample`, `stopped` or `done` of its step.
+  the `checkpoint`, `sample`, `stopped` or `done` of its step; its `seconds_per_step` is then
+  the time since the previous step's loss was read (they add up to the training time).
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
 - `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).
 - `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file).
-- `error`: `message`, `kind` (the exception class), `step` (or null).
+- `error`: `message`, `kind` (the exception class), `step` (the step it concerns, e.g. the one
+  whose loss was NaN; or null).
 - `log`: `level`, `message` (warnings such as small images or skipped files).
 
 The ComfyUI node and the CLI read this stream; only the main process writes it.

@@ -45,6 +45,10 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, an existing output, a missing optional package)."""
 
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step  # the step it concerns, where that is not the one the loop is at (a loss read late)
+
 
 class _Stopped(Exception):
     """Raised inside long preparation work when a stop was requested."""
@@ -218,15 +222,15 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             optimizer.zero_grad(set_to_none=not keep_gradients)
             step += 1
             position += 1  # the next batch to read after this step
-            # On a GPU this reads the previous step's loss, not this one's (loss_readout.py).
             step_loss = accelerator.reduce(step_loss, reduction="mean")
+            # On a GPU this reads the previous step's loss, not this one's (loss_readout.py).
             for done in losses.push(step, step_loss, lr_scheduler.get_last_lr()[0], started):
                 _report_step(done, config, events, last_checkpoint)
 
             stopping = _stop_everywhere(stop, accelerator)
             finished = step >= config.max_train_steps
             checkpointing = config.checkpoint_every and step % config.checkpoint_every == 0 or stopping or finished
-            sampling = main and config.sample_every and step % config.sample_every == 0 and not finished
+            sampling = config.sample_every and step % config.sample_every == 0 and not finished  # (main only)
             if checkpointing or sampling:  # nothing is saved or sampled from a step whose loss was not read
                 for done in losses.flush():
                     _report_step(done, config, events, last_checkpoint)
@@ -250,7 +254,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
                                 reason=stop.reason)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
-            if sampling:
+            if main and sampling:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
                                    offloaded=offload, graphs=graphs)
                 for module in trained:
@@ -271,7 +275,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("stopped", step=step, checkpoint=None, lora=[], reason=stop.reason)
         return TrainResult("stopped", step)
     except BaseException as e:
-        events.emit("error", message=str(e), kind=type(e).__name__, step=step)
+        events.emit("error", message=str(e), kind=type(e).__name__, step=getattr(e, "step", None) or step)
         raise
     finally:
         if graphs is not None:  # their memory, for whatever runs next in this process
@@ -317,7 +321,7 @@ def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_
     if not math.isfinite(done.loss):
         raise TrainingError(f"the loss became {done.loss} at step {done.step}; nothing from this step was saved "
                             f"(last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, or use "
-                            "mixed_precision 'bf16' or 'no'.")
+                            "mixed_precision 'bf16' or 'no'.", step=done.step)
     events.emit("step", step=done.step, total_steps=config.max_train_steps, loss=round(done.loss, 6), lr=done.lr,
                 seconds_per_step=round(done.seconds, 4))
 
@@ -383,7 +387,7 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     cache keeps the source until the copy has run. So a step's noise and timesteps reach the GPU
     while it still runs the previous step, which the host can then run ahead of (loss_readout.py).
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
