@@ -7,7 +7,8 @@ diffusers and the trainer's heavy modules are imported inside `execute`.
 
 Types passed between the nodes (plain dicts, so they cache and print well):
 - DREAMBOOTH_DATASET: folder, instance_prompt, class_prompt and the data options;
-- DREAMBOOTH_BASE: path, name, kind (checkpoint / diffusers), arch, variant, prediction_type;
+- DREAMBOOTH_BASE: path, name, kind (checkpoint / diffusers), arch, variant, prediction_type (detected or
+  set), prediction_type_choice (the widget: 'auto' or the type set);
 - DREAMBOOTH_SETTINGS: memory_preset, TrainConfig options and num_gpus (not a TrainConfig option: how
   many local GPUs the worker trains on);
 - LORA_MODEL: ComfyUI's own type, a dict of tensors in kohya keys (UNet part).
@@ -19,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
+from ..trainer.fileio import atomic_write_bytes
 from . import config_build as cb
 from . import pictures
-from .worker import MAX_PROCESSES, WorkerProcess, check_num_processes, worker_command, worker_environment
+from .worker import (KILL_GRACE_SECONDS, MAX_PROCESSES, WorkerProcess, check_num_processes, worker_command,
+                     worker_environment)
 
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
@@ -147,33 +150,61 @@ def comfy_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(comfy.sd1_clip.__file__)), "sd1_tokenizer")
 
 
+REPEAT_FOLDER = re.compile(r"^\d+_.+$")  # kohya's `10_sks dog`, the subfolders trainer.data reads
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """The files the trainer reads from a dataset folder: images and their caption files, in it and in its
+    `N_name` subfolders. Hidden files (.DS_Store) and others (Thumbs.db, notes) are not among them.
+
+    In os.walk's order (the folder's files, then each subfolder's, by name), as fingerprints were
+    made before, so a folder holding nothing else keeps the fingerprint its finished runs recorded.
+    """
+    from ..trainer.data import IMAGE_EXTENSIONS
+
+    caption_extension = cb.cb_default("caption_extension")  # the nodes have no widget for it
+
+    def visible(directory: Path) -> list[Path]:
+        return sorted((p for p in directory.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+    def images_and_captions(directory: Path) -> list[Path]:
+        files = [p for p in visible(directory) if p.is_file()]
+        images = {p.name for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
+        captions = {Path(name).stem + caption_extension for name in images}
+        return [p for p in files if p.name in images or p.name in captions]
+
+    subfolders = [p for p in visible(folder) if p.is_dir() and REPEAT_FOLDER.match(p.name)]
+    return [path for directory in (folder, *subfolders) for path in images_and_captions(directory)]
+
+
 def folder_fingerprint(folder: Path) -> str:
-    """A hash of every file's name, size and modification time (images, captions, `N_name` subfolders)."""
-    digest = hashlib.sha256()
-    if not folder.is_dir():
+    """A hash of the name, size and modification time of every file the trainer reads (`dataset_files`)."""
+    try:
+        files = dataset_files(folder)
+    except OSError:  # gone or unreadable: the Dataset node says why when it runs
         return "missing"
-    for dirpath, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            try:
-                stat = os.stat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            rel = os.path.relpath(os.path.join(dirpath, name), folder)
-            digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "replace"))
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        rel = path.relative_to(folder).as_posix()
+        digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "replace"))
     return digest.hexdigest()
 
 
 # --- widgets from TrainConfig options ----------------------------------------------------------
 
 def option_input(name: str, *, tooltip: str | None = None, optional: bool = False, **overrides) -> io.Input:
-    """The widget of a TrainConfig option, its tooltip the option's help text."""
+    """The widget of a TrainConfig option, its tooltip the option's help text (and the nodes' note on it)."""
     info = cb.field_info(name)
     default = overrides.pop("default", info["default"])
-    tip = tooltip or info["help"]
+    tip = tooltip or " ".join(filter(None, (info["help"], cb.NODE_TOOLTIP_NOTES.get(name))))
     kind = info["type"]
-    if info["choices"]:
-        return io.Combo.Input(name, options=list(info["choices"]), default=default, tooltip=tip, optional=optional)
+    choices = cb.NODE_CHOICES.get(name, info["choices"])
+    if choices:
+        return io.Combo.Input(name, options=list(choices), default=default, tooltip=tip, optional=optional)
     if kind is bool:
         return io.Boolean.Input(name, default=default, tooltip=tip, optional=optional)
     if kind is int:
@@ -290,11 +321,14 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
             display_name="DreamBooth Dataset from Images",
             category=CATEGORY,
             description="Training images from any ComfyUI node (a batch of IMAGE), with captions. They are written "
-                        "as PNG files (and .txt captions) to output/dreambooth_lora/datasets/<name>/.",
+                        "as PNG files (and .txt captions) to output/dreambooth_lora/datasets/<name>_<hash>/, the hash "
+                        "that of the images and captions.",
             inputs=[io.Image.Input("images", tooltip="The training images (a batch; e.g. from Load Image or a "
                                                      "crop / upscale node)."),
                     io.String.Input("name", default="my_subject",
-                                    tooltip="Name of the dataset folder under output/dreambooth_lora/datasets/."),
+                                    tooltip="Name of the dataset folder under output/dreambooth_lora/datasets/; a "
+                                            "short hash of the images and captions is appended, so other images "
+                                            "never share the folder."),
                     io.String.Input("captions", multiline=True, default="",
                                     tooltip="One caption per line, for the images in order; images without a line "
                                             "(or with an empty one) use the instance prompt."),
@@ -305,19 +339,31 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
     @classmethod
     def execute(cls, images, name, captions, instance_prompt, class_prompt, caption_mode, repeats, resolution,
                 buckets, crop, flip_p) -> io.NodeOutput:
-        folder = _output_root() / "datasets" / cb.slug(cb.sanitize_output_name(name))
+        pil_images, lines = pictures.from_image_tensor(images), captions.splitlines()
+        image_captions = [(image, lines[i].strip() if i < len(lines) else "") for i, image in enumerate(pil_images)]
+        folder_name = f"{cb.slug(cb.sanitize_output_name(name))}_{_content_hash(image_captions)}"
+        folder = _output_root() / "datasets" / folder_name
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("image_*"):  # only the files this node writes
-            if old.suffix in (".png", ".txt"):
-                old.unlink()
-        lines = captions.splitlines()
-        for i, image in enumerate(pictures.from_image_tensor(images)):
-            image.save(folder / f"image_{i:04d}.png")
-            caption = lines[i].strip() if i < len(lines) else ""
-            if caption:
-                (folder / f"image_{i:04d}.txt").write_text(caption, encoding="utf-8")
+        # The folder's name is its content, so a file already there is this one: it is not written again,
+        # and its modification time (part of the dataset fingerprint) survives a restart of ComfyUI.
+        for i, (image, caption) in enumerate(image_captions):
+            png, txt = folder / f"image_{i:04d}.png", folder / f"image_{i:04d}.txt"
+            if not png.is_file():
+                atomic_write_bytes(png, pictures.png_bytes(image))
+            if caption and not txt.is_file():
+                atomic_write_bytes(txt, caption.encode("utf-8"))
         return _scan_dataset(folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
                              crop, flip_p)
+
+
+def _content_hash(image_captions: list[tuple[Any, str]]) -> str:
+    """8 hex digits of a hash of the images' pixels and their captions (not of the PNG encoding, which
+    may change with Pillow)."""
+    digest = hashlib.sha256()
+    for image, caption in image_captions:
+        digest.update(json.dumps([image.mode, image.size, caption]).encode("utf-8"))
+        digest.update(image.tobytes())
+    return digest.hexdigest()[:8]
 
 
 class DreamBoothBaseModel(io.ComfyNode):
@@ -353,7 +399,7 @@ class DreamBoothBaseModel(io.ComfyNode):
             raise ValueError(f"{model}: {e}") from None
         info = f"{detected.variant} ({detected.arch}), {detected.prediction_type}, {kind}: {model}"
         base = {"path": str(path), "name": model, "kind": kind, "arch": detected.arch, "variant": detected.variant,
-                "prediction_type": detected.prediction_type}
+                "prediction_type": detected.prediction_type, "prediction_type_choice": prediction_type}
         return io.NodeOutput(base, model, info, ui=ui.PreviewText(info))
 
 
@@ -475,8 +521,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                 if not class_count:
                     raise ValueError(f"class_images: {class_dir} has no images directly in it")
             else:
-                class_dir = _output_root() / "class_images" / cb.slug(
-                    f"{Path(base_model['name']).stem}_{dataset.get('class_prompt', '')}", 100)
+                class_dir = _output_root() / "class_images" / cb.class_images_folder_name(base_model, dataset)
         train = dict(output_name=name, steps=max_train_steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
                      seed=seed, resume=resume, prior_preservation=prior_preservation)
         try:
@@ -517,21 +562,32 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                         progress.show(event)
                     mm.throw_exception_if_processing_interrupted()
                 except mm.InterruptProcessingException as e:
-                    if interrupted is None:
-                        interrupted = e
-                        worker.request_stop()
-                        progress.text("stopping: finishing the step, writing a checkpoint and a partial LoRA "
-                                      "(Cancel again to kill the worker)", force=True)
-                    else:
-                        worker.kill()
+                    interrupted = interrupted or e
+                    answer = worker.cancel()
+                    if answer == "stop":
+                        progress.text(f"stopping: finishing the step, writing a checkpoint and a partial LoRA "
+                                      f"(Cancel again after {KILL_GRACE_SECONDS:.0f} s to kill the worker)", force=True)
+                    elif answer == "ignored":
+                        progress.text(f"stopping; a second Cancel within {KILL_GRACE_SECONDS:.0f} s is taken as a "
+                                      f"double-click (Cancel again later to kill the worker)", force=True)
             worker.wait()
         finally:
             worker.close()
+        finished = worker.last("done") is not None and worker.returncode == 0
+        if finished:  # also when Cancel came after the last step: the LoRA is complete, so a re-queue reuses it
+            (run_dir / RUN_IDENTITY).write_text(json.dumps(identity, sort_keys=True), encoding="utf-8")
         if interrupted is not None:
-            stopped = worker.last("stopped")
-            LOG.info("[DreamBooth LoRA] stopped at step %s; checkpoint %s; partial LoRA %s",
-                     stopped and stopped.get("step"), stopped and stopped.get("checkpoint"),
-                     stopped and stopped.get("lora"))
+            # Re-raised even after a finished run: the user asked the queue item to stop, and nodes after
+            # this one must not run (ComfyUI cleared its interrupt flag when it raised this).
+            if finished:
+                progress.text(f"cancelled after the last step: {lora_path.name} is complete; queue again to use it "
+                              f"(nothing is trained again)", force=True)
+                LOG.info("[DreamBooth LoRA] cancelled after the last step; %s is complete", lora_path)
+            else:
+                stopped = worker.last("stopped")
+                LOG.info("[DreamBooth LoRA] stopped at step %s; checkpoint %s; partial LoRA %s",
+                         stopped and stopped.get("step"), stopped and stopped.get("checkpoint"),
+                         stopped and stopped.get("lora"))
             raise interrupted
         failure = worker.failure()
         if failure is not None:
@@ -539,7 +595,6 @@ class DreamBoothTrainLoRA(io.ComfyNode):
         if worker.last("stopped"):  # stopped from outside (a STOP file, a signal): not an error, but no result
             raise RuntimeError(f"training stopped at step {worker.last('stopped').get('step')} before the end "
                                f"(STOP file or signal); turn resume on and queue again to finish it")
-        (run_dir / RUN_IDENTITY).write_text(json.dumps(identity, sort_keys=True), encoding="utf-8")
         return _train_outputs(config, worker.events, lora_dir, name, cls)
 
 
@@ -603,18 +658,18 @@ def same_run_identity(saved: dict, identity: dict) -> bool:
 
 def _check_fresh_run(config, run_dir: Path, lora_path: Path) -> None:
     """A new run must not mix with the checkpoints of an earlier one, nor replace a LoRA silently."""
+    from ..trainer.checkpoints import checkpoints_after
+
     if config.resume:
         return
-    old = sorted((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+    old = checkpoints_after(run_dir, 0)
     if lora_path.exists() and not config.overwrite:
         raise ValueError(f"{lora_path} already exists. Choose another output_name, turn resume on to continue its "
                          f"run, or turn overwrite on in DreamBooth Training Settings to replace it.")
-    if old:
-        if not config.overwrite:
-            raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({old[-1].name}). Turn resume on to "
-                             f"continue it, choose another output_name, or turn overwrite on in DreamBooth Training "
-                             f"Settings to start over.")
-        shutil.rmtree(run_dir / "checkpoints")
+    if old and not config.overwrite:  # (with overwrite the trainer deletes them)
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({old[-1].name}). Turn resume on to "
+                         f"continue it, choose another output_name, or turn overwrite on in DreamBooth Training "
+                         f"Settings to start over.")
 
 
 class _Progress:

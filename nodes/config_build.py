@@ -10,6 +10,7 @@ CLI document an option with the same words.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,18 @@ DEFAULT_SETTINGS: dict[str, Any] = {"memory_preset": PRESET_NONE, "options": {}}
 # Native resolution of each architecture, the Dataset node's "auto" (0).
 NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 
+# Choices a node offers where they are fewer than the TrainConfig option's: Train LoRA's outputs
+# (lora_name, LORA_MODEL) are the kohya file, which export_format 'diffusers' alone never writes.
+NODE_CHOICES: dict[str, tuple[str, ...]] = {"export_format": ("kohya", "both")}
+
+# What a node widget's tooltip says beyond the option's help text.
+NODE_TOOLTIP_NOTES = {
+    "prediction_type": "Both DreamBooth Base Model and Training Settings have this widget: 'auto' in one takes the "
+                       "other's value; two different values other than 'auto' are an error.",
+    "export_format": "Train LoRA outputs the kohya file, so the nodes offer 'kohya' and 'both' (which also writes "
+                     "diffusers' layout); 'diffusers' alone is for the command line.",
+}
+
 
 def field_info(name: str) -> dict[str, Any]:
     """Type, default, help, choices and range of a TrainConfig option, for building its widget."""
@@ -113,6 +126,42 @@ def slug(text: str, limit: int = 60) -> str:
     return (cleaned or "x")[:limit]
 
 
+def short_hash(*parts: Any) -> str:
+    """8 hex digits of a SHA-256 over `parts`: tells apart folders whose readable names may collide."""
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8")).hexdigest()[:8]
+
+
+def train_resolution(base: dict[str, Any], dataset: dict[str, Any]) -> int:
+    """The training resolution: the Dataset node's, or the architecture's own for its 0."""
+    return dataset.get("resolution") or NATIVE_RESOLUTION.get(base.get("arch") or "sd1", 512)
+
+
+def class_images_folder_name(base: dict[str, Any], dataset: dict[str, Any]) -> str:
+    """The folder of generated class images: `<model stem>_<class prompt>_<hash>`.
+
+    The slug keeps the name readable but drops non-ASCII text and the model's subfolder, so the
+    hash of the full model name, class prompt and resolution keeps apart what the slug merges.
+    """
+    model, prompt = str(base["name"]), dataset.get("class_prompt", "")
+    readable = slug(f"{Path(model).stem}_{prompt}", 80)
+    return f"{readable}_{short_hash(model, prompt, train_resolution(base, dataset))}"
+
+
+def train_prediction_type(base: dict[str, Any], settings_value: str) -> str:
+    """The prediction_type to train with, from Training Settings' widget and Base Model's.
+
+    'auto' in one takes the other's value (Base Model's widget, not what it detected: 'auto'
+    stays 'auto' so the trainer detects it); two different explicit values are a ValueError.
+    """
+    base_value = base.get("prediction_type_choice", "auto")
+    if settings_value == "auto":
+        return base_value
+    if base_value not in ("auto", settings_value):
+        raise ValueError(f"prediction_type is {base_value!r} in DreamBooth Base Model but {settings_value!r} in "
+                         f"DreamBooth Training Settings; set one of them to 'auto'")
+    return settings_value
+
+
 def settings_options(settings: dict[str, Any] | None, arch: str) -> dict[str, Any]:
     """The TrainConfig options of a settings dict, with its memory preset applied for `arch`."""
     settings = settings or DEFAULT_SETTINGS
@@ -138,16 +187,19 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
     number of images in a class folder the user chose, which is read and never written to, so
     at most that many class images are used (none are generated into it).
     """
-    arch = base.get("arch") or "sd1"
-    values: dict[str, Any] = settings_options(settings, arch)
-    resolution = dataset.get("resolution") or NATIVE_RESOLUTION.get(arch, 512)
+    values: dict[str, Any] = settings_options(settings, base.get("arch") or "sd1")
+    for option, choices in NODE_CHOICES.items():  # ComfyUI checks its widgets; a script calling a node does not
+        if option in values and values[option] not in choices:
+            raise ValueError(f"{option} {values[option]!r} is not one of {', '.join(choices)}: "
+                             f"{NODE_TOOLTIP_NOTES[option]}")
     values.update({key: dataset[key] for key in DATASET_OPTIONS if key in dataset})
     values.update(
         pretrained_model=str(base["path"]),
         tokenizer=tokenizer if base.get("kind", "checkpoint") == "checkpoint" else "",
         instance_dir=str(dataset["folder"]),
         instance_prompt=dataset.get("instance_prompt", ""),
-        resolution=resolution,
+        resolution=train_resolution(base, dataset),
+        prediction_type=train_prediction_type(base, values.get("prediction_type", "auto")),
         max_train_steps=int(train["steps"]),
         learning_rate=float(train["learning_rate"]),
         rank=int(train["rank"]),

@@ -6,6 +6,7 @@ the drawing; torch is imported only to build the tensor.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,6 +32,13 @@ def from_image_tensor(images) -> list[Image.Image]:
 
     array = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
     return [Image.fromarray(a[..., :3]) for a in array]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image as a PNG file's bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def same_size(images: Sequence[Image.Image]) -> list[Image.Image]:

@@ -47,6 +47,9 @@ WORKER_MAIN = Path(__file__).resolve().with_name("worker_main.py")
 STOP_FILE_NAME = "STOP"  # trainer/stop.py STOP_FILE_NAME (not imported: this module stays import-light)
 LOG_NAME = "worker.log"
 MAX_PROCESSES = 16
+# A second Cancel sooner than this after the first is a double-click, not a request to kill the worker
+# (which would lose the step and the checkpoint the first Cancel asked for).
+KILL_GRACE_SECONDS = 3.0
 _TRUE = ("1", "y", "yes", "t", "true", "on")  # accelerate's str_to_bool
 
 
@@ -151,7 +154,8 @@ class WorkerProcess:
 
     Usage: `start()`, then call `poll(timeout)` until it returns None with `finished` set;
     `request_stop()` writes the STOP file (again on every later poll, since the trainer
-    removes a stale one when it starts); `kill()` is the last resort.
+    removes a stale one when it starts); `kill()` is the last resort; `cancel()` picks
+    between them for a Cancel button.
     """
 
     def __init__(self, command: list[str], run_dir: Path, env: dict[str, str] | None = None, tail_lines: int = 40):
@@ -217,6 +221,17 @@ class WorkerProcess:
             self.stop_requested_at = time.monotonic()
             self._append_log("=== stop requested ===")
         self._touch_stop_file()
+
+    def cancel(self) -> str:
+        """Answer a Cancel: the first asks the worker to stop ("stop"); one within KILL_GRACE_SECONDS of it
+        is the same click twice and does nothing ("ignored"); a later one kills the worker ("kill")."""
+        if self.stop_requested_at is None:
+            self.request_stop()
+            return "stop"
+        if time.monotonic() - self.stop_requested_at < KILL_GRACE_SECONDS:
+            return "ignored"
+        self.kill()
+        return "kill"
 
     def kill(self) -> None:
         """End the worker at once (no checkpoint), with every process it started: the answer to a second Cancel."""

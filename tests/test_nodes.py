@@ -8,6 +8,7 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from comfyui_dreambooth_lora.nodes import config_build as cb
 from comfyui_dreambooth_lora.nodes import pictures
-from comfyui_dreambooth_lora.nodes.worker import (PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,
+from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,
                                                   check_num_processes, worker_command, worker_environment)
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
@@ -121,6 +122,55 @@ def test_bad_values_are_config_errors_naming_the_option(tmp_path):
     with pytest.raises(ConfigError, match="instance_prompt"):
         cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path,
                               lora_dir=tmp_path)
+
+
+def test_base_model_prediction_type_applies_where_the_settings_say_auto(tmp_path):
+    # A v-prediction model whose detection misses it: set on Base Model, it must reach the trainer.
+    base, dataset, widgets = _inputs(tmp_path)
+
+    def prediction_type(base_choice: str, settings_choice: str | None) -> str:
+        settings = None if settings_choice is None else {"memory_preset": cb.PRESET_NONE,
+                                                         "options": {"prediction_type": settings_choice}}
+        return cb.build_train_config(base={**base, "prediction_type_choice": base_choice}, dataset=dataset,
+                                     settings=settings, train=widgets, run_dir=tmp_path / "r",
+                                     lora_dir=tmp_path / "l").prediction_type
+
+    assert prediction_type("v_prediction", None) == "v_prediction"  # no Training Settings node
+    assert prediction_type("v_prediction", "auto") == "v_prediction"
+    assert prediction_type("auto", "v_prediction") == "v_prediction"
+    assert prediction_type("epsilon", "epsilon") == "epsilon"
+    assert prediction_type("auto", "auto") == "auto"  # the trainer detects it (as runs recorded before)
+    with pytest.raises(ValueError, match=r"'v_prediction' in DreamBooth Base Model but 'epsilon' in DreamBooth "
+                                         r"Training Settings; set one of them to 'auto'"):
+        prediction_type("v_prediction", "epsilon")
+
+
+def test_export_format_diffusers_alone_is_refused_before_training(tmp_path):
+    # Train LoRA's outputs are the kohya file: 'diffusers' alone trained the whole run, then failed.
+    base, dataset, widgets = _inputs(tmp_path)
+    for export_format in ("kohya", "both"):
+        settings = {"memory_preset": cb.PRESET_NONE, "options": {"export_format": export_format}}
+        config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
+                                       run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
+        assert config.export_format == export_format
+    settings = {"memory_preset": cb.PRESET_NONE, "options": {"export_format": "diffusers"}}
+    with pytest.raises(ValueError, match=r"export_format 'diffusers' is not one of kohya, both"):
+        cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets, run_dir=tmp_path / "r",
+                              lora_dir=tmp_path / "l")
+
+
+def test_generated_class_images_folders_differ_per_model_prompt_and_resolution(tmp_path):
+    base, dataset, _ = _inputs(tmp_path)
+
+    def folder(model="SD15/model.safetensors", prompt="a photo of dog", resolution=0) -> str:
+        return cb.class_images_folder_name({**base, "name": model},
+                                           {**dataset, "class_prompt": prompt, "resolution": resolution})
+
+    assert folder() == folder() and folder().startswith("model_a_photo_of_dog_")  # readable, and reused
+    names = {folder(), folder(model="SDXL/model.safetensors"), folder(prompt="фото собаки"),
+             folder(prompt="фото кошки"), folder(prompt="犬の写真"), folder(resolution=768)}
+    assert len(names) == 6
+    assert folder(resolution=512) == folder()  # 0 is SD1.x's 512
 
 
 def test_settings_widgets_are_trainconfig_options_with_help():
@@ -236,6 +286,19 @@ def test_worker_stop_file_and_kill(tmp_path):
     events = follow(worker, on_event=lambda w, e: w.kill() if e.get("step") == 3 else None)
     failure = worker.failure()
     assert failure is not None and "signal" in failure.message
+
+
+def test_cancel_stops_then_kills_but_a_double_click_is_one_cancel(tmp_path):
+    worker = fake_worker(tmp_path, "import time; time.sleep(600)")
+    worker.start()
+    try:
+        assert worker.cancel() == "stop" and (tmp_path / "run" / "STOP").is_file()
+        assert worker.cancel() == "ignored" and worker.returncode is None  # at once: the same click twice
+        worker.stop_requested_at -= KILL_GRACE_SECONDS  # the first Cancel was seconds ago
+        assert worker.cancel() == "kill"  # a deliberate second Cancel
+        assert worker.wait(timeout=30) == -9
+    finally:
+        worker.close()
 
 
 def _running(pid: int) -> bool:
@@ -499,3 +562,162 @@ def test_progress_text_shows_what_the_run_says_until_its_next_event(comfyui, mon
     progress._last_text = 0.0  # minutes later (step texts are throttled to 4 a second)
     progress.show({"event": "step", "step": 1, "total_steps": 10, "loss": 0.1, "seconds_per_step": 2.0})
     assert shown[-1].startswith("step 1/10")
+
+
+# --- the node classes on ComfyUI folders in tmp_path (no server) ------------------------------------------------
+
+@pytest.fixture
+def comfy_folders(comfyui, tmp_path, tiny_sd1, monkeypatch):
+    """ComfyUI's input, output and model folders in tmp_path (the tiny model as `[diffusers] tiny`, 3 photos in
+    input/photos), for calling the nodes' `execute` as ComfyUI does."""
+    import folder_paths
+    from comfy_api.latest import io
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    for folder in ("input", "output", "models/diffusers", "models/loras", "models/checkpoints"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "models" / "diffusers" / "tiny").symlink_to(tiny_sd1, target_is_directory=True)
+    make_demo_dataset(tmp_path / "input" / "photos", count=3, size=32, captions=False)
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    for kind in ("diffusers", "loras", "checkpoints"):
+        extensions = folder_paths.folder_names_and_paths[kind][1]
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, kind, ([str(tmp_path / "models" / kind)], extensions))
+    hidden = io.HiddenHolder.from_dict({io.Hidden.unique_id: "1"})
+    for node in comfy_nodes.NODES:
+        monkeypatch.setattr(node, "hidden", hidden, raising=False)
+    return tmp_path
+
+
+def _dataset_widgets(**changes) -> dict:
+    widgets = dict(instance_prompt="a photo of sks disc", class_prompt="a photo of disc", caption_mode="file_or_prompt",
+                   repeats=1, resolution=32, buckets=True, crop="center", flip_p=0.0)
+    return {**widgets, **changes}
+
+
+@pytest.mark.comfyui
+def test_base_model_node_passes_its_prediction_type_widget(comfy_folders, tmp_path):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] tiny", "v_prediction").args[0]
+    _, dataset, widgets = _inputs(tmp_path)
+    config = cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path / "r",
+                                   lora_dir=tmp_path / "l")
+    assert config.prediction_type == "v_prediction"
+
+
+@pytest.mark.comfyui
+def test_settings_node_offers_only_the_export_formats_train_lora_can_output(comfyui):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    widget = comfy_nodes.option_input("export_format")
+    assert widget.options == ["kohya", "both"] and "'diffusers' alone is for the command line" in widget.tooltip
+    assert "'auto' in one takes the other's value" in comfy_nodes.option_input("prediction_type").tooltip
+
+
+@pytest.mark.comfyui
+def test_dataset_fingerprint_covers_only_what_the_trainer_reads(comfyui, tmp_path):
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import folder_fingerprint
+
+    photos = make_demo_dataset(tmp_path / "photos", count=3, size=32, captions=False)
+    (photos / "10_sks disc").mkdir()
+    make_demo_dataset(photos / "10_sks disc", count=1, size=32, captions=False)
+    sorted(photos.glob("*.png"))[1].with_suffix(".txt").write_text("a caption")
+    before = folder_fingerprint(photos)
+    # what the fingerprint was before hidden files were left out: finished runs recorded it
+    lines = []
+    for dirpath, dirs, files in os.walk(photos):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(dirpath, name))
+            lines.append(f"{os.path.relpath(os.path.join(dirpath, name), photos)}|{stat.st_size}|{stat.st_mtime_ns}\n")
+    assert before == hashlib.sha256("".join(lines).encode()).hexdigest()
+    # what file browsers and tools leave behind: an unchanged dataset must not look changed
+    (photos / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (photos / "Thumbs.db").write_bytes(b"thumbs")
+    (photos / "desktop.ini").write_text("[.ShellClassInfo]")
+    (photos / ".ipynb_checkpoints").mkdir()
+    (photos / ".ipynb_checkpoints" / "x.png").write_bytes(b"png")
+    (photos / "rejected").mkdir()  # not an `N_name` folder: the trainer does not read it
+    (photos / "rejected" / "y.png").write_bytes(b"png")
+    assert folder_fingerprint(photos) == before
+    image = sorted(photos.glob("*.png"))[0]
+    for change in (lambda: image.with_suffix(".txt").write_text("a caption"),
+                   lambda: (photos / "10_sks disc" / "extra.jpg").write_bytes(image.read_bytes()),
+                   lambda: os.utime(image, ns=(0, 0))):
+        change()
+        assert folder_fingerprint(photos) != before
+        before = folder_fingerprint(photos)
+
+
+@pytest.mark.comfyui
+def test_dataset_from_images_keeps_its_files_and_gives_other_images_their_own_folder(comfy_folders):
+    import torch
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    def from_images(images, captions=""):
+        return comfy_nodes.DreamBoothDatasetFromImages.execute(images, "my_subject", captions,
+                                                               **_dataset_widgets()).args[0]
+
+    red, blue = torch.zeros(3, 32, 32, 3), torch.zeros(5, 32, 32, 3)
+    red[..., 0], blue[..., 2] = 1.0, 1.0
+    subject = from_images(red)
+    folder = Path(subject["folder"])
+    assert folder.parent == comfy_folders / "output" / "dreambooth_lora" / "datasets"
+    assert folder.name.startswith("my_subject_")
+    for path in folder.iterdir():
+        os.utime(path, ns=(0, 0))  # written long ago
+    written = comfy_nodes.folder_fingerprint(folder)
+    # ComfyUI restarted: the node runs again on the same images and must not rewrite them
+    again = from_images(red)
+    assert again["folder"] == subject["folder"] and again["fingerprint"] == written
+    # a second node with the same name, other images (e.g. the class images): a folder of its own
+    klass = from_images(blue)
+    assert klass["folder"] != subject["folder"] and klass["num_images"] == 5
+    assert len(list(folder.glob("*.png"))) == 3 and comfy_nodes.folder_fingerprint(folder) == written
+    assert from_images(red, "a red disc")["folder"] not in (subject["folder"], klass["folder"])
+
+
+@pytest.mark.comfyui
+def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monkeypatch):
+    # Cancel while the LoRA is being written: the run is complete, so queueing again must reuse it.
+    import comfy.model_management as mm
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] tiny", "auto").args[0]
+    dataset = comfy_nodes.DreamBoothDataset.execute("photos", **_dataset_widgets()).args[0]
+    settings = {"memory_preset": cb.PRESET_NONE, "options": {"bucket_step": 16, "checkpoint_every": 0,
+                                                             "sample_at_end": False}}
+    steps = 2
+    cancels = []
+    show = comfy_nodes._Progress.show
+
+    def show_and_note_the_last_checkpoint(progress, event):
+        show(progress, event)
+        if event.get("event") == "checkpoint" and event["step"] == steps:  # the trainer no longer looks at STOP
+            cancels.append("due")
+
+    def cancel_after_the_last_step():
+        if cancels == ["due"]:
+            cancels.append("pressed")
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy_nodes._Progress, "show", show_and_note_the_last_checkpoint)
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", cancel_after_the_last_step)
+
+    def train():
+        return comfy_nodes.DreamBoothTrainLoRA.execute(base, dataset, "disc", steps, 1e-4, 2, 2.0, 1, False, False,
+                                                       settings)
+
+    with pytest.raises(mm.InterruptProcessingException):  # the queue item stops, as Cancel asks
+        train()
+    run = comfy_folders / "output" / "dreambooth_lora" / "runs" / "disc"
+    assert cancels == ["due", "pressed"] and [e["event"] for e in read_events(run / "events.jsonl")][-1] == "done"
+    assert (run / "node_run.json").is_file()
+    log = (run / "worker.log").read_text()
+    assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'
+    assert (run / "worker.log").read_text() == log  # and not trained again

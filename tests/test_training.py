@@ -630,6 +630,16 @@ class StopAtStep:
             self.stop.request("test")
 
 
+def test_a_stop_asked_at_the_last_step_finishes_the_run(tiny_sd1, photos, tmp_path):
+    # It ended "stopped" with a partial LoRA instead of the finished one (a Cancel in ComfyUI at the end).
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3)
+    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    stop = StopRequest(handle_signals=False)
+    events.listeners.append(StopAtStep(stop, 3))
+    result = loop.train(config, events=events, stop=stop)
+    assert result.status == "done" and result.lora_files[0].name == "test_lora.safetensors"
+
+
 def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_path):
     common = dict(max_train_steps=7, gradient_accumulation_steps=2, batch_size=2, lr_scheduler="cosine",
                   lr_warmup_steps=2, flip_p=0.5, lora_dropout=0.1, checkpoint_every=3, snr_gamma=5.0)

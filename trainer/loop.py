@@ -227,8 +227,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             for done in losses.push(step, step_loss, lr_scheduler.get_last_lr()[0], started):
                 _report_step(done, config, events, last_checkpoint)
 
-            stopping = _stop_everywhere(stop, accelerator)
             finished = step >= config.max_train_steps
+            stopping = not finished and _stop_everywhere(stop, accelerator)  # at the last step: finish
             checkpointing = config.checkpoint_every and step % config.checkpoint_every == 0 or stopping or finished
             sampling = config.sample_every and step % config.sample_every == 0 and not finished  # (main only)
             if checkpointing or sampling:  # nothing is saved or sampled from a step whose loss was not read
