@@ -856,6 +856,29 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_s
     assert read_events(Path(config.output_dir) / "events.jsonl")[-1]["event"] == "error"
 
 
+def test_lora_weights_broken_by_an_update_are_never_saved(tiny_sd1, photos, tmp_path, monkeypatch):
+    # Step 4's loss was finite, but its update made a weight NaN, and step 4's checkpoint held it.
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2)
+    build = loop.build_optimizer
+
+    def breaking_optimizer(config, param_groups, device):
+        optimizer, calls = build(config, param_groups, device), {"n": 0}
+
+        def break_a_weight(optimizer, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the update of a checkpoint's step: no loss is computed with it before the save
+                with torch.no_grad():
+                    param_groups[0]["params"][0].fill_(float("nan"))
+        optimizer.register_step_post_hook(break_a_weight)
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", breaking_optimizer)
+    with pytest.raises(loop.TrainingError, match=r"stopped being finite by step 4 .*step_00000002"):
+        loop.train(config)
+    assert checkpoint_names(config) == ["step_00000002"]
+    assert not (Path(config.output_dir) / "test_lora.safetensors").exists()
+
+
 def test_disk_full_while_exporting_keeps_the_old_lora(tiny_sd1, photos, tmp_path, monkeypatch):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
     loop.train(config)

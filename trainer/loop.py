@@ -241,6 +241,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                       config=config.to_dict(), path=output_dir,
                                       mixed_precision=accelerator.mixed_precision, dataset=manifest,
                                       scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+                _check_finite_weights(state, last_checkpoint)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
                                                         config, events)
@@ -307,6 +308,16 @@ def _clear_checkpoints_of_another_run(config: TrainConfig, state: TrainingState 
         for path in later:
             shutil.rmtree(path)
         events.log(f"overwrite: deleted the checkpoints this run did not write ({names})", level="info")
+
+
+def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) -> None:
+    """Refuse to save LoRA weights that are not finite (an update can break them with a finite loss)."""
+    broken = [name for name, weight in state.lora.items() if not torch.isfinite(weight).all()]
+    if broken:
+        raise TrainingError(f"the LoRA weights stopped being finite by step {state.step} ({len(broken)} tensors, e.g. "
+                            f"{broken[0]}); nothing from this step was saved (last good checkpoint: "
+                            f"{last_checkpoint or 'none'}). Lower learning_rate, or use mixed_precision 'bf16' or "
+                            "'no'.", step=state.step)
 
 
 def read_loss_late(device: torch.device) -> bool:
