@@ -483,6 +483,22 @@ def test_real_worker_bad_input_is_a_failure_with_the_cause(tiny_run, tmp_path):
 
 
 @pytest.mark.comfyui
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_finished_run_is_reused_also_with_overwrite_on(comfyui, tmp_path, overwrite):
+    # With overwrite on, the same graph queued after a restart trained again (minutes for the same LoRA).
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import RUN_IDENTITY, _finished_before
+
+    config = TrainConfig(max_train_steps=4, overwrite=overwrite)
+    identity = {"config": {"rank": 8}, "base": ["m", 1, 2], "dataset": "abc", "class_images": None}
+    lora = tmp_path / "dog.safetensors"
+    lora.write_bytes(b"lora")
+    (tmp_path / RUN_IDENTITY).write_text(json.dumps(identity), encoding="utf-8")
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": 4}) + "\n", encoding="utf-8")
+    assert _finished_before(config, tmp_path, lora, identity)
+    assert not _finished_before(config, tmp_path, lora, {**identity, "dataset": "other"})
+
+
+@pytest.mark.comfyui
 def test_a_run_identity_from_before_an_option_existed_still_matches(comfyui):
     from comfyui_dreambooth_lora.nodes.comfy_nodes import same_run_identity
 
