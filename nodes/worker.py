@@ -50,6 +50,9 @@ MAX_PROCESSES = 16
 # A second Cancel sooner than this after the first is a double-click, not a request to kill the worker
 # (which would lose the step and the checkpoint the first Cancel asked for).
 KILL_GRACE_SECONDS = 3.0
+# After the worker exits, how long a process it started may still hold its output pipes (a training
+# process its launcher left behind) before that process is killed and the streams are given up.
+READ_GRACE_SECONDS = 5.0
 _TRUE = ("1", "y", "yes", "t", "true", "on")  # accelerate's str_to_bool
 
 
@@ -171,6 +174,8 @@ class WorkerProcess:
         self._threads: list[threading.Thread] = []
         self._log = None
         self.stop_requested_at: float | None = None
+        self._exited_at: float | None = None  # when `finished` first saw the exit with a stream still open
+        self._streams_given_up = False
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,9 +205,27 @@ class WorkerProcess:
 
     @property
     def finished(self) -> bool:
-        """The process has exited and both of its streams are read to the end."""
-        return (self._process is not None and self._process.poll() is not None
-                and not any(t.is_alive() for t in self._threads) and self._queue.empty())
+        """The process has exited and both of its streams are read to the end (`_streams_ended`)."""
+        return (self._process is not None and self._process.poll() is not None and self._streams_ended()
+                and self._queue.empty())
+
+    def _streams_ended(self) -> bool:
+        """Whether both streams are read to the end, once the worker has exited. A process it started
+        that still holds them READ_GRACE_SECONDS later (and the GPU memory it has) is killed with the
+        worker's process group, and the streams are given up: else the node would wait for it."""
+        if not any(t.is_alive() for t in self._threads) or self._streams_given_up:
+            return True
+        self._exited_at = self._exited_at or time.monotonic()
+        if time.monotonic() - self._exited_at < READ_GRACE_SECONDS:
+            return False
+        self._streams_given_up = True
+        self._append_log("=== the worker exited, but a process it started still held its output: killed ===")
+        if os.name != "nt":  # (on Windows a process does not keep a dead parent's pipes open this way)
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)  # start_new_session: the group id is its pid
+            except OSError:
+                pass
+        return True
 
     def poll(self, timeout: float = 0.1) -> dict[str, Any] | None:
         """The next event, or None when none came within `timeout` seconds."""

@@ -301,6 +301,31 @@ def test_cancel_stops_then_kills_but_a_double_click_is_one_cancel(tmp_path):
         worker.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_left_holding_the_workers_output_neither_blocks_the_node_nor_outlives_it(tmp_path, monkeypatch):
+    # The node waited for the streams to end, i.e. for that process to exit, however long it ran.
+    import comfyui_dreambooth_lora.nodes.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "READ_GRACE_SECONDS", 1.0)
+    worker = fake_worker(tmp_path, """
+        import json, subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # inherits stdout
+        print(json.dumps({"event": "child", "pid": child.pid}), flush=True)
+    """)
+    worker.start()
+    started = time.monotonic()
+    try:
+        events = follow(worker, timeout=60)
+    finally:
+        worker.close()
+    assert worker.returncode == 0 and time.monotonic() - started < 30
+    [child] = [e["pid"] for e in events if e.get("event") == "child"]
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
