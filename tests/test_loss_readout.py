@@ -137,3 +137,22 @@ def test_a_stop_with_losses_read_late_reports_every_step_before_it_saves(tiny_sd
     happened = what_happened(run_events(config, True, monkeypatch, events=events, stop=stop))
     assert [(kind, step) for kind, step, _ in happened] == [("step", 1), ("step", 2), ("step", 3), ("checkpoint", 3),
                                                             ("stopped", 3)]
+
+
+def test_a_failure_read_late_still_reports_the_steps_before_it(tiny_sd1, photos, tmp_path, monkeypatch):
+    # Step 3's event waited for step 4's push, which an error in step 4 (out of memory, say) never reached.
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6)
+    real, calls = loop.diffusion_loss, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", failing)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        run_events(config, True, monkeypatch)
+    events = read_events(Path(config.output_dir) / "events.jsonl")
+    assert [(e["event"], e.get("step")) for e in events if e["event"] in ("step", "error")] == [
+        ("step", 1), ("step", 2), ("step", 3), ("error", 3)]

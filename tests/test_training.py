@@ -366,6 +366,15 @@ def test_cached_and_uncached_runs_are_identical(tiny_sd1, photos, tmp_path, trai
         torch.testing.assert_close(value, lora_file(b)[key])
 
 
+@pytest.mark.parametrize("cache, warned", [("yes", True), ("auto", False)])
+def test_a_forced_cache_with_augmentation_warns_that_the_first_draw_is_reused(tiny_sd1, photos, tmp_path, cache,
+                                                                              warned):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, flip_p=0.5, cache_latents=cache)
+    loop.train(config)
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert any("first draw is cached and reused" in m for m in logs) == warned
+
+
 def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_the_same(tiny_sd1, tmp_path, monkeypatch):
     # Several buckets and class images: every (image, bucket) a step can ask for is encoded up front.
     class_dir, instance_dir = tmp_path / "class", tmp_path / "instance"

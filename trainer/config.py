@@ -220,8 +220,12 @@ class TrainConfig:
         """Whether latents and text embeddings can be computed once per sample."""
         if self.cache_latents != "auto":
             return self.cache_latents == "yes"
-        augmented = self.flip_p > 0 or (self.crop == "random") or self.shuffle_captions or self.caption_dropout > 0
-        return not augmented and not self.train_text_encoder
+        return not self.augments and not self.train_text_encoder
+
+    @property
+    def augments(self) -> bool:
+        """Whether a sample changes from one draw to the next (flip, random crop, caption shuffle or dropout)."""
+        return self.flip_p > 0 or self.crop == "random" or self.shuffle_captions or self.caption_dropout > 0
 
     @property
     def unet_targets_all_linear(self) -> bool:

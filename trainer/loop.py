@@ -13,7 +13,7 @@ import hashlib
 import math
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -85,6 +85,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
     step = 0
     graphs = None
+    losses: LossReadout | None = None
     try:
         # --- everything that can be checked before a model loads --------------------------
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -147,6 +148,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if config.compile_unet:
             base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
 
+        if config.cache_latents == "yes" and config.augments:
+            events.log("cache_latents = 'yes' with augmentation (flip_p, random crop, caption shuffle or dropout): "
+                       "each image's first draw is cached and reused on every step; 'auto' turns the cache off "
+                       "for augmented runs")
         if config.offload_frozen_models and not offload:
             events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
                        "cache_latents not 'no') and no text-encoder training", level="info")
@@ -276,6 +281,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("stopped", step=step, checkpoint=None, lora=[], reason=stop.reason)
         return TrainResult("stopped", step)
     except BaseException as e:
+        if losses is not None:  # the steps done before the failure still get their events
+            with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
+                for done in losses.flush():
+                    _report_step(done, config, events, last_checkpoint=None)
         events.emit("error", message=str(e), kind=type(e).__name__, step=getattr(e, "step", None) or step)
         raise
     finally:
