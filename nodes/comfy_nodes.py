@@ -846,10 +846,16 @@ class DreamBoothSample(io.ComfyNode):
         for i, text in enumerate(prompts):
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
             latent = {"samples": torch.zeros([1, 4, height // 8, width // 8])}
-            out = comfy_nodes.common_ksampler(model, seed + i, steps, cfg, sampler_name, scheduler, positive,
-                                              negative, latent)[0]
+            out = comfy_nodes.common_ksampler(model, prompt_seed(seed, i), steps, cfg, sampler_name, scheduler,
+                                              positive, negative, latent)[0]
             images.append(vae.decode(out["samples"]))
         return io.NodeOutput(torch.cat(images, dim=0))
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th prompt: seed + index, wrapped into the widget's 64-bit range (at its
+    maximum, seed + 1 overflowed in torch.manual_seed)."""
+    return (seed + index) % 2**64
 
 
 class DreamBoothExtension(ComfyExtension):

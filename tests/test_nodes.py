@@ -524,6 +524,14 @@ def test_a_finished_run_is_reused_also_with_overwrite_on(comfyui, tmp_path, over
 
 
 @pytest.mark.comfyui
+def test_sample_seeds_stay_in_the_seed_widgets_range(comfyui):
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import prompt_seed
+
+    assert [prompt_seed(1234, i) for i in range(3)] == [1234, 1235, 1236]
+    assert prompt_seed(2**64 - 1, 1) == 0  # the widget's maximum: torch.manual_seed(2**64) overflowed
+
+
+@pytest.mark.comfyui
 def test_a_run_identity_from_before_an_option_existed_still_matches(comfyui):
     from comfyui_dreambooth_lora.nodes.comfy_nodes import same_run_identity
 
