@@ -160,7 +160,7 @@ def dataset_files(folder: Path) -> list[Path]:
     In os.walk's order (the folder's files, then each subfolder's, by name), as fingerprints were
     made before, so a folder holding nothing else keeps the fingerprint its finished runs recorded.
     """
-    from ..trainer.data import IMAGE_EXTENSIONS
+    from ..trainer.data import IMAGE_EXTENSIONS, find_caption_files
 
     caption_extension = cb.cb_default("caption_extension")  # the nodes have no widget for it
 
@@ -169,9 +169,9 @@ def dataset_files(folder: Path) -> list[Path]:
 
     def images_and_captions(directory: Path) -> list[Path]:
         files = [p for p in visible(directory) if p.is_file()]
-        images = {p.name for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
-        captions = {Path(name).stem + caption_extension for name in images}
-        return [p for p in files if p.name in images or p.name in captions]
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        read = set(images) | set(find_caption_files(files, images, caption_extension).values())
+        return [p for p in files if p in read]
 
     subfolders = [p for p in visible(folder) if p.is_dir() and REPEAT_FOLDER.match(p.name)]
     return [path for directory in (folder, *subfolders) for path in images_and_captions(directory)]

@@ -52,6 +52,18 @@ def test_captions_per_mode(tmp_path, mode, expected):
     assert result.skipped == []  # caption files are part of the dataset
 
 
+def test_a_caption_file_is_found_whatever_the_case_of_its_extension(tmp_path):
+    # As image extensions are: `b.TXT` was skipped and its image trained on the instance prompt.
+    save(tmp_path / "a.png")
+    save(tmp_path / "b.PNG")
+    (tmp_path / "a.txt").write_text("exact", encoding="utf-8")
+    (tmp_path / "a.TXT").write_text("other case", encoding="utf-8")  # the exact name wins where both exist
+    (tmp_path / "b.TXT").write_text("upper case", encoding="utf-8")
+    result = scan(tmp_path)
+    assert [(item.path.name, item.caption) for item in result.items] == [("a.png", "exact"), ("b.PNG", "upper case")]
+    assert result.skipped == [tmp_path / "a.TXT"]
+
+
 def test_caption_extension_is_configurable(tmp_path):
     save(tmp_path / "a.jpg")
     (tmp_path / "a.caption").write_text("from caption", encoding="utf-8")

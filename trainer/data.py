@@ -103,8 +103,8 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
 
     images = [(f, r) for f, r in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     # Caption files beside their images are part of the dataset, not skipped files.
-    caption_files = {_caption_path(f, config) for f, _ in images}
-    skipped = [f for f, _ in files if f.suffix.lower() not in IMAGE_EXTENSIONS and f not in caption_files]
+    caption_files = find_caption_files([f for f, _ in files], [f for f, _ in images], config.caption_extension)
+    skipped = [f for f, _ in files if f.suffix.lower() not in IMAGE_EXTENSIONS and f not in caption_files.values()]
     if not images:
         accepted = ", ".join(IMAGE_EXTENSIONS)
         problems.append(f"{folder}: no images found (accepted: {accepted}, in any case, also in `N_name` "
@@ -114,7 +114,7 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
     items: list[ImageItem] = []
     for path, repeats in images:
         size, problem = _check_image(path)
-        caption, caption_file, caption_problem = _read_caption(path, prompt, config)
+        caption, caption_file, caption_problem = _read_caption(path, caption_files.get(path), prompt, config)
         problems += [p for p in (problem, caption_problem) if p]
         if size is None or caption_problem:
             continue
@@ -158,15 +158,26 @@ def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     return (width, height), None
 
 
-def _caption_path(image_path: Path, config: TrainConfig) -> Path:
-    return image_path.with_name(image_path.stem + config.caption_extension)
+def find_caption_files(files: list[Path], images: list[Path], extension: str) -> dict[Path, Path]:
+    """Each image's caption file among `files`: its name with `extension` (the config's
+    caption_extension), matched in any case as image extensions are (`photo.TXT` beside
+    `photo.png`); the exact name first where both exist."""
+    present, by_name = set(files), {(f.parent, f.name.lower()): f for f in files}
+    found = {}
+    for image in images:
+        exact = image.with_name(image.stem + extension)
+        caption = exact if exact in present else by_name.get((image.parent, exact.name.lower()))
+        if caption is not None:
+            found[image] = caption
+    return found
 
 
-def _read_caption(path: Path, prompt: str, config: TrainConfig) -> tuple[str, Path | None, str | None]:
-    """The image's caption per `config.caption_mode`, the caption file it came from, and any problem."""
+def _read_caption(path: Path, caption_path: Path | None, prompt: str,
+                  config: TrainConfig) -> tuple[str, Path | None, str | None]:
+    """The caption of image `path` per `config.caption_mode` (from `caption_path`, its caption file
+    if it has one), the caption file it came from, and any problem."""
     prompt = prompt.strip()
-    caption_path = _caption_path(path, config)
-    if config.caption_mode == "prompt" or not caption_path.is_file():
+    if config.caption_mode == "prompt" or caption_path is None:
         return prompt, None, None
     try:
         text = caption_path.read_bytes().decode("utf-8-sig").strip()  # -sig: Notepad's byte-order mark
