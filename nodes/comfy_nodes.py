@@ -31,8 +31,8 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..trainer.fileio import atomic_write_bytes
 from . import config_build as cb
 from . import pictures
-from .worker import (KILL_GRACE_SECONDS, MAX_PROCESSES, WorkerProcess, check_num_processes, worker_command,
-                     worker_environment)
+from .worker import (KILL_GRACE_SECONDS, MAX_PROCESSES, WorkerProcess, check_num_processes, running_worker,
+                     worker_command, worker_environment)
 
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
@@ -537,6 +537,11 @@ class DreamBoothTrainLoRA(io.ComfyNode):
         if _finished_before(config, run_dir, lora_path, identity):
             LOG.info("[DreamBooth LoRA] %s: trained before with these inputs; reusing %s", name, lora_path)
             return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
+        leftover = running_worker(run_dir)
+        if leftover is not None:  # two workers in one folder would mix events and checkpoints, and stop each other
+            raise ValueError(f"a training worker (pid {leftover}) still runs in {run_dir}, likely started before "
+                             f"ComfyUI restarted; it stops by itself after its step and a checkpoint. Queue again "
+                             f"when it has exited (with resume on, to continue from that checkpoint).")
         _check_fresh_run(config, run_dir, lora_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.json"

@@ -39,13 +39,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .worker_main import PARENT_PID_ENV
+from .worker_main import PARENT_PID_ENV, process_alive
 
 PACKAGE_NAME = "comfyui_dreambooth_lora"
 PACK_DIR = Path(__file__).resolve().parent.parent
 WORKER_MAIN = Path(__file__).resolve().with_name("worker_main.py")
 STOP_FILE_NAME = "STOP"  # trainer/stop.py STOP_FILE_NAME (not imported: this module stays import-light)
 LOG_NAME = "worker.log"
+PID_FILE_NAME = "worker.pid"  # the running worker's pid, while a node waits for it
 MAX_PROCESSES = 16
 # A second Cancel sooner than this after the first is a double-click, not a request to kill the worker
 # (which would lose the step and the checkpoint the first Cancel asked for).
@@ -190,6 +191,7 @@ class WorkerProcess:
             kwargs["start_new_session"] = True  # a Ctrl+C in ComfyUI's terminal is not the worker's to handle
         self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, env=self.env, cwd=str(self.run_dir), **kwargs)
+        (self.run_dir / PID_FILE_NAME).write_text(str(self._process.pid), encoding="utf-8")
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for thread in self._threads:
@@ -280,6 +282,8 @@ class WorkerProcess:
                 pass
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._process is not None and running_worker(self.run_dir) is None:
+            (self.run_dir / PID_FILE_NAME).unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -370,6 +374,30 @@ class WorkerProcess:
 
 
 # --- killing a worker with its children ----------------------------------------------------------
+
+def running_worker(run_dir: Path) -> int | None:
+    """The pid of a worker still running in `run_dir` (one a ComfyUI that was restarted left behind,
+    which finishes its step and checkpoint before it exits), or None.
+
+    Its pid file may be stale: the pid must run, and where /proc shows it, with this run folder in
+    its command line (a pid the system gave to another process since does not count).
+    """
+    try:
+        pid = int((Path(run_dir) / PID_FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not process_alive(pid):
+        return None
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():  # no /proc (Windows, macOS): the pid runs, which is all that can be told
+        return pid
+    try:
+        command = (proc / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # it exited meanwhile
+        return None
+    return pid if state != "Z" and str(run_dir) in command else None  # Z: exited, not yet reaped
+
 
 def kill_process_tree(process: subprocess.Popen) -> None:
     """SIGKILL a worker started with `start_new_session`, its process group and all its descendants.

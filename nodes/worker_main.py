@@ -40,10 +40,10 @@ def import_pack(root: str) -> None:
     spec.loader.exec_module(module)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (POSIX; on Windows only the direct parent is watched)."""
-    if os.name == "nt":
-        return True
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs."""
+    if os.name == "nt":  # where os.kill(pid, 0) would end the process: ask for a handle instead
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,6 +51,20 @@ def _alive(pid: int) -> bool:
     except OSError:  # e.g. EPERM: it exists
         return True
     return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    import ctypes
+
+    synchronize, wait_timeout, access_denied = 0x00100000, 0x102, 5
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(synchronize, False, pid)
+    if not handle:  # no such process, unless we may merely not open it
+        return ctypes.get_last_error() == access_denied
+    try:
+        return kernel32.WaitForSingleObject(handle, 0) == wait_timeout  # not yet signalled: running
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 class ParentGone:
@@ -129,7 +143,8 @@ def watch_parent(on_gone: ParentGone, interval: float = WATCH_SECONDS) -> thread
         comfyui = None
 
     def run() -> None:
-        while os.getppid() == parent and (comfyui is None or _alive(comfyui)):
+        # (os.getppid() changes when the parent dies on POSIX, not on Windows: hence its liveness too)
+        while os.getppid() == parent and process_alive(parent) and (comfyui is None or process_alive(comfyui)):
             time.sleep(interval)
         on_gone()
         while True:  # again and again: the trainer removes a STOP file older than its start

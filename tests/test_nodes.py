@@ -326,6 +326,25 @@ def test_a_process_left_holding_the_workers_output_neither_blocks_the_node_nor_o
     assert not _running(child)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_running_in_a_run_folder_is_found_and_a_stale_pid_file_is_not(tmp_path):
+    # A worker a restarted ComfyUI left behind kept writing STOP files: a new run in its folder stopped at once.
+    from comfyui_dreambooth_lora.nodes.worker import PID_FILE_NAME, running_worker
+    from comfyui_dreambooth_lora.nodes.worker_main import process_alive
+
+    worker = fake_worker(tmp_path, "import time; time.sleep(600)")
+    worker.start()
+    try:
+        assert running_worker(tmp_path / "run") == worker.pid and process_alive(worker.pid)
+    finally:
+        worker.kill()
+        worker.close()
+    assert running_worker(tmp_path / "run") is None and not (tmp_path / "run" / PID_FILE_NAME).exists()
+    assert not process_alive(worker.pid)
+    (tmp_path / "run" / PID_FILE_NAME).write_text(str(os.getpid()))  # a pid that runs, but is no worker of it
+    assert running_worker(tmp_path / "run") is None
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -770,3 +789,22 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     log = (run / "worker.log").read_text()
     assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'
     assert (run / "worker.log").read_text() == log  # and not trained again
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_train_lora_refuses_a_run_folder_a_leftover_worker_still_runs_in(comfy_folders):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] tiny", "auto").args[0]
+    dataset = comfy_nodes.DreamBoothDataset.execute("photos", **_dataset_widgets()).args[0]
+    run = comfy_folders / "output" / "dreambooth_lora" / "runs" / "disc"
+    leftover = WorkerProcess([sys.executable, "-c", "import time; time.sleep(600)", str(run)], run)
+    leftover.start()  # as a worker started before a restart of ComfyUI, still finishing its step
+    try:
+        with pytest.raises(ValueError, match=rf"a training worker \(pid {leftover.pid}\) still runs in .*disc"):
+            comfy_nodes.DreamBoothTrainLoRA.execute(base, dataset, "disc", 2, 1e-4, 2, 2.0, 1, True, False,
+                                                    {"memory_preset": cb.PRESET_NONE, "options": {"bucket_step": 16}})
+    finally:
+        leftover.kill()
+        leftover.close()
