@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from comfyui_dreambooth_lora.trainer import loop
 from comfyui_dreambooth_lora.trainer.checkpoints import ResumeError
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.data import DatasetError
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
@@ -456,6 +457,25 @@ def test_each_repeat_of_an_image_within_an_epoch_is_augmented_afresh(tiny_sd1, t
     assert len(seen) == 8 and len(set(seen)) > 2  # one image, one epoch (8 repeats), random crops
 
 
+def test_two_copies_of_an_image_in_one_batch_are_augmented_apart(tiny_sd1, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_subject_image((96, 48), seed=0).save(photos / "wide.png")
+    config = make_config(tiny_sd1, photos, tmp_path / "run", repeats=4, batch_size=4, max_train_steps=2,
+                         crop="random", buckets=False)
+    from comfyui_dreambooth_lora.trainer.data import ImageDataset
+
+    prepare, seen = ImageDataset.prepare, []
+
+    def recorded(self, *args, **kwargs):
+        sample = prepare(self, *args, **kwargs)
+        seen.append(sample.crop_top_left)
+        return sample
+    monkeypatch.setattr(ImageDataset, "prepare", recorded)
+    loop.train(config)
+    assert len(seen) == 8 and len(set(seen[:4])) > 1  # the 4 copies of step 1's batch: one draw each
+
+
 def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, tmp_path):
     a = make_config(tiny_sd1, photos, tmp_path / "a", max_train_steps=3, flip_p=0.5)
     loop.train(a)
@@ -641,12 +661,15 @@ class StopAtStep:
 
 def test_a_stop_asked_at_the_last_step_finishes_the_run(tiny_sd1, photos, tmp_path):
     # It ended "stopped" with a partial LoRA instead of the finished one (a Cancel in ComfyUI at the end).
-    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3, sample_at_end=True, sample_steps=1)
     events = EventWriter(Path(config.output_dir) / "events.jsonl")
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 3))
     result = loop.train(config, events=events, stop=stop)
     assert result.status == "done" and result.lora_files[0].name == "test_lora.safetensors"
+    assert result.samples == []  # the end samples, which the stop asked not to wait for, are skipped, saying so
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert any("end-of-run samples are skipped" in m for m in logs)
 
 
 def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_path):
@@ -684,6 +707,9 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_t
     fresh = dataclasses.replace(earlier, seed=8, max_train_steps=8)
     with pytest.raises(loop.TrainingError, match=r"checkpoints of an earlier run \(step_00000002, step_00000004\)"):
         loop.train(fresh)
+    assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
+    with pytest.raises(DatasetError):  # a run that fails to start (a typo in instance_dir) deletes nothing
+        loop.train(dataclasses.replace(fresh, overwrite=True, instance_dir=str(tmp_path / "typo")))
     assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
 
     # Before, the earlier run's step 4 outlived this run's stop at step 2, and 'latest' resumed from it.
@@ -745,12 +771,58 @@ def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
     assert restored.get_scale() == 512.0
 
 
-def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path):
+@pytest.mark.parametrize("damaged, message", [("trainer_state.json", "its trainer_state.json cannot be read"),
+                                               ("optimizer.pt", "its optimizer.pt or lora_state.safetensors cannot"),
+                                               ("lora_state.safetensors", "its optimizer.pt or lora_state.safetensors")])
+def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path, damaged, message):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)
-    (Path(config.output_dir) / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("")  # power loss
-    with pytest.raises(ResumeError, match=r"step_00000002: its trainer_state.json cannot be read .*Delete the folder"):
+    path = Path(config.output_dir) / "checkpoints" / "step_00000002" / damaged
+    path.write_bytes(path.read_bytes()[:10])  # cut short, as by a power loss
+    with pytest.raises(ResumeError, match=rf"step_00000002: {message}.*Delete the folder"):
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+
+
+def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(tiny_sd1, photos, tmp_path):
+    import shutil
+
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    root = Path(config.output_dir) / "checkpoints"
+    shutil.copytree(root / "step_00000002", root / "step_00000002 - Copy")  # a backup, as Explorer names it
+    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))  # was a ValueError
+    assert result.status == "done" and result.step == 3
+
+
+def test_a_moved_dataset_resumes_where_its_images_are_the_same(tiny_sd1, photos, tmp_path):
+    import shutil
+
+    data = tmp_path / "photos"
+    shutil.copytree(photos, data)
+    config = make_config(tiny_sd1, data, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    moved = shutil.move(str(data), str(tmp_path / "elsewhere"))
+    result = loop.train(dataclasses.replace(config, instance_dir=moved, resume="latest", max_train_steps=3))
+    assert result.status == "done" and result.step == 3  # was refused: "instance_dir: checkpoint has ..."
+
+
+def test_checkpoint_files_are_fsynced_through_handles_windows_accepts(tmp_path, monkeypatch):
+    # Windows fsyncs only a file opened for writing: opened read-only, every checkpoint (and so every run) failed.
+    import fcntl
+    import stat
+
+    from comfyui_dreambooth_lora.trainer import checkpoints
+
+    fsync = os.fsync
+
+    def windows_like_fsync(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", windows_like_fsync)
+    state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
+                                      lr_scheduler={}, config={}, path=tmp_path)
+    assert checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {}).is_dir()
 
 
 def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_halves_go(tmp_path, monkeypatch):

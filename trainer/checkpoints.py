@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").is_file())
+    # Only the names this module writes: a copy made beside one ("step_00000004 - Copy") is not a checkpoint.
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)
+                  and (p / "trainer_state.json").is_file())
 
 
 def checkpoints_after(output_dir: Path, step: int) -> list[Path]:
@@ -135,6 +138,8 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     saved_precision = meta.get("mixed_precision", "")
     # Where the checkpoint says what it computed in, that is compared rather than the option ('auto' or not).
     ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())
+    if meta.get("dataset") is not None:  # its images are compared instead (check_same_dataset): it may have moved
+        ignored |= {"instance_dir"}
     differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
                    for k in current if k not in ignored and saved.get(k) != current[k]]
     if saved_precision and mixed_precision and saved_precision != mixed_precision:
@@ -143,9 +148,15 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     if differences:
         raise ResumeError(f"cannot resume from {path}: options that change training differ "
                           f"(start a new run, or set them back):\n  " + "\n  ".join(differences))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    try:
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        lora = load_file(path / "lora_state.safetensors")
+    except Exception as e:  # noqa: BLE001 - torch and safetensors raise many kinds on a truncated file
+        raise ResumeError(f"cannot resume from {path}: its optimizer.pt or lora_state.safetensors cannot be read "
+                          f"({type(e).__name__}: {e}); the checkpoint is damaged (a crash while it was written?). "
+                          f"Delete the folder to resume from the one before it") from e
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
-                         lora=load_file(path / "lora_state.safetensors"), optimizer=opt["optimizer"],
+                         lora=lora, optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
                          mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"))
 

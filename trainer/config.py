@@ -207,11 +207,7 @@ class TrainConfig:
             if getattr(self, name) >= 1:
                 problems.append(f"{name}: {getattr(self, name)} must be below 1 (0.9 and 0.999 are usual)")
         if self.with_prior_preservation and self.class_dir and self.instance_dir:
-            instance, classes = Path(self.instance_dir).resolve(), Path(self.class_dir).resolve()
-            if instance == classes or instance in classes.parents or classes in instance.parents:
-                problems.append(f"class_dir: {self.class_dir} is or overlaps instance_dir {self.instance_dir}; the "
-                                "subject's photos would train as class images (and generated class images land "
-                                "among them). Use a folder of its own, e.g. beside the instance folder")
+            problems += _check_separate_folders(Path(self.instance_dir), Path(self.class_dir))
         if problems:
             raise ConfigError(problems)
 
@@ -236,6 +232,21 @@ def with_option_defaults(options: dict[str, Any]) -> dict[str, Any]:
     """`options` (a saved `to_dict()`) with every option it lacks at its default: files written
     before an option existed still compare equal to a config that leaves it at its default."""
     return {**TrainConfig().to_dict(), **options}
+
+
+def _check_separate_folders(instance_dir: Path, class_dir: Path) -> list[str]:
+    """The instance and class folders must not read each other's images: equal, or one an `N_name`
+    subfolder of the other (which the image scan reads; a plain subfolder it ignores)."""
+    instance, classes = instance_dir.resolve(), class_dir.resolve()
+
+    def reads(folder: Path, other: Path) -> bool:
+        return other == folder or (folder in other.parents
+                                   and re.match(r"\d+_", other.relative_to(folder).parts[0]) is not None)
+    if reads(instance, classes) or reads(classes, instance):
+        return [f"class_dir: {class_dir} is instance_dir {instance_dir}, or an `N_name` subfolder of it or the other "
+                "way round: the subject's photos would train as class images (and generated class images land "
+                "among them). Use a folder of its own, e.g. beside the instance folder"]
+    return []
 
 
 def _check_output_name(name: str) -> list[str]:

@@ -312,7 +312,7 @@ class ImageDataset:
         rng.shuffle(batches)
         return batches
 
-    def prepare(self, index: int, bucket: tuple[int, int], *, draw: int, seed: int) -> Sample:
+    def prepare(self, index: int, bucket: tuple[int, int], *, draw: int | tuple[int, int], seed: int) -> Sample:
         """Item `index` as a training sample of size `bucket` (width, height).
 
         The image is resized to cover the bucket (keeping its aspect ratio), cropped to it
@@ -320,7 +320,7 @@ class ImageDataset:
         shuffled (`shuffle_captions`, the first `keep_tokens` stay) and dropped with
         probability `caption_dropout`. The random choices come from (seed, draw, index), so
         the same call always returns the same sample; the trainer draws anew each time an image
-        comes round (its micro-batch number), repeats within an epoch included.
+        comes round ((micro-batch number, place in the batch)), repeats within an epoch included.
         """
         config, item = self.config, self.items[index]
         # Every draw is made whether used or not, so enabling one augmentation leaves the others unchanged.

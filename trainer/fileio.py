@@ -39,7 +39,7 @@ def fsync_folder(folder: Path) -> None:
     renamed folder then holds its files whole, not empty ones."""
     for path in Path(folder).iterdir():
         if path.is_file():
-            with open(path, "rb") as f:
+            with open(path, "rb+") as f:  # (Windows fsyncs only a file opened for writing)
                 os.fsync(f.fileno())
     fsync_directory(folder)
 

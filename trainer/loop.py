@@ -99,7 +99,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
-        _clear_checkpoints_of_another_run(config, state, events, main)
+        replaced = _checkpoints_of_another_run(config, state)  # deleted (overwrite) once everything else is ready
         if state is not None and config.lr_scheduler != "constant" \
                 and state.config["max_train_steps"] != config.max_train_steps:
             events.log(f"max_train_steps changed from {state.config['max_train_steps']} to {config.max_train_steps} on "
@@ -191,6 +191,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         last_checkpoint = state.path if state else None
         losses = LossReadout(late=read_loss_late(device))
 
+        if replaced and main:  # only now: a run that fails to start must not have cost them
+            for path in replaced:
+                shutil.rmtree(path, ignore_errors=True)
+            events.log(f"overwrite: deleted the checkpoints this run did not write "
+                       f"({', '.join(p.name for p in replaced)})", level="info")
+
         # --- the loop: one iteration = one optimizer step -----------------------------------
         trained = [unet, *trained_encoders]  # train mode: LoRA dropout and gradient checkpointing act
         for module in trained:
@@ -230,7 +236,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             step_loss = accelerator.reduce(step_loss, reduction="mean")
             # On a GPU this reads the previous step's loss, not this one's (loss_readout.py).
             for done in losses.push(step, step_loss, lr_scheduler.get_last_lr()[0], started):
-                _report_step(done, config, events, last_checkpoint)
+                _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
 
             finished = step >= config.max_train_steps
             stopping = not finished and _stop_everywhere(stop, accelerator)  # at the last step: finish
@@ -238,7 +244,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             sampling = config.sample_every and step % config.sample_every == 0 and not finished  # (main only)
             if checkpointing or sampling:  # nothing is saved or sampled from a step whose loss was not read
                 for done in losses.flush():
-                    _report_step(done, config, events, last_checkpoint)
+                    _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
             if checkpointing:
                 state = TrainingState(step=step, epoch=epoch, position=position,
                                       lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
@@ -271,7 +277,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if main:  # the LoRA first: samples that fail must not cost it
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
-            if config.sample_at_end:
+            if config.sample_at_end and stop.requested():  # asked during the last step, which then finished
+                events.log("a stop was asked during the last step: the run finished and its LoRA is written; the "
+                           "end-of-run samples are skipped", level="info")
+            elif config.sample_at_end:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
                                    offloaded=offload, graphs=graphs)
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
@@ -284,7 +293,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if losses is not None:  # the steps done before the failure still get their events
             with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
                 for done in losses.flush():
-                    _report_step(done, config, events, last_checkpoint=None)
+                    _report_step(done, config, events, None, accelerator.mixed_precision)
         events.emit("error", message=str(e), kind=type(e).__name__, step=getattr(e, "step", None) or step)
         raise
     finally:
@@ -294,29 +303,24 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.close()
 
 
-def _clear_checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None, events: EventWriter,
-                                      main: bool) -> None:
-    """Refuse to mix with checkpoints this run did not write (with `overwrite`, delete them).
-
-    Those are an earlier run's in the same folder, for a fresh run, or those after the checkpoint
-    a run resumes from. Left there, `latest` and the pruning (which go by step) would take them
-    for this run's: a resumed run could pick the other run's last state and finish with its LoRA.
+def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None) -> list[Path]:
+    """Checkpoints in output_dir this run did not write, which it must not mix with: an earlier run's,
+    for a fresh run, or those after the checkpoint a run resumes from. Left there, `latest` and the
+    pruning (which go by step) would take them for this run's: a resumed run could pick the other
+    run's last state and finish with its LoRA. Without `overwrite` they are refused; with it they are
+    returned, for `train` to delete once the run has got as far as its first step.
     """
     later = checkpoints_after(Path(config.output_dir), state.step if state else 0)
-    if not later:
-        return
+    if not later or config.overwrite:
+        return later
     root, names = later[0].parent, ", ".join(p.name for p in later)
-    if not config.overwrite and state is not None:
+    if state is not None:
         raise TrainingError(f"{root} holds checkpoints after {state.path.name}, which this run resumes from ({names}); "
-                            "this run would mix with them. Set overwrite = true to delete them, or resume = 'latest'.")
-    if not config.overwrite:
-        raise TrainingError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
-                            "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
-                            "over, or choose another output_dir.")
-    if main:
-        for path in later:
-            shutil.rmtree(path)
-        events.log(f"overwrite: deleted the checkpoints this run did not write ({names})", level="info")
+                            "this run would mix with them. Set overwrite = true to delete them, resume = 'latest', "
+                            "or choose another output_dir.")
+    raise TrainingError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
+                        "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
+                        "over, or choose another output_dir.")
 
 
 def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) -> None:
@@ -325,8 +329,13 @@ def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) ->
     if broken:
         raise TrainingError(f"the LoRA weights stopped being finite by step {state.step} ({len(broken)} tensors, e.g. "
                             f"{broken[0]}); nothing from this step was saved (last good checkpoint: "
-                            f"{last_checkpoint or 'none'}). Lower learning_rate, or use mixed_precision 'bf16' or "
-                            "'no'.", step=state.step)
+                            f"{last_checkpoint or 'none'}). {_divergence_advice(state.mixed_precision)}",
+                            step=state.step)
+
+
+def _divergence_advice(precision: str) -> str:
+    """What to change after a run diverged (a NaN or inf), given the precision it computed in."""
+    return "Lower learning_rate" + (", or use mixed_precision 'bf16' or 'no'." if precision == "fp16" else ".")
 
 
 def read_loss_late(device: torch.device) -> bool:
@@ -336,12 +345,13 @@ def read_loss_late(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_checkpoint: Path | None) -> None:
+def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_checkpoint: Path | None,
+                 precision: str) -> None:
     """The step event of a step whose loss is now read; a loss that is not finite ends the run."""
     if not math.isfinite(done.loss):
         raise TrainingError(f"the loss became {done.loss} at step {done.step}; nothing from this step was saved "
-                            f"(last good checkpoint: {last_checkpoint or 'none'}). Lower learning_rate, or use "
-                            "mixed_precision 'bf16' or 'no'.", step=done.step)
+                            f"(last good checkpoint: {last_checkpoint or 'none'}). {_divergence_advice(precision)}",
+                            step=done.step)
     events.emit("step", step=done.step, total_steps=config.max_train_steps, loss=round(done.loss, 6), lr=done.lr,
                 seconds_per_step=round(done.seconds, 4))
 
@@ -443,16 +453,17 @@ def _batch_inputs(batch, index, instance_data, class_data, base: BaseModel, enco
                   config: TrainConfig, rng, device, weight_dtype):
     """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images).
 
-    `index` (the run's micro-batch number) is also each image's augmentation draw: every time an
-    image comes round, in a later epoch or as a repeat in the same one, it is augmented afresh."""
+    `index` (the run's micro-batch number) and each image's place in the batch are its augmentation
+    draw: every time an image comes round (in a later epoch, as a repeat in the same one, or twice in
+    one batch) it is augmented afresh."""
     bucket = instance_data.buckets[batch[0]]
     parts = [(instance_data, i) for i in batch]
     if class_data is not None:
         first = index * len(batch)  # class images in turn, the same ones whatever the process count
         parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
     samples, means, stds = [], [], []
-    for dataset, item in parts:
-        sample, mean, std = _encode_image(dataset, item, bucket, index, base, cache, config, device)
+    for slot, (dataset, item) in enumerate(parts):
+        sample, mean, std = _encode_image(dataset, item, bucket, (index, slot), base, cache, config, device)
         samples.append(sample)
         means.append(mean)
         stds.append(std)
@@ -469,8 +480,8 @@ def _batch_inputs(batch, index, instance_data, class_data, base: BaseModel, enco
     return latents, embeds.to(weight_dtype), added
 
 
-def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int, base: BaseModel, cache, config: TrainConfig,
-                  device) -> tuple[Sample, torch.Tensor, torch.Tensor]:
+def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[int, int], base: BaseModel, cache,
+                  config: TrainConfig, device) -> tuple[Sample, torch.Tensor, torch.Tensor]:
     """A sample (without its pixels once cached) and its latent distribution's mean and std."""
     key = dataset.cache_key(index, bucket)
     if cache.enabled and key in cache.latents:
