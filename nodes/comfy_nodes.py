@@ -341,8 +341,12 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
                 buckets, crop, flip_p) -> io.NodeOutput:
         pil_images, lines = pictures.from_image_tensor(images), captions.splitlines()
         image_captions = [(image, lines[i].strip() if i < len(lines) else "") for i, image in enumerate(pil_images)]
-        folder_name = f"{cb.slug(cb.sanitize_output_name(name))}_{_content_hash(image_captions)}"
-        folder = _output_root() / "datasets" / folder_name
+        readable = cb.slug(cb.sanitize_output_name(name))
+        legacy = _output_root() / "datasets" / readable  # the name before the hash: runs trained on it stay valid
+        if _holds_exactly(legacy, image_captions):
+            return _scan_dataset(legacy, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
+                                 crop, flip_p)
+        folder = _output_root() / "datasets" / f"{readable}_{_content_hash(image_captions)}"
         folder.mkdir(parents=True, exist_ok=True)
         # The folder's name is its content, so a file already there is this one: it is not written again,
         # and its modification time (part of the dataset fingerprint) survives a restart of ComfyUI.
@@ -354,6 +358,42 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
                 atomic_write_bytes(txt, caption.encode("utf-8"))
         return _scan_dataset(folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
                              crop, flip_p)
+
+
+def generated_class_images_dir(run_dir: Path, base_model: dict, dataset: dict) -> Path:
+    """Where Train LoRA generates class images: `class_images/<model>_<prompt>_<hash>`, or, for a run
+    that used the folder name from before the hash, still that folder (its checkpoints, which a resume
+    compares, and its identity, by which a finished run is reused, name it)."""
+    root = _output_root() / "class_images"
+    legacy = root / cb.legacy_class_images_folder_name(base_model, dataset)
+    try:
+        previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("class_dir")
+    except (OSError, ValueError):
+        previous = None
+    if previous == str(legacy) and legacy.is_dir():
+        return legacy
+    return root / cb.class_images_folder_name(base_model, dataset)
+
+
+def _holds_exactly(folder: Path, image_captions: list[tuple[Any, str]]) -> bool:
+    """Whether `folder` (as Dataset from Images wrote it) holds these images (pixel for pixel) and
+    captions, and no others."""
+    if not folder.is_dir():
+        return False
+    from PIL import Image
+
+    names = {p.name for p in folder.iterdir() if p.name.startswith("image_")}
+    expected = {f"image_{i:04d}.png" for i in range(len(image_captions))}
+    expected |= {f"image_{i:04d}.txt" for i, (_, caption) in enumerate(image_captions) if caption}
+    if names != expected:
+        return False
+    for i, (image, caption) in enumerate(image_captions):
+        with Image.open(folder / f"image_{i:04d}.png") as saved:
+            if saved.mode != image.mode or saved.size != image.size or saved.tobytes() != image.tobytes():
+                return False
+        if caption and (folder / f"image_{i:04d}.txt").read_text(encoding="utf-8") != caption:
+            return False
+    return True
 
 
 def _content_hash(image_captions: list[tuple[Any, str]]) -> str:
@@ -521,7 +561,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                 if not class_count:
                     raise ValueError(f"class_images: {class_dir} has no images directly in it")
             else:
-                class_dir = _output_root() / "class_images" / cb.class_images_folder_name(base_model, dataset)
+                class_dir = generated_class_images_dir(run_dir, base_model, dataset)
         train = dict(output_name=name, steps=max_train_steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
                      seed=seed, resume=resume, prior_preservation=prior_preservation)
         try:

@@ -147,6 +147,11 @@ def class_images_folder_name(base: dict[str, Any], dataset: dict[str, Any]) -> s
     return f"{readable}_{short_hash(model, prompt, train_resolution(base, dataset))}"
 
 
+def legacy_class_images_folder_name(base: dict[str, Any], dataset: dict[str, Any]) -> str:
+    """The class-images folder name before it carried a hash (a run that used it keeps it)."""
+    return slug(f"{Path(str(base['name'])).stem}_{dataset.get('class_prompt', '')}", 100)
+
+
 def train_prediction_type(base: dict[str, Any], settings_value: str) -> str:
     """The prediction_type to train with, from Training Settings' widget and Base Model's.
 

@@ -808,3 +808,37 @@ def test_train_lora_refuses_a_run_folder_a_leftover_worker_still_runs_in(comfy_f
     finally:
         leftover.kill()
         leftover.close()
+
+
+@pytest.mark.comfyui
+def test_runs_from_before_the_hashed_folder_names_keep_their_folders(comfy_folders):
+    # Else a finished run was refused as 'already exists' on every queue, and a stopped one could not resume.
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] tiny", "auto").args[0]
+    dataset = comfy_nodes.DreamBoothDataset.execute("photos", **_dataset_widgets()).args[0]
+    root, run = comfy_folders / "output" / "dreambooth_lora", comfy_folders / "output" / "dreambooth_lora" / "runs" / "a"
+    legacy = root / "class_images" / cb.legacy_class_images_folder_name(base, dataset)
+    assert comfy_nodes.generated_class_images_dir(run, base, dataset).name.startswith(legacy.name + "_")
+    legacy.mkdir(parents=True)
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"class_dir": str(legacy)}), encoding="utf-8")
+    assert comfy_nodes.generated_class_images_dir(run, base, dataset) == legacy  # the run that used it keeps it
+    assert comfy_nodes.generated_class_images_dir(root / "runs" / "b", base, dataset) != legacy  # others: the new name
+
+    import torch
+
+    images = torch.rand(2, 16, 16, 3)
+    old = root / "datasets" / "subject"  # as Dataset from Images wrote it before
+    old.mkdir(parents=True)
+    for i, image in enumerate(pictures.from_image_tensor(images)):
+        image.save(old / f"image_{i:04d}.png")
+    (old / "image_0001.txt").write_text("red", encoding="utf-8")
+    stamps = sorted((p.name, p.stat().st_mtime_ns) for p in old.iterdir())
+
+    def from_images(images, captions):
+        return comfy_nodes.DreamBoothDatasetFromImages.execute(images, "subject", captions, "a photo of sks disc", "",
+                                                               "file_or_prompt", 1, 16, True, "center", 0.0).args[0]
+    assert Path(from_images(images, "\nred")["folder"]) == old  # the same images: the old folder, untouched
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in old.iterdir()) == stamps
+    assert Path(from_images(images, "\nblue")["folder"]).name.startswith("subject_")  # other captions: a new one
