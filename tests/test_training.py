@@ -437,13 +437,15 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
         torch.testing.assert_close(lora_file(offloaded)[key], value, rtol=0, atol=0)
 
 
-def test_each_repeat_of_an_image_within_an_epoch_is_augmented_afresh(tiny_sd1, tmp_path, monkeypatch):
-    # Draws used to be seeded by (epoch, image): all 8 repeats of the image in epoch 0 were one identical sample.
+@pytest.mark.parametrize("batch_size", [1, 4], ids=["repeats in turn", "repeats in one batch"])
+def test_each_repeat_of_an_image_is_augmented_afresh(tiny_sd1, tmp_path, monkeypatch, batch_size):
+    # Draws were seeded by (epoch, image): all 8 repeats of the image in epoch 0 were one identical sample;
+    # then by (micro-batch, image): the copies of it in one batch were.
     photos = tmp_path / "photos"
     photos.mkdir()
     draw_subject_image((96, 48), seed=0).save(photos / "wide.png")
-    config = make_config(tiny_sd1, photos, tmp_path / "run", repeats=8, max_train_steps=8, crop="random", flip_p=0.5,
-                         buckets=False)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", repeats=8, batch_size=batch_size,
+                         max_train_steps=8 // batch_size, crop="random", flip_p=0.5, buckets=False)
     from comfyui_dreambooth_lora.trainer.data import ImageDataset
 
     prepare, seen = ImageDataset.prepare, []
@@ -454,26 +456,8 @@ def test_each_repeat_of_an_image_within_an_epoch_is_augmented_afresh(tiny_sd1, t
         return sample
     monkeypatch.setattr(ImageDataset, "prepare", recorded)
     loop.train(config)
-    assert len(seen) == 8 and len(set(seen)) > 2  # one image, one epoch (8 repeats), random crops
-
-
-def test_two_copies_of_an_image_in_one_batch_are_augmented_apart(tiny_sd1, tmp_path, monkeypatch):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    draw_subject_image((96, 48), seed=0).save(photos / "wide.png")
-    config = make_config(tiny_sd1, photos, tmp_path / "run", repeats=4, batch_size=4, max_train_steps=2,
-                         crop="random", buckets=False)
-    from comfyui_dreambooth_lora.trainer.data import ImageDataset
-
-    prepare, seen = ImageDataset.prepare, []
-
-    def recorded(self, *args, **kwargs):
-        sample = prepare(self, *args, **kwargs)
-        seen.append(sample.crop_top_left)
-        return sample
-    monkeypatch.setattr(ImageDataset, "prepare", recorded)
-    loop.train(config)
-    assert len(seen) == 8 and len(set(seen[:4])) > 1  # the 4 copies of step 1's batch: one draw each
+    assert len(seen) == 8 and len(set(seen[:max(batch_size, 2)])) > 1  # the first batch (or two steps) already differ
+    assert len(set(seen)) > 2
 
 
 def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_sd1, photos, tmp_path):
