@@ -17,6 +17,7 @@ Only the standard library is used before the pack is imported.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import sys
@@ -99,6 +100,13 @@ class ParentGone:
                     pass
 
 
+def reader_gone(error: OSError) -> bool:
+    """Whether a failed write to a pipe means its reader is gone: EPIPE on POSIX; on Windows, where a
+    write to a pipe whose reader closed fails with EINVAL as often as with EPIPE, either."""
+    return isinstance(error, BrokenPipeError) or error.errno == errno.EPIPE or (
+        os.name == "nt" and error.errno == errno.EINVAL)
+
+
 class GuardedStream:
     """sys.stdout / sys.stderr whose writes survive the reader going away (a broken pipe means ComfyUI died).
 
@@ -112,7 +120,9 @@ class GuardedStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_gone(e):
+                raise
             self._on_broken()
             return len(text)
 
@@ -121,9 +131,11 @@ class GuardedStream:
             try:
                 self._stream.flush()
                 return
-            except BrokenPipeError:
+            except OSError as e:
+                if not reader_gone(e):
+                    return
                 self._on_broken()
-            except (OSError, ValueError):
+            except ValueError:
                 return
 
     def __getattr__(self, name: str):

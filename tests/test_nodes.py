@@ -8,6 +8,7 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -370,6 +371,26 @@ def test_kill_ends_the_processes_the_worker_started_in_sessions_of_their_own(tmp
     while _running(children[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(children[0])
+
+
+@pytest.mark.parametrize("platform, error, gone", [("posix", errno.EPIPE, True), ("nt", errno.EINVAL, True),
+                                                   ("posix", errno.EINVAL, False), ("posix", errno.ENOSPC, False)])
+def test_worker_output_survives_its_reader_going_away_also_as_windows_reports_it(monkeypatch, platform, error, gone):
+    # Only BrokenPipeError counted: on Windows the write after ComfyUI died raised EINVAL and failed the run.
+    from comfyui_dreambooth_lora.nodes import worker_main
+
+    class Pipe:
+        def write(self, text):
+            raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(worker_main.os, "name", platform)
+    noticed = []
+    stream = worker_main.GuardedStream(Pipe(), lambda: noticed.append(True))
+    if gone:
+        assert stream.write("step 3\n") == 7 and noticed == [True]
+    else:
+        with pytest.raises(OSError):
+            stream.write("step 3\n")
 
 
 def test_worker_main_asks_for_a_stop_when_comfyui_is_gone(tmp_path):
