@@ -367,10 +367,13 @@ def generated_class_images_dir(run_dir: Path, base_model: dict, dataset: dict) -
     root = _output_root() / "class_images"
     legacy = root / cb.legacy_class_images_folder_name(base_model, dataset)
     try:
-        previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("class_dir")
+        previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        previous = None
-    if previous == str(legacy) and legacy.is_dir():
+        previous = {}
+    same_images = (previous.get("pretrained_model") == str(base_model["path"])
+                   and previous.get("class_prompt") == dataset.get("class_prompt", "")
+                   and previous.get("resolution") == cb.train_resolution(base_model, dataset))
+    if previous.get("class_dir") == str(legacy) and same_images and legacy.is_dir():
         return legacy
     return root / cb.class_images_folder_name(base_model, dataset)
 
@@ -382,7 +385,7 @@ def _holds_exactly(folder: Path, image_captions: list[tuple[Any, str]]) -> bool:
         return False
     from PIL import Image
 
-    names = {p.name for p in folder.iterdir() if p.name.startswith("image_")}
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # (hidden: our temporaries)
     expected = {f"image_{i:04d}.png" for i in range(len(image_captions))}
     expected |= {f"image_{i:04d}.txt" for i, (_, caption) in enumerate(image_captions) if caption}
     if names != expected:
@@ -579,9 +582,11 @@ class DreamBoothTrainLoRA(io.ComfyNode):
             return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
         leftover = running_worker(run_dir)
         if leftover is not None:  # two workers in one folder would mix events and checkpoints, and stop each other
-            raise ValueError(f"a training worker (pid {leftover}) still runs in {run_dir}, likely started before "
-                             f"ComfyUI restarted; it stops by itself after its step and a checkpoint. Queue again "
-                             f"when it has exited (with resume on, to continue from that checkpoint).")
+            raise ValueError(f"a training worker (pid {leftover}) still runs in {run_dir}: one started before "
+                             f"ComfyUI restarted stops by itself after its step and a checkpoint, then queue again "
+                             f"(with resume on, to continue from that checkpoint); one of another ComfyUI using this "
+                             f"output folder trains there. If no such process is yours, delete "
+                             f"{run_dir / 'worker.pid'}.")
         _check_fresh_run(config, run_dir, lora_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.json"

@@ -379,8 +379,9 @@ def running_worker(run_dir: Path) -> int | None:
     """The pid of a worker still running in `run_dir` (one a ComfyUI that was restarted left behind,
     which finishes its step and checkpoint before it exits), or None.
 
-    Its pid file may be stale: the pid must run, and where /proc shows it, with this run folder in
-    its command line (a pid the system gave to another process since does not count).
+    The pid file may be stale (ComfyUI crashed) and its pid given to another process since: it
+    counts only while that process runs in `run_dir`, where every worker runs (its working folder),
+    as psutil (ComfyUI's dependency) or /proc tell. Where neither can, its running is all there is.
     """
     try:
         pid = int((Path(run_dir) / PID_FILE_NAME).read_text(encoding="utf-8"))
@@ -388,15 +389,34 @@ def running_worker(run_dir: Path) -> int | None:
         return None
     if not process_alive(pid):
         return None
-    proc = Path(f"/proc/{pid}")
-    if not proc.is_dir():  # no /proc (Windows, macOS): the pid runs, which is all that can be told
+    folder = _working_folder(pid)
+    if folder is None:
         return pid
     try:
-        command = (proc / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
-        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:  # it exited meanwhile
+        return pid if folder and os.path.samefile(folder, run_dir) else None
+    except OSError:
         return None
-    return pid if state != "Z" and str(run_dir) in command else None  # Z: exited, not yet reaped
+
+
+def _working_folder(pid: int) -> str | None:
+    """Process `pid`'s working folder; "" where it cannot be read (it exited, or is another user's);
+    None where nothing here can tell."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            process = psutil.Process(pid)
+            return "" if process.status() == psutil.STATUS_ZOMBIE else process.cwd()
+        except psutil.Error:
+            return ""
+    if Path(f"/proc/{pid}").is_dir():
+        try:
+            return os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return ""
+    return None
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:

@@ -56,9 +56,16 @@ def process_alive(pid: int) -> bool:
 
 def _windows_process_alive(pid: int) -> bool:
     import ctypes
+    from ctypes import wintypes
 
     synchronize, wait_timeout, access_denied = 0x00100000, 0x102, 5
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    # Declared: by default ctypes would pass and return a HANDLE as a 32-bit int.
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.WaitForSingleObject.restype = wintypes.DWORD
+    kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
+    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
     handle = kernel32.OpenProcess(synchronize, False, pid)
     if not handle:  # no such process, unless we may merely not open it
         return ctypes.get_last_error() == access_denied

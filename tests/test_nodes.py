@@ -26,7 +26,7 @@ from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, 
                                                   check_num_processes, worker_command, worker_environment)
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
-from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -328,11 +328,14 @@ def test_a_process_left_holding_the_workers_output_neither_blocks_the_node_nor_o
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_worker_running_in_a_run_folder_is_found_and_a_stale_pid_file_is_not(tmp_path):
+@pytest.mark.parametrize("psutil_there", [True, False], ids=["psutil", "/proc"])
+def test_a_worker_running_in_a_run_folder_is_found_and_a_stale_pid_file_is_not(tmp_path, monkeypatch, psutil_there):
     # A worker a restarted ComfyUI left behind kept writing STOP files: a new run in its folder stopped at once.
     from comfyui_dreambooth_lora.nodes.worker import PID_FILE_NAME, running_worker
     from comfyui_dreambooth_lora.nodes.worker_main import process_alive
 
+    if not psutil_there:
+        monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil: ImportError
     worker = fake_worker(tmp_path, "import time; time.sleep(600)")
     worker.start()
     try:
@@ -843,8 +846,12 @@ def test_runs_from_before_the_hashed_folder_names_keep_their_folders(comfy_folde
     assert comfy_nodes.generated_class_images_dir(run, base, dataset).name.startswith(legacy.name + "_")
     legacy.mkdir(parents=True)
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"class_dir": str(legacy)}), encoding="utf-8")
+    used = {"class_dir": str(legacy), "pretrained_model": base["path"], "class_prompt": dataset["class_prompt"],
+            "resolution": 32}
+    (run / "run.json").write_text(json.dumps(used), encoding="utf-8")
     assert comfy_nodes.generated_class_images_dir(run, base, dataset) == legacy  # the run that used it keeps it
+    (run / "run.json").write_text(json.dumps({**used, "resolution": 64}), encoding="utf-8")
+    assert comfy_nodes.generated_class_images_dir(run, base, dataset) != legacy  # its images were of another size
     assert comfy_nodes.generated_class_images_dir(root / "runs" / "b", base, dataset) != legacy  # others: the new name
 
     import torch
@@ -863,3 +870,5 @@ def test_runs_from_before_the_hashed_folder_names_keep_their_folders(comfy_folde
     assert Path(from_images(images, "\nred")["folder"]) == old  # the same images: the old folder, untouched
     assert sorted((p.name, p.stat().st_mtime_ns) for p in old.iterdir()) == stamps
     assert Path(from_images(images, "\nblue")["folder"]).name.startswith("subject_")  # other captions: a new one
+    draw_subject_image((16, 16), seed=1).save(old / "extra.png")  # an image the node was not given
+    assert Path(from_images(images, "\nred")["folder"]) != old  # would train on it too: not that folder

@@ -708,6 +708,21 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_t
     assert starts[-1]["start_step"] == 2
 
 
+def test_a_checkpoint_overwrite_cannot_delete_fails_the_run(tiny_sd1, photos, tmp_path, monkeypatch):
+    # It was ignored: the earlier run's checkpoint stayed, and pruning then deleted this run's own for it.
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    (Path(config.output_dir) / "test_lora.safetensors").unlink()
+
+    def locked(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(loop.shutil, "rmtree", locked)
+    with pytest.raises(PermissionError):
+        loop.train(dataclasses.replace(config, overwrite=True, seed=8))
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert not any("deleted the checkpoints" in m for m in logs)
+
+
 def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2, keep_checkpoints=5)
     loop.train(config)

@@ -192,8 +192,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         losses = LossReadout(late=read_loss_late(device))
 
         if replaced and main:  # only now: a run that fails to start must not have cost them
-            for path in replaced:
-                shutil.rmtree(path, ignore_errors=True)
+            for path in replaced:  # a failure raises: a checkpoint left there would be mixed with this run's
+                shutil.rmtree(path)
             events.log(f"overwrite: deleted the checkpoints this run did not write "
                        f"({', '.join(p.name for p in replaced)})", level="info")
 
@@ -273,11 +273,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     module.train()
 
         # --- the finished LoRA ---------------------------------------------------------------
+        stopped_at_the_end = stop.requested()  # asked during the last step, which then finished
         written = []
         if main:  # the LoRA first: samples that fail must not cost it
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
-            if config.sample_at_end and stop.requested():  # asked during the last step, which then finished
+            if config.sample_at_end and stopped_at_the_end:
                 events.log("a stop was asked during the last step: the run finished and its LoRA is written; the "
                            "end-of-run samples are skipped", level="info")
             elif config.sample_at_end:
