@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -150,9 +149,6 @@ def comfy_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(comfy.sd1_clip.__file__)), "sd1_tokenizer")
 
 
-REPEAT_FOLDER = re.compile(r"^\d+_.+$")  # kohya's `10_sks dog`, the subfolders trainer.data reads
-
-
 def dataset_files(folder: Path) -> list[Path]:
     """The files the trainer reads from a dataset folder: images and their caption files, in it and in its
     `N_name` subfolders. Hidden files (.DS_Store) and others (Thumbs.db, notes) are not among them.
@@ -160,7 +156,7 @@ def dataset_files(folder: Path) -> list[Path]:
     In os.walk's order (the folder's files, then each subfolder's, by name), as fingerprints were
     made before, so a folder holding nothing else keeps the fingerprint its finished runs recorded.
     """
-    from ..trainer.data import IMAGE_EXTENSIONS, find_caption_files
+    from ..trainer.data import IMAGE_EXTENSIONS, REPEAT_FOLDER, find_caption_files
 
     caption_extension = cb.cb_default("caption_extension")  # the nodes have no widget for it
 

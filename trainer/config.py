@@ -237,11 +237,13 @@ def with_option_defaults(options: dict[str, Any]) -> dict[str, Any]:
 def _check_separate_folders(instance_dir: Path, class_dir: Path) -> list[str]:
     """The instance and class folders must not read each other's images: equal, or one an `N_name`
     subfolder of the other (which the image scan reads; a plain subfolder it ignores)."""
+    from .data import REPEAT_FOLDER  # (data imports this module)
+
     instance, classes = instance_dir.resolve(), class_dir.resolve()
 
     def reads(folder: Path, other: Path) -> bool:
         return other == folder or (folder in other.parents
-                                   and re.match(r"\d+_", other.relative_to(folder).parts[0]) is not None)
+                                   and REPEAT_FOLDER.match(other.relative_to(folder).parts[0]) is not None)
     if reads(instance, classes) or reads(classes, instance):
         return [f"class_dir: {class_dir} is instance_dir {instance_dir}, or an `N_name` subfolder of it or the other "
                 "way round: the subject's photos would train as class images (and generated class images land "

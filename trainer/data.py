@@ -26,7 +26,7 @@ from PIL import ExifTags, Image, ImageOps
 from .config import TrainConfig
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
-_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_sks dog`: 10 repeats
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_sks dog`: 10 repeats (the subfolders read)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -91,7 +91,7 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
         if entry.is_file():
             files.append((entry, config.repeats))
             continue
-        match = _REPEAT_FOLDER.match(entry.name)
+        match = REPEAT_FOLDER.match(entry.name)
         if not match:
             notes.append(f"{entry}: subfolder ignored; only `N_name` subfolders (e.g. `10_sks dog`) are read")
         elif int(match.group(1)) < 1:
