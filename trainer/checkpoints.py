@@ -3,8 +3,9 @@
 A checkpoint folder holds the LoRA weights (`lora_state.safetensors`), the optimizer,
 learning-rate scheduler and fp16 loss-scaler states (`optimizer.pt`, loaded with
 `weights_only=True`), the data position, the config and the images trained on
-(`trainer_state.json`), and the partial LoRA as a kohya file (`lora.safetensors`). It is written under a temporary name and renamed when
-complete, so a crash never leaves a half checkpoint that `latest` would pick.
+(`trainer_state.json`), and the partial LoRA as a kohya file (`lora.safetensors`). It is
+written under a temporary name, fsynced and renamed when complete, so a crash never leaves
+a half checkpoint that `latest` would pick.
 Random numbers in the loop are derived from (seed, step), so the step restores them.
 """
 
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, with_option_defaults
-from .data import DatasetScan, dataset_manifest, manifest_differences
+from .data import manifest_differences
 from .export import save_safetensors
 from .fileio import fsync_directory, fsync_folder
 
@@ -161,12 +162,12 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
                          mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"))
 
 
-def check_same_dataset(state: TrainingState, scan: DatasetScan) -> None:
-    """Refuse to resume on other images than the checkpoint's run trained on: the data order, the
-    repeats and so the result would follow neither run."""
+def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path) -> None:
+    """Refuse to resume on other images (`manifest`, data.dataset_manifest of `folder`) than the
+    checkpoint's run trained on: the data order, the repeats and so the result would follow neither run."""
     if state.dataset is None:  # a checkpoint from before datasets were recorded
         return
-    differences = manifest_differences(state.dataset, dataset_manifest(scan))
+    differences = manifest_differences(state.dataset, manifest)
     if differences:
-        raise ResumeError(f"cannot resume from {state.path}: the images in {scan.folder} changed since it was "
+        raise ResumeError(f"cannot resume from {state.path}: the images in {folder} changed since it was "
                           f"written ({'; '.join(differences)}). Put them back as they were, or start a new run")

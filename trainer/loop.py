@@ -109,12 +109,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
+        manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
         if state is not None:
-            check_same_dataset(state, instance_scan)
+            check_same_dataset(state, manifest, instance_scan.folder)
         for warning in instance_scan.warnings:
             events.log(warning)
         instance_data = ImageDataset(instance_scan, config)
-        manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
 
         # --- model, class images, LoRA -----------------------------------------------------
         events.emit("loading", model=config.pretrained_model)
