@@ -37,7 +37,7 @@ for name in ("diffusers", "transformers", "peft", "accelerate", "safetensors", "
     print(name, m.version(name))
 PY
 if [[ -z "${SKIP_SMOKE:-}" ]]; then  # its lines also go to $OUT: the reply's tail holds only the benchmark's end
-    "$PYTHON" benchmarks/gpu_smoke.py 2>&1 | tee "${OUT:-/tmp}/smoke.txt" | grep --line-buffered "^gpu_smoke\|Error" \
+    "$PYTHON" benchmarks/gpu_smoke.py ${SMOKE_ONLY:+--only "$SMOKE_ONLY"} 2>&1 | tee "${OUT:-/tmp}/smoke.txt" | grep --line-buffered "^gpu_smoke\|Error" \
         || echo "gpu_session: gpu_smoke failed (see smoke.txt); the benchmark runs anyway"
 fi
 cache=${BENCH_CACHE:-/tmp/bench}
