@@ -41,8 +41,8 @@ SETTINGS_OPTIONS_AFTER_NUM_GPUS = ("offload_frozen_models", "compile_unet", "cud
 # in the order that costs least quality: gradient checkpointing first (slower, same result),
 # then the batch size, then text-encoder training (a UNet-only LoRA), and with little memory the
 # VAE and text encoders wait in CPU memory once everything is encoded. SDXL's presets leave CUDA
-# graphs off: the graphs keep the activations' memory reserved (SDXL 1024 px: 22.4 GB reserved
-# against 17.7 without), measured without the presets' other settings only. LoRA optimizer states
+# graphs off: the graphs keep the activations' memory reserved (SDXL 1024 px: 22.6 GB reserved
+# against 17.9 without; with the 16 GB preset's checkpointing 17.3 GB, H100). LoRA optimizer states
 # are small, so 8-bit Adam is not needed at these sizes. Precision is left to the user's
 # setting ('auto' by default: bf16 or fp16 on every GPU already).
 MEMORY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {

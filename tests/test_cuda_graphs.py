@@ -195,26 +195,27 @@ def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampli
     assert losses(graphed) == losses(eager)
 
 
-@pytest.mark.parametrize("option, device, distributed, changes, used, said", [
-    ("auto", "cuda", "NO", {}, True, None),
-    ("auto", "cpu", "NO", {}, False, None),  # a CPU run asked nothing of them: silent
-    ("yes", "cpu", "NO", {}, False, "they need a CUDA GPU"),
-    ("no", "cuda", "NO", {}, False, None),
-    ("auto", "cuda", "MULTI_GPU", {}, False, "they are for one process"),
-    ("auto", "cuda", "NO", {"compile_unet": True}, False, "compile_unet is on"),
-    ("auto", "cuda", "NO", {"train_text_encoder": True}, False, "'yes' turns them on"),
-    ("auto", "cuda", "NO", {"use_dora": True}, False, "'yes' turns them on"),
-    ("auto", "cuda", "NO", {"lora_dropout": 0.1}, False, "'yes' turns them on"),
-    ("yes", "cuda", "NO", {"train_text_encoder": True, "lora_dropout": 0.1}, True, None),
+@pytest.mark.parametrize("option, device, distributed, precision, changes, used, said", [
+    ("auto", "cuda", "NO", "bf16", {}, True, None),
+    ("auto", "cpu", "NO", "bf16", {}, False, None),  # a CPU run asked nothing of them: silent
+    ("yes", "cpu", "NO", "bf16", {}, False, "they need a CUDA GPU"),
+    ("no", "cuda", "NO", "bf16", {}, False, None),
+    ("auto", "cuda", "MULTI_GPU", "bf16", {}, False, "they are for one process"),
+    ("auto", "cuda", "NO", "bf16", {"compile_unet": True}, False, "compile_unet is on"),
+    # checked on an H100 (gpu_smoke.py): the same losses and weights as eager, fresh dropout masks
+    ("auto", "cuda", "NO", "fp16", {"train_text_encoder": True, "use_dora": True, "lora_dropout": 0.1}, True, None),
+    ("auto", "cuda", "NO", "no", {}, False, "'yes' turns them on"),
+    ("yes", "cuda", "NO", "no", {}, True, None),
 ])
-def test_when_the_trainer_uses_cuda_graphs(option, device, distributed, changes, used, said):
+def test_when_the_trainer_uses_cuda_graphs(option, device, distributed, precision, changes, used, said):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     config = TrainConfig.from_dict(dict(pretrained_model="m", instance_dir="i", instance_prompt="p",
                                         cuda_graphs=option, **changes))
-    accelerator = SimpleNamespace(device=torch.device(device), distributed_type=DistributedType[distributed])
+    accelerator = SimpleNamespace(device=torch.device(device), distributed_type=DistributedType[distributed],
+                                  mixed_precision=precision)
     logged = []
     events = SimpleNamespace(log=lambda message, level="warning": logged.append(message))
     graphs = loop._graphed_unet(torch.nn.Linear(1, 1), config, accelerator, events)
