@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, load_config, save_config
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, load_config, partial_lora_name, save_config
 
 REQUIRED = {"pretrained_model": "model.safetensors", "instance_dir": "data", "instance_prompt": "a photo of sks dog"}
 
@@ -36,14 +36,17 @@ def test_every_problem_is_listed_with_field_value_and_allowed(tmp_path):
 
 def test_unknown_key_suggests_the_close_one_and_types_are_checked():
     with pytest.raises(ConfigError) as e:
-        TrainConfig.from_dict({**REQUIRED, "learning_rat": 1e-4, "max_train_steps": "many", "buckets": 1})
+        TrainConfig.from_dict({**REQUIRED, "learning_rat": 1e-4, "max_train_steps": "many", "buckets": 1,
+                               "cuda_graphs": True})
     text = str(e.value)
+    assert "cuda_graphs: expected one of 'auto', 'yes', 'no' (a string), got True" in text
     assert "learning_rat: unknown option; did you mean 'learning_rate'?" in text
     assert "max_train_steps: expected an integer, got 'many'" in text
     assert "buckets: expected true or false, got 1" in text
 
 
-@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", "", "dog_step000002", "x" * 201])
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", "", "x" * 201,
+                                  partial_lora_name("dog", 2).removesuffix(".safetensors")])
 def test_output_name_must_be_a_plain_file_name(name):
     with pytest.raises(ConfigError, match="output_name"):
         TrainConfig.from_dict({**REQUIRED, "output_name": name})

@@ -142,7 +142,10 @@ class TrainConfig:
             try:
                 kwargs[key] = _coerce(value, hints[key])
             except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), a TOML 1e400
-                problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
+                choices = names[key].metadata["choices"]
+                # `cuda_graphs = true` is a likely slip: name the strings it takes, not just "a string"
+                expected = f"one of {', '.join(map(repr, choices))} (a string)" if choices else _type_name(hints[key])
+                problems.append(f"{key}: expected {expected}, got {value!r}")
         if problems:
             raise ConfigError(problems)
         config = cls(**kwargs)
@@ -251,6 +254,15 @@ def _check_separate_folders(instance_dir: Path, class_dir: Path) -> list[str]:
     return []
 
 
+def partial_lora_name(output_name: str, step: int) -> str:
+    """The file name of the LoRA a run stopped at `step` writes (`_check_output_name` keeps a
+    run's own name from ending like one)."""
+    return f"{output_name}_step{step:06d}.safetensors"
+
+
+_PARTIAL_SUFFIX = re.compile(r"_step\d{6}$")
+
+
 def _check_output_name(name: str) -> list[str]:
     if not name or not name.strip():
         return ["output_name: required; a plain file name such as 'my_dog'"]
@@ -258,7 +270,7 @@ def _check_output_name(name: str) -> list[str]:
         return [f"output_name: {name!r} must be a plain file name without folders, '..' or a drive"]
     if any(ord(c) < 32 for c in name):
         return [f"output_name: {name!r} contains control characters"]
-    if re.search(r"_step\d{6}$", name):  # a stopped run named 'dog' writes dog_step000002: it would replace this one's
+    if _PARTIAL_SUFFIX.search(name):  # a stopped run named 'dog' writes dog_step000002: it would replace this one's
         return [f"output_name: {name!r} ends like the partial LoRA a stopped run writes (<name>_stepNNNNNN); "
                 "choose a name without that ending"]
     if len(name.encode("utf-8")) > 200:  # file systems allow 255 bytes, and '_step000000.safetensors' is added

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .checkpoints import (TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
                           resolve_resume, save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
-from .config import TrainConfig
+from .config import TrainConfig, partial_lora_name
 from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_manifest, dataset_summary, scan_images
 from .events import EventWriter
@@ -260,7 +260,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             if stopping:
                 partial = []
                 if main:
-                    partial = export_lora(lora_path.with_name(f"{config.output_name}_step{step:06d}.safetensors"),
+                    partial = export_lora(lora_path.with_name(partial_lora_name(config.output_name, step)),
                                           accelerator.unwrap_model(unet), base.text_encoders, base.info.arch, config,
                                           _metadata(config, base, step, instance_data))
                     events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
