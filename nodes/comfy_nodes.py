@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ def resolve_dataset_folder(choice: str) -> Path:
     else:
         rel, roots = choice, [folder_paths.get_input_directory()]
     parts = rel.replace("\\", "/").split("/")
-    if not rel or os.path.isabs(rel) or ".." in parts or ":" in rel:
+    # a drive ("C:x" is not absolute on Windows); a ':' elsewhere is a folder name like "dog: best shots"
+    if not rel or os.path.isabs(rel) or ".." in parts or re.match(r"[A-Za-z]:", rel):
         raise ValueError(f"folder {choice!r}: choose a subfolder of ComfyUI's input folder")
     for root in roots:
         target = Path(root, *parts)
@@ -795,13 +797,15 @@ def _duration(seconds: float) -> str:
 
 def _train_outputs(config, events: list[dict], lora_dir: Path, name: str, cls) -> io.NodeOutput:
     """The Train LoRA outputs of a finished run: file name, LORA_MODEL, loss curve, last samples."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     lora_file = lora_dir / f"{name}.safetensors"
     if not lora_file.is_file():
         raise RuntimeError(f"the worker finished but {lora_file} was not written; see "
                            f"{Path(config.output_dir) / 'worker.log'}")
-    lora = {k: v for k, v in load_file(lora_file).items() if k.startswith("lora_unet_")}
+    # Read, not memory-mapped (load_file): ComfyUI's cache keeps this output, and Windows refuses to
+    # replace a mapped file, so the next run under this name would fail at its very end.
+    lora = {k: v for k, v in load(lora_file.read_bytes()).items() if k.startswith("lora_unet_")}
     losses = pictures.losses_of_run(read_run_events(Path(config.output_dir)))
     curve = pictures.to_image_tensor([pictures.loss_curve(losses)])
     sample_event = next((e for e in reversed(events) if e.get("event") == "sample"), None)
@@ -861,6 +865,12 @@ class DreamBoothSample(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, base_model, lora_name, **kwargs):
+        """Run again when the LoRA file was replaced (retrained under its name) or the base model changed."""
+        lora_path = folder_paths.get_full_path("loras", lora_name) if lora_name and lora_name != NO_LORA else None
+        return _file_state(base_model.get("path", "")), _file_state(lora_path) if lora_path else None
+
+    @classmethod
     def execute(cls, base_model, lora_name, strength_model, strength_clip, prompt, negative_prompt, seed, steps, cfg,
                 width, height, sampler_name, scheduler, lora=None) -> io.NodeOutput:
         import comfy.sd
@@ -883,6 +893,7 @@ class DreamBoothSample(io.ComfyNode):
         if lora_name and lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             lora_sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
+            _check_lora_fits(lora_sd, lora_name, model, clip, base_model)
             model, clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip)
         if lora is not None:
             model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength_model, 0)
@@ -896,6 +907,26 @@ class DreamBoothSample(io.ComfyNode):
                                               positive, negative, latent)[0]
             images.append(vae.decode(out["samples"]))
         return io.NodeOutput(torch.cat(images, dim=0))
+
+
+def _check_lora_fits(lora_sd: dict, lora_name: str, model, clip, base_model: dict) -> None:
+    """A LoRA none of whose weights fit the model (an SDXL LoRA on SD1.5, say) is an error: ComfyUI
+    would only log its keys as not loaded and sample the plain base model."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
+    if not comfy.lora.load_lora(lora_sd, key_map, log_missing=False):
+        raise ValueError(f"lora_name {lora_name!r}: none of its weights fit this base model "
+                         f"({base_model.get('variant') or base_model.get('arch', '?')}); choose a LoRA trained on "
+                         "the same architecture (SD1.x or SDXL)")
+
+
+def _file_state(path: str) -> tuple:
+    try:
+        stat = os.stat(path)
+        return path, stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return path, None
 
 
 def prompt_seed(seed: int, index: int) -> int:

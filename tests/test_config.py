@@ -45,7 +45,7 @@ def test_unknown_key_suggests_the_close_one_and_types_are_checked():
     assert "buckets: expected true or false, got 1" in text
 
 
-@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", "", "x" * 201,
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "..", "C:lora", "", "x" * 201, "my_dog.safetensors",
                                   partial_lora_name("dog", 2).removesuffix(".safetensors")])
 def test_output_name_must_be_a_plain_file_name(name):
     with pytest.raises(ConfigError, match="output_name"):
@@ -98,6 +98,33 @@ def test_resume_folder_is_relative_to_the_config_file(tmp_path):
     assert Path(load_config(tmp_path / "run.toml", REQUIRED).resume) == checkpoint
     (tmp_path / "latest.toml").write_text('resume = "latest"\n', encoding="utf-8")
     assert load_config(tmp_path / "latest.toml", REQUIRED).resume == "latest"
+
+
+def test_home_is_expanded_and_command_line_paths_are_relative_to_where_it_ran(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.toml").write_text('pretrained_model = "~/models/base.safetensors"\n'
+                                                'instance_dir = "photos"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tmp_path / "conf" / "run.toml", {"instance_prompt": "p", "class_dir": "typed/class"})
+    assert Path(config.pretrained_model) == tmp_path / "home" / "models" / "base.safetensors"
+    assert Path(config.instance_dir) == tmp_path / "conf" / "photos"  # in the file: relative to the file
+    assert Path(config.class_dir) == tmp_path / "typed" / "class"  # --set: relative to the current folder
+
+
+def test_a_windows_path_in_double_quotes_gets_a_hint(tmp_path):
+    (tmp_path / "run.toml").write_text('pretrained_model = "C:\\Users\\me\\sd15.safetensors"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="single quotes"):
+        load_config(tmp_path / "run.toml")
+
+
+def test_a_table_that_is_not_a_section_is_named(tmp_path):
+    (tmp_path / "run.toml").write_text('[training]\nmax_train_steps = 10\n[optimizer]\nlearning_rate = 1e-4\n',
+                                       encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "run.toml", REQUIRED)
+    assert "[training]: not a section; the sections are [model], [data]" in str(e.value)
+    assert "[optimizer]: not a section" in str(e.value)
 
 
 def test_json_round_trip(tmp_path):

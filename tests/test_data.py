@@ -96,6 +96,9 @@ def test_non_image_files_are_skipped_and_counted(tmp_path):
     assert [item.path.name for item in result.items] == ["a.png"]
     assert sorted(p.name for p in result.skipped) == ["anim.gif", "notes.md", "orphan.txt"]
     assert ImageDataset(result, config()).summary().endswith("3 non-image files skipped")
+    # a picture in a format the trainer does not read is named, so a user sees why it is missing
+    assert [w for w in result.warnings if "anim.gif" in w and "convert it to PNG" in w]
+    assert not [w for w in result.warnings if "notes.md" in w]
 
 
 def test_missing_folder(tmp_path):
@@ -160,6 +163,15 @@ def test_small_image_warning(tmp_path):
     result = scan(tmp_path)
     assert len(result.warnings) == 1
     assert "small.png" in result.warnings[0] and "40x30" in result.warnings[0]
+    assert "smaller bucket" in result.warnings[0]
+
+
+def test_a_side_under_one_bucket_step_is_said_to_be_upscaled(tmp_path):
+    # it is: no bucket side is shorter than bucket_step (the warning said "a smaller bucket")
+    save(tmp_path / "tiny.png", size=(48, 48))
+    result = scan(tmp_path, bucket_step=64, resolution=128)
+    assert build_buckets([(48, 48)], config(bucket_step=64, resolution=128)) == [(64, 64)]
+    assert len(result.warnings) == 1 and "upscaled" in result.warnings[0] and "bucket_step (64 px)" in result.warnings[0]
 
 
 # --- image conversion ----------------------------------------------------------------------

@@ -36,7 +36,8 @@ def test_torch_is_never_a_dependency_and_requirements_txt_agrees():
     names = {r.name.lower() for r in declared()}
     assert not names & {"torch", "torchvision", "torchaudio"}
     lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    assert {str(Requirement(l)) for l in lines} == {str(r) for r in declared() if r.marker is None}
+    # markers included: on Python 3.10 the pack imports tomli, and ComfyUI users install requirements.txt
+    assert {str(Requirement(l)) for l in lines} == {str(r) for r in declared()}
 
 
 def test_peft_adapters_work_on_transformers_and_diffusers_models():

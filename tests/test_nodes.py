@@ -602,13 +602,15 @@ def test_dataset_and_model_choices_stay_inside_their_folders(comfyui, tmp_path):
     old_input = folder_paths.get_input_directory()
     (tmp_path / "input" / "my_dog" / "10_sks dog").mkdir(parents=True)
     (tmp_path / "input" / ".hidden").mkdir()
+    (tmp_path / "input" / "dog: best shots").mkdir()  # listed on Linux and macOS, and was refused
     (tmp_path / "secret").mkdir()
     folder_paths.set_input_directory(str(tmp_path / "input"))
     try:
-        assert comfy_nodes.dataset_folder_options()[:2] == ["my_dog", "my_dog/10_sks dog"]
+        assert comfy_nodes.dataset_folder_options()[:3] == ["dog: best shots", "my_dog", "my_dog/10_sks dog"]
         assert ".hidden" not in comfy_nodes.dataset_folder_options()
         assert comfy_nodes.resolve_dataset_folder("my_dog") == tmp_path / "input" / "my_dog"
-        for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "missing"):
+        assert comfy_nodes.resolve_dataset_folder("dog: best shots") == tmp_path / "input" / "dog: best shots"
+        for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "C:x", "missing"):
             with pytest.raises(ValueError):
                 comfy_nodes.resolve_dataset_folder(bad)
         assert comfy_nodes._allowed_dataset_folder(tmp_path / "input" / "my_dog")
@@ -872,3 +874,39 @@ def test_runs_from_before_the_hashed_folder_names_keep_their_folders(comfy_folde
     assert Path(from_images(images, "\nblue")["folder"]).name.startswith("subject_")  # other captions: a new one
     draw_subject_image((16, 16), seed=1).save(old / "extra.png")  # an image the node was not given
     assert Path(from_images(images, "\nred")["folder"]) != old  # would train on it too: not that folder
+
+
+@pytest.mark.comfyui
+def test_sample_runs_again_when_its_lora_file_is_replaced(comfy_folders):
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    lora = comfy_folders / "models" / "loras" / "dog.safetensors"
+    base = {"path": str(comfy_folders / "models" / "diffusers" / "tiny")}
+    save_file({"x": torch.zeros(2)}, str(lora))
+    before = comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors")
+    assert comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors") == before
+    save_file({"x": torch.ones(3)}, str(lora))  # retrained under the same name: ComfyUI served the cached images
+    assert comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors") != before
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps")
+@pytest.mark.comfyui
+def test_train_outputs_do_not_keep_the_lora_file_mapped(comfy_folders):
+    # ComfyUI keeps a node's outputs; on Windows a mapped file cannot be replaced by the next run of that name
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    lora = comfy_folders / "models" / "loras" / "mapped.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(4, 8)}, str(lora))
+    (comfy_folders / "run").mkdir()
+    outputs = comfy_nodes._train_outputs(SimpleNamespace(output_dir=str(comfy_folders / "run")), [],
+                                         lora.parent, "mapped", comfy_nodes.DreamBoothTrainLoRA)
+    assert torch.equal(outputs.args[1]["lora_unet_x.lora_down.weight"], torch.ones(4, 8))
+    assert str(lora) not in Path("/proc/self/maps").read_text()

@@ -416,6 +416,24 @@ def test_an_unsupported_checkpoint_is_refused_by_the_base_model_node(server, obj
     assert "some_lora.safetensors" in error["exception_message"] and "LoRA" in error["exception_message"]
 
 
+def test_sample_refuses_a_lora_that_fits_none_of_the_models_layers(server, object_info):
+    # ComfyUI only logs such keys as "not loaded" and samples the plain base model: a LoRA that seems to do nothing
+    import torch
+    from safetensors.torch import save_file
+
+    key = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # SDXL's second text encoder; SD1.5 has none
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 1280), f"{key}.lora_up.weight": torch.randn(1280, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, str(server.models_dir / "loras" / "sdxl_only.safetensors"))
+    base = sd15_prompt(object_info, "mismatch", steps=1)
+    sample = {k: v for k, v in base[SAMPLE]["inputs"].items() if k != "lora"}
+    prompt = {"1": base[BASE], "2": {"class_type": "DreamBoothSample",
+                                     "inputs": {**sample, "base_model": ["1", 0], "lora_name": "sdxl_only.safetensors"}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    error = execution_error(server.wait(server.queue(prompt)))
+    assert error is not None and error["node_type"] == "DreamBoothSample"
+    assert "sdxl_only.safetensors" in error["exception_message"] and "none of its weights fit" in error["exception_message"]
+
+
 def test_dataset_folders_outside_the_input_folder_are_refused(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "outside", steps=1), TRAIN)
     for folder in ("../models", "/etc", "my_dog/../../models"):

@@ -26,3 +26,18 @@ def test_staged_generation_makes_what_the_pipeline_makes_in_one_call(request, ar
                           generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
             assert image.size == theirs.size == (48, 48)
             assert np.array_equal(np.asarray(image), np.asarray(theirs))
+
+
+def test_an_interruption_stops_making_images_within_a_denoising_step(tiny_sd1):
+    base = load_base_model(tiny_sd1)
+    unet_calls = []
+    base.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    prompts, seeds = ["a photo of sks disc", "a red disc", "a blue disc"], [3, 4, 5]
+    full = generate_images(base, base.unet, prompts, seeds, size=32, steps=4, guidance=1.0)
+    per_image = len(unet_calls) // 3
+
+    unet_calls.clear()  # asked during the second image's second step: it and the third are not made
+    made = generate_images(base, base.unet, prompts, seeds, size=32, steps=4, guidance=1.0,
+                           interrupted=lambda: len(unet_calls) > per_image + 1)
+    assert len(made) == 1 and np.array_equal(np.asarray(made[0]), np.asarray(full[0]))
+    assert len(unet_calls) == per_image + 2

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from comfyui_dreambooth_lora.trainer import loop
 from comfyui_dreambooth_lora.trainer.checkpoints import ResumeError
-from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.data import DatasetError
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
@@ -1045,10 +1046,26 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
     assert bad_config.returncode == 2 and "rank: 0 is below the minimum 1" in bad_config.stderr
     no_images = subprocess.run(run + ["--set", "rank=4"], capture_output=True, text=True)
     assert no_images.returncode == 2 and str(empty) in no_images.stderr
+    no_equals = subprocess.run(run + ["--set", "rank"], capture_output=True, text=True)
+    assert no_equals.returncode == 2 and "--set expects KEY=VALUE" in no_equals.stderr
+
+
+def test_cli_refusals_before_training_are_bad_input_too(tiny_sd1, photos, tmp_path):
+    # the trainer's own refusals (an existing LoRA, fp16 on the CPU) exit 2 as the README says, not 1
+    config = make_config(tiny_sd1, photos, tmp_path / "run")
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "run" / "test_lora.safetensors").parent.mkdir(parents=True)
+    (tmp_path / "run" / "test_lora.safetensors").write_bytes(b"")
+    run = [sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config", str(tmp_path / "run.json")]
+    exists = subprocess.run(run, capture_output=True, text=True)
+    assert exists.returncode == 2 and "already exists" in exists.stderr
+    fp16 = subprocess.run(run + ["--set", "mixed_precision=fp16", "--set", "overwrite=true"],
+                          capture_output=True, text=True)
+    assert fp16.returncode == 2 and "needs a GPU" in fp16.stderr
 
 
 @pytest.mark.parametrize("optimizer, package", [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
-def test_missing_optional_optimizer_package_is_a_clear_error(optimizer, package, monkeypatch):
+def test_missing_optional_optimizer_package_is_a_clear_error(optimizer, package, monkeypatch, tmp_path):
     import builtins
 
     real_import = builtins.__import__
@@ -1061,8 +1078,12 @@ def test_missing_optional_optimizer_package_is_a_clear_error(optimizer, package,
     monkeypatch.setattr(builtins, "__import__", no_package)
     config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x", optimizer=optimizer)
     params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
-    with pytest.raises(loop.TrainingError, match=f"pip install {package}"):
+    with pytest.raises(loop.InputError, match=f"pip install {package}"):
         loop.build_optimizer(config, params, torch.device("cpu"))
+    # train finds it first, before the model loads (not after minutes of class images)
+    monkeypatch.setattr(loop, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(loop.InputError, match=f"pip install {package}"):
+        loop.train(dataclasses.replace(config, output_dir=str(tmp_path / "run"), learning_rate=1.0))
 
 
 def test_rank_larger_than_a_layer_is_bad_input(tiny_sd1, photos, tmp_path):
@@ -1086,3 +1107,153 @@ def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_
     assert result.status == "stopped" and result.step == 0
     kinds = [e["event"] for e in read_events(out / "events.jsonl")]
     assert kinds[-2:] == ["loading", "stopped"]
+
+
+def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
+    from comfyui_dreambooth_lora.trainer.checkpoints import resolve_resume
+
+    for step in (2, 4):
+        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+    for named in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # the run, or its checkpoints folder
+        with pytest.raises(ResumeError, match=rf"not a checkpoint folder.*the newest {re.escape(str(newest))}"):
+            resolve_resume(TrainConfig(resume=str(named)))
+    assert resolve_resume(TrainConfig(resume=str(newest))) == newest
+    with pytest.raises(ResumeError, match="name a checkpoints/step_NNNNNNNN folder, or 'latest'"):
+        resolve_resume(TrainConfig(resume=str(tmp_path)))
+
+
+def stopped_then_resumed(config: TrainConfig, at: int, **on_resume) -> TrainConfig:
+    """Train `config` to a stop after step `at`, then resume it to the end with `on_resume` changed."""
+    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    stop = StopRequest(handle_signals=False)
+    events.listeners.append(StopAtStep(stop, at))
+    assert loop.train(config, events=events, stop=stop).status == "stopped"
+    resumed = dataclasses.replace(config, resume="latest", **on_resume)
+    assert loop.train(resumed).status == "done"
+    return resumed
+
+
+def assert_same_lora(a: TrainConfig, b: TrainConfig) -> None:
+    theirs = lora_file(b)
+    for key, value in lora_file(a).items():
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=1e-6)
+
+
+def test_a_run_resumes_with_gradient_checkpointing_turned_on(tiny_sd1, tmp_path):
+    # what a user does after running out of memory: it was refused as an option "that changes training"
+    photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", max_train_steps=5, lora_dropout=0.1)
+    loop.train(whole)
+    parts = make_config(tiny_sd1, photos, tmp_path / "parts", max_train_steps=5, lora_dropout=0.1)
+    assert_same_lora(whole, stopped_then_resumed(parts, 2, gradient_checkpointing=True))
+
+
+def test_cached_augmented_samples_resume_exactly(tiny_sd1, tmp_path):
+    # the cache kept whichever flip the first step to meet an image drew; a resumed run's cache starts empty
+    photos = make_demo_dataset(tmp_path / "photos", count=4, size=32, captions=False)
+    common = dict(cache_latents="yes", flip_p=0.5, max_train_steps=10)
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
+    loop.train(whole)
+    parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
+    assert_same_lora(whole, stopped_then_resumed(parts, 5))
+
+
+def test_a_deleted_class_image_is_made_again_under_its_own_name(tiny_sd1, tmp_path):
+    photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
+    class_dir = tmp_path / "class"
+    config = make_config(tiny_sd1, photos, tmp_path / "run1", max_train_steps=1, with_prior_preservation=True,
+                         class_prompt="a photo of disc", class_dir=str(class_dir), num_class_images=3,
+                         class_sample_steps=1)
+    loop.train(config)
+    names = ["class_7_00000.png", "class_7_00001.png", "class_7_00002.png"]
+    assert sorted(p.name for p in class_dir.iterdir()) == names
+    kept = (class_dir / "class_7_00002.png").read_bytes()
+    (class_dir / "class_7_00000.png").unlink()
+    loop.train(dataclasses.replace(config, output_dir=str(tmp_path / "run2")))
+    # was: class_7_00002 made again over the one there, and two class images trained on
+    assert sorted(p.name for p in class_dir.iterdir()) == names
+    assert (class_dir / "class_7_00002.png").read_bytes() == kept
+
+
+def test_class_images_are_used_evenly_when_a_batch_is_partial(tiny_sd1, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):  # batch 2: every epoch ends with a batch of one
+        draw_subject_image((32, 32), seed=i).save(photos / f"{i}.png")
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(6):
+        draw_subject_image((32, 32), seed=50 + i, subject=False).save(class_dir / f"c{i}.png")
+    used, encode = [], loop._encode_image
+
+    def record(dataset, index, *args, **kwargs):
+        if dataset.scan.folder == class_dir:
+            used.append(index)
+        return encode(dataset, index, *args, **kwargs)
+    monkeypatch.setattr(loop, "_encode_image", record)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, batch_size=2, cache_latents="no",
+                         with_prior_preservation=True, class_prompt="a photo of disc", class_dir=str(class_dir),
+                         num_class_images=6)
+    loop.train(config)
+    counts = [used.count(i) for i in range(6)]
+    assert max(counts) - min(counts) <= 1, counts  # was [0, 2, 3, 4, 5, 3, 2, 3, 5]: image 1 never
+
+
+def test_step_events_report_the_learning_rate_the_step_used(tiny_sd1, photos, tmp_path, monkeypatch):
+    used, optimizer_step = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return optimizer_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, lr_warmup_steps=2)
+    loop.train(config)
+    reported = [e["lr"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+    assert reported == pytest.approx(used) and used[0] == 0  # warm-up starts at 0 (was shown as the next step's)
+
+
+def test_a_resumed_run_stopped_while_loading_names_its_step_and_checkpoint(tiny_sd1, photos, tmp_path):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6)
+    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    stop = StopRequest(handle_signals=False)
+    events.listeners.append(StopAtStep(stop, 3))
+    first = loop.train(config, events=events, stop=stop)
+    stop = StopRequest(handle_signals=False)
+    stop.request("Cancel while loading")
+    result = loop.train(dataclasses.replace(config, resume="latest"), stop=stop)
+    stopped = [e for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "stopped"][-1]
+    assert result.step == stopped["step"] == 3  # was 0
+    assert result.checkpoint == first.checkpoint and stopped["checkpoint"] == str(first.checkpoint)
+
+
+def test_settings_that_train_nothing_or_cannot_work_are_refused(tmp_path):
+    required = dict(pretrained_model="m", instance_dir="i", instance_prompt="p")
+    with pytest.raises(ConfigError, match="learning_rate: 0.0 trains nothing"):
+        TrainConfig.from_dict({**required, "learning_rate": 0.0})
+    with pytest.raises(ConfigError, match="optimizer 'prodigy' scales the step size"):
+        TrainConfig.from_dict({**required, "optimizer": "prodigy", "learning_rate": 1e-4})
+    TrainConfig.from_dict({**required, "optimizer": "prodigy", "learning_rate": 1.0})
+    (tmp_path / "classes").write_text("not a folder")
+    with pytest.raises(ConfigError, match="class_dir: .*classes is a file"):  # was an OSError after the model loaded
+        TrainConfig.from_dict({**required, "with_prior_preservation": True, "class_prompt": "a photo of dog",
+                               "class_dir": str(tmp_path / "classes")})
+
+
+def test_a_stop_during_the_end_samples_skips_them_and_the_run_is_done(tiny_sd1, photos, tmp_path, monkeypatch):
+    # ComfyUI's Cancel while the end samples were made waited for all of them (minutes for SDXL),
+    # and a second Cancel then killed a run whose LoRA was complete
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, sample_at_end=True, sample_steps=2,
+                         validation_prompts=["a photo of sks disc", "a red disc"])
+    stop = StopRequest(handle_signals=False)
+    generate = loop.generate_images
+
+    def cancelled_meanwhile(*args, **kwargs):
+        stop.request("Cancel during the samples")
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(loop, "generate_images", cancelled_meanwhile)
+    result = loop.train(config, stop=stop)
+    assert result.status == "done" and result.lora_files and result.samples == []
+    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    assert any("2 of 2 skipped" in m for m in logs), logs

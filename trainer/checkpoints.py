@@ -32,7 +32,8 @@ CHECKPOINTS = "checkpoints"
 RESUMABLE_CHANGES = {"max_train_steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
                      "sample_resolution", "validation_prompts", "output_dir", "lora_dir", "export_format",
-                     "save_dtype", "compile_unet", "offload_frozen_models", "cuda_graphs"}
+                     "save_dtype", "compile_unet", "offload_frozen_models", "cuda_graphs",
+                     "gradient_checkpointing"}  # memory for time: a run that ran out of memory continues with it
 
 
 class ResumeError(ValueError):
@@ -117,7 +118,10 @@ def resolve_resume(config: TrainConfig) -> Path | None:
         return found[-1] if found else None
     path = Path(config.resume)
     if not (path / "trainer_state.json").is_file():
-        raise ResumeError(f"resume: {path} is not a checkpoint folder (no trainer_state.json)")
+        inside = list_checkpoints(path.parent if path.name == CHECKPOINTS else path)  # the run's folder, or its checkpoints/
+        hint = (f"; it holds checkpoints, the newest {inside[-1]} (or set resume = 'latest' with output_dir "
+                "set to the run's folder)") if inside else "; name a checkpoints/step_NNNNNNNN folder, or 'latest'"
+        raise ResumeError(f"resume: {path} is not a checkpoint folder (no trainer_state.json){hint}")
     return path
 
 

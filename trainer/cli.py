@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="also write the JSON-lines event stream to stdout (for programs driving the trainer)")
     p_inspect = sub.add_parser("inspect", help="say what a checkpoint is (SD1.x / SDXL / v-prediction)")
     p_inspect.add_argument("model", type=Path)
-    p_demo = sub.add_parser("demo", help="train on a small local model and generated images (CPU, about 2 minutes)")
+    p_demo = sub.add_parser("demo", help="train on a small local model and generated images (CPU, about a minute)")
     p_demo.add_argument("--output", type=Path, default=Path("demo_output"))
     p_demo.add_argument("--steps", type=int, default=200)
     sub.add_parser("options", help="print every config option with its default (markdown)")
@@ -59,7 +59,7 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .checkpoints import ResumeError
     from .data import DatasetError
     from .events import EventWriter
-    from .loop import PROCESS_GROUP_TIMEOUT, TrainingError, train, use_cpu
+    from .loop import PROCESS_GROUP_TIMEOUT, InputError, TrainingError, train, use_cpu
     from .models import ModelError
 
     # Under a multi-process launch, the other processes wait while the main one generates the
@@ -71,6 +71,9 @@ def run_training(config, events_to_stdout: bool = False) -> int:
         events.listeners.append(ProgressPrinter())
     try:
         result = train(config, events)
+    except InputError as e:  # refused before training: bad input, as below
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
     except TrainingError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
@@ -113,13 +116,14 @@ class ProgressPrinter:
         elif kind == "checkpoint":
             print(f"\ncheckpoint: {event['path']}", file=sys.stderr)
         elif kind == "stopped":
-            print(f"\nstopped ({event.get('reason')}); resume with resume = 'latest'", file=sys.stderr)
+            print(f"\nstopped ({event.get('reason')}); continue with --set resume=latest", file=sys.stderr)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise SystemExit(f"error: --set expects KEY=VALUE, got {text!r}")
+        print(f"error: --set expects KEY=VALUE, got {text!r}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:

@@ -120,7 +120,7 @@ class TrainConfig:
     lora_dir: str = opt("", "Where the finished LoRA is written; empty uses output_dir.", section="output")
     save_dtype: str = opt("fp16", "Precision of the exported LoRA.", choices=("fp16", "bf16", "fp32"), section="output")
     export_format: str = opt("kohya", "'kohya' loads in ComfyUI, A1111, Forge and diffusers; 'diffusers' is diffusers' own layout; 'both' writes both.", choices=("kohya", "diffusers", "both"), section="output")
-    checkpoint_every: int = opt(250, "Write a resumable checkpoint (and a partial LoRA) every N steps; 0 only when stopped.", min=0, max=10_000_000, section="output")
+    checkpoint_every: int = opt(250, "Write a resumable checkpoint (with the LoRA so far: checkpoints/step_NNNNNNNN/lora.safetensors) every N steps, and when the run ends or stops; 0: only then.", min=0, max=10_000_000, section="output")
     keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep.", min=1, max=1000, section="output")
     resume: str = opt("", "'latest' continues from the newest checkpoint in output_dir; a checkpoint folder resumes from it; empty starts fresh.", section="output")
     overwrite: bool = opt(False, "Replace an existing LoRA of the same name, and delete the checkpoints in output_dir this run did not write: an earlier run's, or those after the checkpoint it resumes from (otherwise the run refuses to start).", section="output")
@@ -134,6 +134,10 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, value in _flatten_sections(data).items():
+            if isinstance(value, dict):  # a TOML table that is none of the sections
+                problems.append(f"[{key}]: not a section; the sections are "
+                                + ", ".join(f"[{s}]" for s in _sections()) + " (or none)")
+                continue
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -200,6 +204,15 @@ class TrainConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             problems.append(f"caption_extension: {self.caption_extension!r} must start with a dot, e.g. "
                             f"'.{self.caption_extension}'")
+        if not self.learning_rate > 0:  # NaN included
+            problems.append(f"learning_rate: {self.learning_rate} trains nothing (the LoRA stays zero); use a value "
+                            "above 0, e.g. 1e-4 (1.0 with optimizer 'prodigy')")
+        elif self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            # Prodigy finds the step size itself; learning_rate scales it, so 1e-4 trains next to nothing
+            problems.append(f"learning_rate: {self.learning_rate} with optimizer 'prodigy' scales the step size it "
+                            "finds by that much, and trains next to nothing; use 1.0 (or 0.1 to 1)")
+        if self.with_prior_preservation and self.class_dir and Path(self.class_dir).is_file():
+            problems.append(f"class_dir: {self.class_dir} is a file; class images need a folder (created if missing)")
         if not self.alpha > 0:  # NaN included
             problems.append(f"alpha: {self.alpha} trains nothing (the LoRA's update is scaled by alpha / rank); "
                             f"use a value above 0, e.g. {self.rank} for a scale of 1")
@@ -270,6 +283,8 @@ def _check_output_name(name: str) -> list[str]:
         return [f"output_name: {name!r} must be a plain file name without folders, '..' or a drive"]
     if any(ord(c) < 32 for c in name):
         return [f"output_name: {name!r} contains control characters"]
+    if name.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):  # it would be my_dog.safetensors.safetensors
+        return [f"output_name: {name!r} has a file extension; give the name without it ({Path(name).stem!r})"]
     if _PARTIAL_SUFFIX.search(name):  # a stopped run named 'dog' writes dog_step000002: it would replace this one's
         return [f"output_name: {name!r} ends like the partial LoRA a stopped run writes (<name>_stepNNNNNN); "
                 "choose a name without that ending"]
@@ -278,9 +293,13 @@ def _check_output_name(name: str) -> list[str]:
     return []
 
 
+def _sections() -> list[str]:
+    return list(dict.fromkeys(f.metadata["section"] for f in dataclasses.fields(TrainConfig)))
+
+
 def _flatten_sections(data: dict[str, Any]) -> dict[str, Any]:
     """Accept both a flat table and TOML sections ([data], [lora], ...) as the README shows."""
-    sections = {f.metadata["section"] for f in dataclasses.fields(TrainConfig)}
+    sections = _sections()
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in sections and isinstance(value, dict):
@@ -330,15 +349,27 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError([f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}"]) from e
+        hint = ""
+        if isinstance(e, tomllib.TOMLDecodeError) and "\\" in text:  # "C:\Users\me": TOML reads \U as an escape
+            hint = ("; in TOML a path with backslashes goes in single quotes ('C:\\Users\\me\\photos') "
+                    "or takes forward slashes")
+        raise ConfigError([f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}{hint}"]) from e
     data = _flatten_sections(data)
-    data.update(overrides or {})
     data.setdefault("output_dir", "output")  # beside the config file, not wherever the command ran
-    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume"):
-        value = data.get(key)
-        if isinstance(value, str) and value and value != "latest" and not os.path.isabs(value):
-            data[key] = str((path.parent / value).resolve())
+    data.update(_absolute_paths(data, path.parent))
+    data.update(_absolute_paths(overrides or {}, Path.cwd()))  # typed on the command line: where it ran
     return TrainConfig.from_dict(data)
+
+
+def _absolute_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`values` with its path options made absolute: `~` expanded, relative ones joined to `folder`."""
+    out = dict(values)
+    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume"):
+        value = out.get(key)
+        if isinstance(value, str) and value and value != "latest":
+            value = os.path.expanduser(value)
+            out[key] = value if os.path.isabs(value) else str((folder / value).resolve())
+    return out
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

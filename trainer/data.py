@@ -26,6 +26,8 @@ from PIL import ExifTags, Image, ImageOps
 from .config import TrainConfig
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
+# Pictures a user may expect to be read; each skipped one is named (the rest are only counted).
+OTHER_PICTURE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_sks dog`: 10 repeats (the subfolders read)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -105,6 +107,8 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
     # Caption files beside their images are part of the dataset, not skipped files.
     caption_files = find_caption_files([f for f, _ in files], [f for f, _ in images], config.caption_extension)
     skipped = [f for f, _ in files if f.suffix.lower() not in IMAGE_EXTENSIONS and f not in caption_files.values()]
+    notes += [f"{f}: {f.suffix.lower()} pictures are not read (accepted: {', '.join(IMAGE_EXTENSIONS)}); "
+              "convert it to PNG to train on it" for f in skipped if f.suffix.lower() in OTHER_PICTURE_EXTENSIONS]
     if not images:
         accepted = ", ".join(IMAGE_EXTENSIONS)
         problems.append(f"{folder}: no images found (accepted: {accepted}, in any case, also in `N_name` "
@@ -120,8 +124,12 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
             continue
         items.append(ImageItem(path, caption, repeats, size, caption_file))
         if size[0] * size[1] < config.resolution**2:
-            effect = ("it is upscaled" if config.upscale or not config.buckets
-                      else "it trains at a smaller bucket (upscale = true enlarges it)")
+            if config.upscale or not config.buckets:
+                effect = "it is upscaled"
+            elif min(size) < config.bucket_step:  # no bucket side is shorter than one step
+                effect = f"a side under bucket_step ({config.bucket_step} px) is upscaled to it"
+            else:
+                effect = "it trains at a smaller bucket (upscale = true enlarges it)"
             notes.append(f"{path}: {size[0]}x{size[1]} is smaller than the resolution "
                          f"{config.resolution}x{config.resolution}; {effect}")
     if problems:
@@ -229,7 +237,8 @@ def build_buckets(sizes: list[tuple[int, int]], config: TrainConfig) -> list[tup
 
     Without `upscale`, an image that does not cover its bucket gets a smaller one: its own
     size, shrunk to at most `resolution**2` pixels if needed, each side rounded down to a
-    multiple of `bucket_step` (at least one step). It is then only ever scaled down.
+    multiple of `bucket_step` (at least one step). It is then only ever scaled down, but for a
+    side shorter than one step.
 
     With `buckets = False` every image is trained as a `resolution` square.
     """

@@ -50,6 +50,10 @@ class TrainingError(RuntimeError):
         self.step = step  # the step it concerns, where that is not the one the loop is at (a loss read late)
 
 
+class InputError(TrainingError):
+    """The run refuses to start: a setting or file that cannot work as given (the CLI's exit code 2)."""
+
+
 class _Stopped(Exception):
     """Raised inside long preparation work when a stop was requested."""
 
@@ -84,19 +88,22 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
     step = 0
+    state: TrainingState | None = None  # the checkpoint resumed from (until the first checkpoint of this run)
     graphs = None
     losses: LossReadout | None = None
     try:
         # --- everything that can be checked before a model loads --------------------------
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             # accelerate does not autocast fp16 on the CPU: fp16 weights would meet fp32 inputs in the first layer
-            raise TrainingError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
-                                "'bf16' or 'no'")
+            raise InputError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
+                             "'bf16' or 'no'")
+        optimizer_package(config.optimizer)  # a missing one found now, not after the class images
         resume_from = resolve_resume(config)
         if lora_path.exists() and not config.overwrite and resume_from is None:
-            raise TrainingError(f"{lora_path} already exists; choose another output_name, "
-                                "or set overwrite = true (or resume = 'latest' to continue its run)")
+            raise InputError(f"{lora_path} already exists; choose another output_name, "
+                             "or set overwrite = true (or resume = 'latest' to continue its run)")
         state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
+        step = state.step if state else 0  # what a stop while loading reports
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         replaced = _checkpoints_of_another_run(config, state)  # deleted (overwrite) once everything else is ready
@@ -140,7 +147,6 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             raise _Stopped
         if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
             load_lora_state(base.unet, base.text_encoders, state.lora)
-            step = state.step
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for encoder in trained_encoders:
@@ -208,9 +214,9 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 # Every process reads the same batch stream and keeps its own share, so the
                 # data order, and the checkpointed position, do not depend on the process count.
                 for rank in range(accelerator.num_processes):
-                    epoch, position, drawn = next(batches)
+                    epoch, position, drawn, ordinal = next(batches)
                     if rank == accelerator.process_index:
-                        batch = drawn
+                        batch, first_sample = drawn, ordinal
                 # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
                 # draw what 1 process x N micro-batches would.
                 index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
@@ -219,7 +225,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
                 sync = micro == config.gradient_accumulation_steps - 1
                 with nullcontext() if sync else accelerator.no_sync(unet):
-                    latents, embeds, added = _batch_inputs(batch, index, instance_data, class_data,
+                    latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
                                                            base, encoders, cache, config, rng, device, weight_dtype)
                     with accelerator.autocast():
                         loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
@@ -229,13 +235,14 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
             optimizer.step()
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (step() moves it to the next one's)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=not keep_gradients)
             step += 1
             position += 1  # the next batch to read after this step
             step_loss = accelerator.reduce(step_loss, reduction="mean")
             # On a GPU this reads the previous step's loss, not this one's (loss_readout.py).
-            for done in losses.push(step, step_loss, lr_scheduler.get_last_lr()[0], started):
+            for done in losses.push(step, step_loss, lr, started):
                 _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
 
             finished = step >= config.max_train_steps
@@ -268,7 +275,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and sampling:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload, graphs=graphs)
+                                   offloaded=offload, graphs=graphs, stop=stop)
                 for module in trained:
                     module.train()
 
@@ -283,13 +290,15 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                            "end-of-run samples are skipped", level="info")
             elif config.sample_at_end:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload, graphs=graphs)
+                                   offloaded=offload, graphs=graphs, stop=stop)
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
         accelerator.wait_for_everyone()
         return TrainResult("done", step, written, samples, last_checkpoint)
-    except _Stopped:
-        events.emit("stopped", step=step, checkpoint=None, lora=[], reason=stop.reason)
-        return TrainResult("stopped", step)
+    except _Stopped:  # only raised before the first step: a resumed run's checkpoint is still the one to resume
+        checkpoint = state.path if state is not None else None
+        events.emit("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None, lora=[],
+                    reason=stop.reason)
+        return TrainResult("stopped", step, checkpoint=checkpoint)
     except BaseException as e:
         if losses is not None:  # the steps done before the failure still get their events
             with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
@@ -316,12 +325,12 @@ def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None
         return later
     root, names = later[0].parent, ", ".join(p.name for p in later)
     if state is not None:
-        raise TrainingError(f"{root} holds checkpoints after {state.path.name}, which this run resumes from ({names}); "
-                            "this run would mix with them. Set overwrite = true to delete them, resume = 'latest', "
-                            "or choose another output_dir.")
-    raise TrainingError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
-                        "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
-                        "over, or choose another output_dir.")
+        raise InputError(f"{root} holds checkpoints after {state.path.name}, which this run resumes from ({names}); "
+                         "this run would mix with them. Set overwrite = true to delete them, resume = 'latest', "
+                         "or choose another output_dir.")
+    raise InputError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
+                     "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
+                     "over, or choose another output_dir.")
 
 
 def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) -> None:
@@ -450,18 +459,19 @@ class ConditioningCache:
         self.prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
-def _batch_inputs(batch, index, instance_data, class_data, base: BaseModel, encoders, cache,
+def _batch_inputs(batch, index, first_sample, instance_data, class_data, base: BaseModel, encoders, cache,
                   config: TrainConfig, rng, device, weight_dtype):
     """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images).
 
     `index` (the run's micro-batch number) and each image's place in the batch are its augmentation
     draw: every time an image comes round (in a later epoch, as a repeat in the same one, or twice in
-    one batch) it is augmented afresh."""
+    one batch) it is augmented afresh. `first_sample`: how many samples the run drew before this batch."""
     bucket = instance_data.buckets[batch[0]]
     parts = [(instance_data, i) for i in batch]
     if class_data is not None:
-        first = index * len(batch)  # class images in turn, the same ones whatever the process count
-        parts += [(class_data, (first + j) % len(class_data)) for j in range(len(batch))]
+        # one class image per instance sample, in turn (by the run's sample count, so a bucket's
+        # last, smaller batch skips none), the same ones whatever the process count
+        parts += [(class_data, (first_sample + j) % len(class_data)) for j in range(len(batch))]
     samples, means, stds = [], [], []
     for slot, (dataset, item) in enumerate(parts):
         sample, mean, std = _encode_image(dataset, item, bucket, (index, slot), base, cache, config, device)
@@ -488,7 +498,9 @@ def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[i
     if cache.enabled and key in cache.latents:
         # Nothing augments a cached sample, so its image need not be read and resized again.
         return cache.latents[key]
-    sample = dataset.prepare(index, bucket, draw=draw, seed=config.seed)
+    # A cached sample keeps one augmentation: draw 0, the same whichever step first meets it (a
+    # resumed run's cache starts empty; _fill_cache draws 0 too), or a resume would train another LoRA.
+    sample = dataset.prepare(index, bucket, draw=0 if cache.enabled else draw, seed=config.seed)
     with torch.no_grad():
         dist = base.vae.encode(host_to_device(sample.pixels[None], device).to(base.vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
@@ -550,12 +562,16 @@ def _encode_captions(captions, base: BaseModel, encoders, cache, device, trained
     return embeds, pooled
 
 
-def batch_stream(dataset: ImageDataset, epoch: int, position: int, config: TrainConfig) -> Iterator[tuple[int, int, list[int]]]:
-    """(epoch, position, batch) from a given point on, forever; the order depends only on the seed."""
+def batch_stream(dataset: ImageDataset, epoch: int, position: int,
+                 config: TrainConfig) -> Iterator[tuple[int, int, list[int], int]]:
+    """(epoch, position, batch, samples the run drew before it) from a given point on, forever;
+    the order depends only on the seed."""
     while True:
         batches = dataset.epoch_batches(epoch, config.batch_size, config.seed)
+        drawn = epoch * sum(map(len, batches)) + sum(map(len, batches[:position]))  # every epoch has as many
         while position < len(batches):
-            yield epoch, position, batches[position]
+            yield epoch, position, batches[position], drawn
+            drawn += len(batches[position])
             position += 1
         epoch, position = epoch + 1, 0
 
@@ -610,19 +626,27 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict], device: torch
         fused = device.type == "cuda"
         return torch.optim.AdamW(param_groups, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay,
                                  fused=fused or None, foreach=None if fused else True)
+    package = optimizer_package(config.optimizer)
     if config.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package: pip install bitsandbytes "
-                                "(or choose optimizer 'adamw')") from e
-        return bnb.optim.AdamW8bit(param_groups, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        return package.optim.AdamW8bit(param_groups, betas=betas, eps=config.adam_epsilon,
+                                       weight_decay=config.weight_decay)
+    return package.Prodigy(param_groups, betas=betas, weight_decay=config.weight_decay)
+
+
+def optimizer_package(optimizer: str):
+    """The optional package `optimizer` needs, imported (None for AdamW); InputError if it is not installed."""
+    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(optimizer)
     try:
-        from prodigyopt import Prodigy
+        if optimizer == "adamw8bit":
+            import bitsandbytes
+            return bitsandbytes
+        if optimizer == "prodigy":
+            import prodigyopt
+            return prodigyopt
     except ImportError as e:
-        raise TrainingError("optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt "
-                            "(or choose optimizer 'adamw')") from e
-    return Prodigy(param_groups, betas=betas, weight_decay=config.weight_decay)
+        raise InputError(f"optimizer '{optimizer}' needs the {package} package: pip install {package} "
+                         "(or choose optimizer 'adamw')") from e
+    return None
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -711,13 +735,14 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
 
 
 def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator,
-            offloaded: bool = False, graphs: GraphedUNet | None = None) -> list[Path]:
+            offloaded: bool = False, graphs: GraphedUNet | None = None, stop: StopRequest | None = None) -> list[Path]:
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png.
 
     Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
     `offloaded`: the VAE and text encoders wait in CPU memory; the models take turns on the GPU
     (the UNet too where accelerate has not wrapped it: DDP, DeepSpeed and FSDP keep theirs put).
-    `graphs` are released first: sampling may move the UNet, and needs their memory.
+    `graphs` are released first: sampling may move the UNet, and needs their memory. A `stop`
+    asked meanwhile skips the images not yet made (at the end of a run, so that it ends soon).
     """
     from accelerate.utils import DistributedType
 
@@ -726,7 +751,7 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
     with _placement(base, unet, accelerator.device, offloaded,
                     move_unet=accelerator.distributed_type == DistributedType.NO) as place:
         try:
-            return _sample_on_device(base, unet, config, step, events, accelerator, place)
+            return _sample_on_device(base, unet, config, step, events, accelerator, place, stop)
         except torch.cuda.OutOfMemoryError as e:
             # Caught here, inside: the frames holding the failed stage's tensors are gone by the
             # time the models move back to where they were.
@@ -776,7 +801,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
-                      accelerator, place) -> list[Path]:
+                      accelerator, place, stop: StopRequest | None) -> list[Path]:
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     for module in (unet, *base.text_encoders):
@@ -787,10 +812,15 @@ def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, eve
     with eager:
         images = generate_images(base, unet, prompts, seeds, size=config.sample_resolution or config.resolution,
                                  steps=config.sample_steps, guidance=config.sample_guidance,
-                                 autocast=accelerator.autocast, place=place)
+                                 autocast=accelerator.autocast, place=place,
+                                 interrupted=stop.requested if stop is not None else lambda: False)
+    if len(images) < len(prompts):
+        events.log(f"a stop was asked while the samples of step {step} were made: {len(prompts) - len(images)} of "
+                   f"{len(prompts)} skipped", level="info")
     paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
              for i, img in enumerate(images)]
-    events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts)
+    if paths:
+        events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts[:len(paths)])
     return paths
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -52,8 +54,12 @@ def keep_models_in_place(stage: str) -> None:
 @torch.no_grad()
 def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: int, steps: int, guidance: float,
                     autocast: Callable[[], ContextManager] = nullcontext,
-                    place: Callable[[str], None] = keep_models_in_place) -> list[Image.Image]:
+                    place: Callable[[str], None] = keep_models_in_place,
+                    interrupted: Callable[[], bool] = lambda: False) -> list[Image.Image]:
     """One image per (prompt, seed), each from its own seeded generator so it can be reproduced.
+
+    Once `interrupted()` says so (checked before each image and each denoising step), it makes
+    no more: the images finished by then are returned, the first ones of the list.
 
     Three stages, each needing only its own models: the text encoders encode every prompt,
     the UNet (`unet`, e.g. carrying the LoRA) denoises, the VAE decodes. `place(stage)` runs
@@ -72,11 +78,21 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
     place("denoise")
     denoiser = build_pipeline(base, unet, denoise_only=True)
     latents = []
+
+    def stop_when_interrupted(pipe, step, timestep, outputs: dict) -> dict:
+        pipe._interrupt = interrupted()  # diffusers' pipelines skip their remaining steps
+        return outputs
+
     for condition, seed in zip(conditions, seeds):
+        if interrupted():
+            break
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with autocast():
-            latents.append(denoiser(**condition, height=size, width=size, num_inference_steps=steps,
-                                    guidance_scale=guidance, generator=generator, output_type="latent").images)
+            latent = denoiser(**condition, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                              generator=generator, output_type="latent", callback_on_step_end=stop_when_interrupted).images
+        if interrupted():  # a half-denoised image is not one
+            break
+        latents.append(latent)
     place("decode")
     vae = base.vae
     images = []
@@ -120,9 +136,14 @@ def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size:
     missing = count - existing
     if missing <= 0:
         return []
+    def taken(i: int) -> bool:
+        return (Path(class_dir) / f"class_{seed}_{i:05d}.png").exists()
+
+    # The first free names: after a user deleted one, `existing` no longer says which are taken.
+    todo = list(itertools.islice((i for i in itertools.count() if not taken(i)), missing))
     written = []
-    for first in range(existing, count, per_call):
-        indices = range(first, min(first + per_call, count))
+    for first in range(0, missing, per_call):
+        indices = todo[first:first + per_call]
         images = generate_images(base, base.unet, [prompt] * len(indices), [seed + i for i in indices], size=size,
                                  steps=steps, guidance=guidance, autocast=autocast, place=place)
         saved = [save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png") for i, image in zip(indices, images)]
