@@ -890,6 +890,7 @@ class DreamBoothSample(io.ComfyNode):
         else:
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
                                                                      embedding_directory=embeddings)[:3]
+        model = _sampled_as_predicted(model, base_model.get("prediction_type", ""))
         if lora_name and lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             lora_sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
@@ -907,6 +908,23 @@ class DreamBoothSample(io.ComfyNode):
                                               positive, negative, latent)[0]
             images.append(vae.decode(out["samples"]))
         return io.NodeOutput(torch.cat(images, dim=0))
+
+
+def _sampled_as_predicted(model, prediction_type: str):
+    """`model` sampled as what it predicts: ComfyUI reads v-prediction from a checkpoint's `v_pred`
+    key, and the Base Model node may say v_prediction for one without it (as training then does)."""
+    import comfy.model_sampling
+
+    wanted = {"v_prediction": comfy.model_sampling.V_PREDICTION, "epsilon": comfy.model_sampling.EPS}.get(prediction_type)
+    if wanted is None or isinstance(model.get_model_object("model_sampling"), wanted):
+        return model
+
+    class Sampling(comfy.model_sampling.ModelSamplingDiscrete, wanted):  # as ComfyUI's ModelSamplingDiscrete node
+        pass
+
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", Sampling(model.model.model_config))
+    return patched
 
 
 def _check_lora_fits(lora_sd: dict, lora_name: str, model, clip, base_model: dict) -> None:

@@ -434,6 +434,21 @@ def test_sample_refuses_a_lora_that_fits_none_of_the_models_layers(server, objec
     assert "sdxl_only.safetensors" in error["exception_message"] and "none of its weights fit" in error["exception_message"]
 
 
+def test_sample_samples_as_the_base_model_node_says_the_model_predicts(server, object_info):
+    # a v-prediction model whose checkpoint has no `v_pred` key: trained as v_prediction, it was sampled as epsilon
+    base = sd15_prompt(object_info, "prediction", steps=1)
+    sample = {k: v for k, v in base[SAMPLE]["inputs"].items() if k != "lora"}
+    images = {}
+    for prediction in ("epsilon", "v_prediction"):
+        prompt = {"1": {**base[BASE], "inputs": {**base[BASE]["inputs"], "prediction_type": prediction}},
+                  "2": {"class_type": "DreamBoothSample", "inputs": {**sample, "base_model": ["1", 0], "lora_name": "[none]"}},
+                  "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"pred_{prediction}"}}}
+        entry = server.wait(server.queue(prompt))
+        assert_success(entry, server)
+        images[prediction] = saved_image(server, entry, "3")
+    assert np.abs(images["epsilon"] - images["v_prediction"]).mean() > 0.5
+
+
 def test_dataset_folders_outside_the_input_folder_are_refused(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "outside", steps=1), TRAIN)
     for folder in ("../models", "/etc", "my_dog/../../models"):
