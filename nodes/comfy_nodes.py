@@ -684,8 +684,9 @@ def read_run_events(run_dir: Path) -> list[dict]:
 
 def _finished_before(config, run_dir: Path, lora_path: Path, identity: dict) -> bool:
     """Whether this exact run finished before (e.g. the same graph queued after a restart). `overwrite`
-    does not count: it lets a changed run replace the LoRA, and the same run's LoRA would be the same."""
-    if config.resume or not lora_path.is_file() or not (run_dir / RUN_IDENTITY).is_file():
+    and `resume` do not count: they let a changed run replace or continue the LoRA, and the same
+    run's LoRA would be the same (a resume with more steps has another identity)."""
+    if not lora_path.is_file() or not (run_dir / RUN_IDENTITY).is_file():
         return False
     try:
         saved = json.loads((run_dir / RUN_IDENTITY).read_text(encoding="utf-8"))

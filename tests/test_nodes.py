@@ -8,6 +8,7 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -551,12 +552,13 @@ def test_real_worker_bad_input_is_a_failure_with_the_cause(tiny_run, tmp_path):
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_a_finished_run_is_reused_also_with_overwrite_on(comfyui, tmp_path, overwrite):
-    # With overwrite on, the same graph queued after a restart trained again (minutes for the same LoRA).
+@pytest.mark.parametrize("changes", [{}, {"overwrite": True}, {"resume": "latest"}])
+def test_a_finished_run_is_reused_also_with_overwrite_or_resume_on(comfyui, tmp_path, changes):
+    # With overwrite or resume on (the resume workflow), the same graph queued after a restart ran
+    # the worker again (minutes for the same LoRA: loading, export, end samples).
     from comfyui_dreambooth_lora.nodes.comfy_nodes import RUN_IDENTITY, _finished_before
 
-    config = TrainConfig(max_train_steps=4, overwrite=overwrite)
+    config = TrainConfig(max_train_steps=4, **changes)
     identity = {"config": {"rank": 8}, "base": ["m", 1, 2], "dataset": "abc", "class_images": None}
     lora = tmp_path / "dog.safetensors"
     lora.write_bytes(b"lora")
@@ -564,6 +566,8 @@ def test_a_finished_run_is_reused_also_with_overwrite_on(comfyui, tmp_path, over
     (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": 4}) + "\n", encoding="utf-8")
     assert _finished_before(config, tmp_path, lora, identity)
     assert not _finished_before(config, tmp_path, lora, {**identity, "dataset": "other"})
+    longer = dataclasses.replace(config, max_train_steps=6)  # resume with more steps: trains on
+    assert not _finished_before(longer, tmp_path, lora, identity)
 
 
 @pytest.mark.comfyui
