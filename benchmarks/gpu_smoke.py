@@ -254,11 +254,11 @@ def peak_memory() -> str:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    at = sys.argv.index("--only") + 1 if "--only" in sys.argv else 0  # --only's value is no work folder
+    only = sys.argv[at] if 0 < at < len(sys.argv) else ""
+    args = [a for i, a in enumerate(sys.argv[1:], 1) if not a.startswith("--") and i != at]
     if "--cpu" in sys.argv:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     target = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
-    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
-    args = [a for a in args if a != only]
     sys.exit(main(target, "cpu" if "--cpu" in sys.argv else "cuda", graphs_only="--graphs-only" in sys.argv,
                   only=only))

@@ -98,8 +98,8 @@ def resolve_dataset_folder(choice: str) -> Path:
     else:
         rel, roots = choice, [folder_paths.get_input_directory()]
     parts = rel.replace("\\", "/").split("/")
-    # a drive ("C:x" is not absolute on Windows); a ':' elsewhere is a folder name like "dog: best shots"
-    if not rel or os.path.isabs(rel) or ".." in parts or re.match(r"[A-Za-z]:", rel):
+    # a drive ("C:x" is not absolute on Windows); elsewhere "A: portraits" is a folder name
+    if not rel or os.path.isabs(rel) or ".." in parts or (os.name == "nt" and re.match(r"[A-Za-z]:", rel)):
         raise ValueError(f"folder {choice!r}: choose a subfolder of ComfyUI's input folder")
     for root in roots:
         target = Path(root, *parts)
@@ -866,10 +866,12 @@ class DreamBoothSample(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, base_model, lora_name, **kwargs):
-        """Run again when the LoRA file was replaced (retrained under its name) or the base model changed."""
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        """Run again when the LoRA file was replaced (retrained under its name). ComfyUI passes None
+        for linked inputs here (base_model always, lora_name when linked): their nodes' changes
+        reach this one through the graph anyway."""
         lora_path = folder_paths.get_full_path("loras", lora_name) if lora_name and lora_name != NO_LORA else None
-        return _file_state(base_model.get("path", "")), _file_state(lora_path) if lora_path else None
+        return _file_state(lora_path) if lora_path else None
 
     @classmethod
     def execute(cls, base_model, lora_name, strength_model, strength_clip, prompt, negative_prompt, seed, steps, cfg,
@@ -916,8 +918,10 @@ def _sampled_as_predicted(model, prediction_type: str):
     key, and the Base Model node may say v_prediction for one without it (as training then does)."""
     import comfy.model_sampling
 
-    wanted = {"v_prediction": comfy.model_sampling.V_PREDICTION, "epsilon": comfy.model_sampling.EPS}.get(prediction_type)
-    if wanted is None or isinstance(model.get_model_object("model_sampling"), wanted):
+    kinds = (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.EPS)  # V_PREDICTION subclasses EPS
+    wanted = dict(zip(("v_prediction", "epsilon"), kinds)).get(prediction_type)
+    current = next((c for c in type(model.get_model_object("model_sampling")).__mro__ if c in kinds), None)
+    if wanted is None or current is wanted:
         return model
 
     class Sampling(comfy.model_sampling.ModelSamplingDiscrete, wanted):  # as ComfyUI's ModelSamplingDiscrete node

@@ -124,7 +124,8 @@ def test_a_table_that_is_not_a_section_is_named(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "run.toml", REQUIRED)
     assert "[training]: not a section; the sections are [model], [data]" in str(e.value)
-    assert "[optimizer]: not a section" in str(e.value)
+    assert "optimizer: expected one of 'adamw', 'adamw8bit', 'prodigy' (a string), got a table ([optimizer] is an " \
+           "option, not one of the sections [model]" in str(e.value)
 
 
 def test_json_round_trip(tmp_path):

@@ -607,14 +607,17 @@ def test_dataset_and_model_choices_stay_inside_their_folders(comfyui, tmp_path):
     (tmp_path / "input" / "my_dog" / "10_sks dog").mkdir(parents=True)
     (tmp_path / "input" / ".hidden").mkdir()
     (tmp_path / "input" / "dog: best shots").mkdir()  # listed on Linux and macOS, and was refused
+    (tmp_path / "input" / "A: portraits").mkdir()  # like a Windows drive, which it is not here
     (tmp_path / "secret").mkdir()
     folder_paths.set_input_directory(str(tmp_path / "input"))
     try:
-        assert comfy_nodes.dataset_folder_options()[:3] == ["dog: best shots", "my_dog", "my_dog/10_sks dog"]
+        assert comfy_nodes.dataset_folder_options()[:4] == ["A: portraits", "dog: best shots", "my_dog",
+                                                             "my_dog/10_sks dog"]
         assert ".hidden" not in comfy_nodes.dataset_folder_options()
         assert comfy_nodes.resolve_dataset_folder("my_dog") == tmp_path / "input" / "my_dog"
-        assert comfy_nodes.resolve_dataset_folder("dog: best shots") == tmp_path / "input" / "dog: best shots"
-        for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "C:x", "missing"):
+        for name in ("dog: best shots", "A: portraits"):
+            assert comfy_nodes.resolve_dataset_folder(name) == tmp_path / "input" / name
+        for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "missing"):
             with pytest.raises(ValueError):
                 comfy_nodes.resolve_dataset_folder(bad)
         assert comfy_nodes._allowed_dataset_folder(tmp_path / "input" / "my_dog")
@@ -888,12 +891,15 @@ def test_sample_runs_again_when_its_lora_file_is_replaced(comfy_folders):
     from comfyui_dreambooth_lora.nodes import comfy_nodes
 
     lora = comfy_folders / "models" / "loras" / "dog.safetensors"
-    base = {"path": str(comfy_folders / "models" / "diffusers" / "tiny")}
     save_file({"x": torch.zeros(2)}, str(lora))
-    before = comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors")
-    assert comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors") == before
+
+    def fingerprint(**inputs):  # as ComfyUI calls it: linked inputs (base_model always) come as None
+        return comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=None, **inputs)
+    before = fingerprint(lora_name="dog.safetensors")
+    assert fingerprint(lora_name="dog.safetensors") == before
     save_file({"x": torch.ones(3)}, str(lora))  # retrained under the same name: ComfyUI served the cached images
-    assert comfy_nodes.DreamBoothSample.fingerprint_inputs(base_model=base, lora_name="dog.safetensors") != before
+    assert fingerprint(lora_name="dog.safetensors") != before
+    assert fingerprint(lora_name=None) == fingerprint(lora_name="[none]")  # linked, or no LoRA: the graph decides
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps")
@@ -914,3 +920,38 @@ def test_train_outputs_do_not_keep_the_lora_file_mapped(comfy_folders):
                                          lora.parent, "mapped", comfy_nodes.DreamBoothTrainLoRA)
     assert torch.equal(outputs.args[1]["lora_unet_x.lora_down.weight"], torch.ones(4, 8))
     assert str(lora) not in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.comfyui
+def test_sample_follows_the_base_model_nodes_prediction_type_both_ways(comfyui):
+    from types import SimpleNamespace
+
+    import comfy.model_sampling as ms
+
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import _sampled_as_predicted
+
+    class VPred(ms.ModelSamplingDiscrete, ms.V_PREDICTION):
+        pass
+
+    class Eps(ms.ModelSamplingDiscrete, ms.EPS):
+        pass
+
+    class Model:  # the part of ComfyUI's ModelPatcher the function uses
+        def __init__(self, sampling, patches=None):
+            self.sampling, self.patches, self.model = sampling, dict(patches or {}), SimpleNamespace(model_config=None)
+
+        def get_model_object(self, name):
+            return self.patches.get(name, self.sampling)
+
+        def clone(self):
+            return Model(self.sampling, self.patches)
+
+        def add_object_patch(self, name, obj):
+            self.patches[name] = obj
+
+    v, e = Model(VPred(None)), Model(Eps(None))
+    assert _sampled_as_predicted(v, "v_prediction") is v and _sampled_as_predicted(e, "epsilon") is e
+    assert _sampled_as_predicted(v, "") is v  # nothing said: as ComfyUI loaded it
+    assert isinstance(_sampled_as_predicted(e, "v_prediction").get_model_object("model_sampling"), ms.V_PREDICTION)
+    # V_PREDICTION subclasses EPS: an isinstance check took a v-prediction model for an epsilon one
+    assert not isinstance(_sampled_as_predicted(v, "epsilon").get_model_object("model_sampling"), ms.V_PREDICTION)

@@ -116,7 +116,8 @@ class ProgressPrinter:
         elif kind == "checkpoint":
             print(f"\ncheckpoint: {event['path']}", file=sys.stderr)
         elif kind == "stopped":
-            print(f"\nstopped ({event.get('reason')}); continue with --set resume=latest", file=sys.stderr)
+            print(f"\nstopped ({event.get('reason')}); continue with resume = 'latest' (train: --set resume=latest)",
+                  file=sys.stderr)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

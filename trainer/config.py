@@ -134,7 +134,7 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, value in _flatten_sections(data).items():
-            if isinstance(value, dict):  # a TOML table that is none of the sections
+            if isinstance(value, dict) and key not in names:  # a TOML table that is none of the sections
                 problems.append(f"[{key}]: not a section; the sections are "
                                 + ", ".join(f"[{s}]" for s in _sections()) + " (or none)")
                 continue
@@ -149,7 +149,9 @@ class TrainConfig:
                 choices = names[key].metadata["choices"]
                 # `cuda_graphs = true` is a likely slip: name the strings it takes, not just "a string"
                 expected = f"one of {', '.join(map(repr, choices))} (a string)" if choices else _type_name(hints[key])
-                problems.append(f"{key}: expected {expected}, got {value!r}")
+                got = "a table ([{0}] is an option, not one of the sections {1})".format(
+                    key, ", ".join(f"[{s}]" for s in _sections())) if isinstance(value, dict) else repr(value)
+                problems.append(f"{key}: expected {expected}, got {got}")
         if problems:
             raise ConfigError(problems)
         config = cls(**kwargs)

@@ -79,8 +79,11 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
     denoiser = build_pipeline(base, unet, denoise_only=True)
     latents = []
 
+    cut = {"short": False}
+
     def stop_when_interrupted(pipe, step, timestep, outputs: dict) -> dict:
-        pipe._interrupt = interrupted()  # diffusers' pipelines skip their remaining steps
+        if step < pipe.num_timesteps - 1 and interrupted():
+            pipe._interrupt = cut["short"] = True  # diffusers' pipelines skip their remaining steps
         return outputs
 
     for condition, seed in zip(conditions, seeds):
@@ -90,9 +93,11 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
         with autocast():
             latent = denoiser(**condition, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                               generator=generator, output_type="latent", callback_on_step_end=stop_when_interrupted).images
-        if interrupted():  # a half-denoised image is not one
+        if cut["short"]:  # a half-denoised image is not one
             break
         latents.append(latent)
+    if not latents:
+        return []
     place("decode")
     vae = base.vae
     images = []
