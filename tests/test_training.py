@@ -1066,16 +1066,7 @@ def test_cli_refusals_before_training_are_bad_input_too(tiny_sd1, photos, tmp_pa
 
 @pytest.mark.parametrize("optimizer, package", [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
 def test_missing_optional_optimizer_package_is_a_clear_error(optimizer, package, monkeypatch, tmp_path):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_package(name, *args, **kwargs):
-        if name == package:
-            raise ImportError(f"No module named {package!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_package)
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises ImportError
     config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x", optimizer=optimizer)
     params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
     with pytest.raises(loop.InputError, match=f"pip install {package}"):

@@ -135,8 +135,7 @@ class TrainConfig:
         kwargs: dict[str, Any] = {}
         for key, value in _flatten_sections(data).items():
             if isinstance(value, dict) and key not in names:  # a TOML table that is none of the sections
-                problems.append(f"[{key}]: not a section; the sections are "
-                                + ", ".join(f"[{s}]" for s in _sections()) + " (or none)")
+                problems.append(f"[{key}]: not a section; the sections are {_section_list()} (or none)")
                 continue
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
@@ -149,8 +148,8 @@ class TrainConfig:
                 choices = names[key].metadata["choices"]
                 # `cuda_graphs = true` is a likely slip: name the strings it takes, not just "a string"
                 expected = f"one of {', '.join(map(repr, choices))} (a string)" if choices else _type_name(hints[key])
-                got = "a table ([{0}] is an option, not one of the sections {1})".format(
-                    key, ", ".join(f"[{s}]" for s in _sections())) if isinstance(value, dict) else repr(value)
+                got = (f"a table ([{key}] is an option, not one of the sections {_section_list()})"
+                       if isinstance(value, dict) else repr(value))
                 problems.append(f"{key}: expected {expected}, got {got}")
         if problems:
             raise ConfigError(problems)
@@ -297,6 +296,10 @@ def _check_output_name(name: str) -> list[str]:
 
 def _sections() -> list[str]:
     return list(dict.fromkeys(f.metadata["section"] for f in dataclasses.fields(TrainConfig)))
+
+
+def _section_list() -> str:
+    return ", ".join(f"[{s}]" for s in _sections())
 
 
 def _flatten_sections(data: dict[str, Any]) -> dict[str, Any]:

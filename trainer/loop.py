@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import math
 import shutil
 import time
@@ -275,7 +276,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and sampling:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload, graphs=graphs, stop=stop)
+                                   stop, offloaded=offload, graphs=graphs)
                 for module in trained:
                     module.train()
 
@@ -290,7 +291,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                            "end-of-run samples are skipped", level="info")
             elif config.sample_at_end:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   offloaded=offload, graphs=graphs, stop=stop)
+                                   stop, offloaded=offload, graphs=graphs)
             events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
         accelerator.wait_for_everyone()
         return TrainResult("done", step, written, samples, last_checkpoint)
@@ -627,26 +628,25 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict], device: torch
         return torch.optim.AdamW(param_groups, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay,
                                  fused=fused or None, foreach=None if fused else True)
     package = optimizer_package(config.optimizer)
-    if config.optimizer == "adamw8bit":
+    if config.optimizer == "adamw8bit":  # bitsandbytes
         return package.optim.AdamW8bit(param_groups, betas=betas, eps=config.adam_epsilon,
                                        weight_decay=config.weight_decay)
     return package.Prodigy(param_groups, betas=betas, weight_decay=config.weight_decay)
 
 
+OPTIMIZER_PACKAGES = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # the optional ones
+
+
 def optimizer_package(optimizer: str):
     """The optional package `optimizer` needs, imported (None for AdamW); InputError if it is not installed."""
-    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(optimizer)
+    package = OPTIMIZER_PACKAGES.get(optimizer)
+    if package is None:
+        return None
     try:
-        if optimizer == "adamw8bit":
-            import bitsandbytes
-            return bitsandbytes
-        if optimizer == "prodigy":
-            import prodigyopt
-            return prodigyopt
+        return importlib.import_module(package)
     except ImportError as e:
         raise InputError(f"optimizer '{optimizer}' needs the {package} package: pip install {package} "
                          "(or choose optimizer 'adamw')") from e
-    return None
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -735,7 +735,7 @@ def _write_checkpoint(state: TrainingState, base: BaseModel, unet, data: ImageDa
 
 
 def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter, accelerator,
-            offloaded: bool = False, graphs: GraphedUNet | None = None, stop: StopRequest | None = None) -> list[Path]:
+            stop: StopRequest, offloaded: bool = False, graphs: GraphedUNet | None = None) -> list[Path]:
     """Validation images with fixed seeds, written as samples/step_<N>_<i>.png.
 
     Running out of GPU memory skips them with a warning: the run, and its LoRA, go on.
@@ -801,7 +801,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
-                      accelerator, place, stop: StopRequest | None) -> list[Path]:
+                      accelerator, place, stop: StopRequest) -> list[Path]:
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     for module in (unet, *base.text_encoders):
@@ -813,7 +813,7 @@ def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, eve
         images = generate_images(base, unet, prompts, seeds, size=config.sample_resolution or config.resolution,
                                  steps=config.sample_steps, guidance=config.sample_guidance,
                                  autocast=accelerator.autocast, place=place,
-                                 interrupted=stop.requested if stop is not None else lambda: False)
+                                 interrupted=stop.requested)
     if len(images) < len(prompts):
         events.log(f"a stop was asked while the samples of step {step} were made: {len(prompts) - len(images)} of "
                    f"{len(prompts)} skipped", level="info")

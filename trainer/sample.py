@@ -79,11 +79,9 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
     denoiser = build_pipeline(base, unet, denoise_only=True)
     latents = []
 
-    cut = {"short": False}
-
     def stop_when_interrupted(pipe, step, timestep, outputs: dict) -> dict:
         if step < pipe.num_timesteps - 1 and interrupted():
-            pipe._interrupt = cut["short"] = True  # diffusers' pipelines skip their remaining steps
+            pipe._interrupt = True  # diffusers' pipelines skip their remaining steps (reset by each call)
         return outputs
 
     for condition, seed in zip(conditions, seeds):
@@ -93,7 +91,7 @@ def generate_images(base, unet, prompts: list[str], seeds: list[int], *, size: i
         with autocast():
             latent = denoiser(**condition, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                               generator=generator, output_type="latent", callback_on_step_end=stop_when_interrupted).images
-        if cut["short"]:  # a half-denoised image is not one
+        if denoiser.interrupt:  # cut short: a half-denoised image is not one
             break
         latents.append(latent)
     if not latents:
@@ -141,17 +139,17 @@ def ensure_class_images(base, class_dir: Path, prompt: str, count: int, *, size:
     missing = count - existing
     if missing <= 0:
         return []
-    def taken(i: int) -> bool:
-        return (Path(class_dir) / f"class_{seed}_{i:05d}.png").exists()
+    def image_path(i: int) -> Path:
+        return Path(class_dir) / f"class_{seed}_{i:05d}.png"
 
     # The first free names: after a user deleted one, `existing` no longer says which are taken.
-    todo = list(itertools.islice((i for i in itertools.count() if not taken(i)), missing))
+    todo = list(itertools.islice((i for i in itertools.count() if not image_path(i).exists()), missing))
     written = []
     for first in range(0, missing, per_call):
         indices = todo[first:first + per_call]
         images = generate_images(base, base.unet, [prompt] * len(indices), [seed + i for i in indices], size=size,
                                  steps=steps, guidance=guidance, autocast=autocast, place=place)
-        saved = [save_png(image, Path(class_dir) / f"class_{seed}_{i:05d}.png") for i, image in zip(indices, images)]
+        saved = [save_png(image, image_path(i)) for i, image in zip(indices, images)]
         for path in saved:  # all saved first: `on_progress` may stop the run
             written.append(path)
             if on_progress:
