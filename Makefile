@@ -8,11 +8,13 @@ export HF_HUB_OFFLINE := 1
 # trio that ComfyUI's start-up (torchvision, torchaudio) accepts. The pack never installs torch.
 TORCH_FOR_TESTS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.*
 
-.PHONY: setup demo test test-oldest test-slow test-all comfyui bench gpu-wheels clean
+COMFYUI_REQUIREMENTS := .cache/ComfyUI/requirements.txt
+
+.PHONY: setup newest demo test test-oldest test-slow test-all comfyui bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements-dev.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
@@ -24,13 +26,21 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 comfyui: setup
 	$(BIN)/python tests/comfyui_source.py
 
+## newest: upgrade .venv to the newest release of every dependency of the pack, of ComfyUI and of the
+## tests (torch, torchvision and torchaudio stay as they are: ComfyUI's to choose); `make test` runs it
+newest: comfyui
+	$(BIN)/python -c "import importlib.metadata as m; \
+		print('\n'.join(f'{n}=={m.version(n)}' for n in ('torch', 'torchvision', 'torchaudio')))" > $(VENV)/torch-pins.txt
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(VENV)/torch-pins.txt \
+		-r $(COMFYUI_REQUIREMENTS) -r requirements-dev.txt -r requirements.txt
+
 ## demo: train a LoRA on a small local model and generated pictures (CPU, ~1 min)
 demo: setup
 	$(BIN)/python -m comfyui_dreambooth_lora.trainer demo --output demo_output
 
-## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the installed
-## versions and again at the oldest ones pyproject.toml allows
-test: comfyui
+## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the newest
+## published version of every dependency and again at the oldest ones pyproject.toml allows
+test: newest
 	$(BIN)/python -m pytest -m "not slow" -q
 	$(MAKE) test-oldest
 

@@ -473,12 +473,88 @@ def test_tokenizer_resolution_order(tiny_sd1, tiny_sdxl, char_tokenizer, tmp_pat
     assert resolve_tokenizer_dirs("sd1") == [fake_comfy]
     assert resolve_tokenizer_dirs("sdxl", None, tmp_path) == [fake_comfy, fake_comfy]
 
-    # none at all: say which option to set
+    # none at all: each case says which it is and what to set
     monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
-    with pytest.raises(ModelError, match=r"`tokenizer` option.*vocab\.json and merges\.txt"):
-        resolve_tokenizer_dirs("sd1")
-    with pytest.raises(ModelError, match="needs vocab.json and merges.txt"):
+    with pytest.raises(ModelError, match=r"model\.safetensors: a single-file checkpoint does not include a CLIP "
+                                         r"tokenizer.*`tokenizer` option.*tokenizer\.json, or vocab\.json"):
+        resolve_tokenizer_dirs("sd1", source="model.safetensors")
+    with pytest.raises(ModelError, match=r"tokenizer option: .*missing is not a folder"):
+        resolve_tokenizer_dirs("sd1", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"tokenizer option: .*empty holds no CLIP tokenizer"):
         resolve_tokenizer_dirs("sd1", tmp_path / "empty")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_sd1, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ModelError, match=r"no_tokenizer: this diffusers folder has no usable CLIP tokenizer"):
+        resolve_tokenizer_dirs("sd1", None, no_tokenizer)
+    # the tokenizer option may name a diffusers folder: its own tokenizer(s)
+    assert resolve_tokenizer_dirs("sdxl", tiny_sdxl) == [tiny_sdxl / "tokenizer", tiny_sdxl / "tokenizer_2"]
+
+
+def keep_only_tokenizer_json(folder: Path) -> Path:
+    """Turn a tokenizer folder into what transformers 5 saves: tokenizer.json, no vocab.json / merges.txt.
+
+    (transformers 4 also writes the two older files; they are deleted so the test is the same at every version.)
+    """
+    from transformers import CLIPTokenizerFast
+
+    CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True).save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved_today(tmp_path_factory) -> dict[str, Path]:
+    """arch -> a tiny diffusers folder whose tokenizer(s) hold only tokenizer.json."""
+    from comfyui_dreambooth_lora.trainer.tiny import save_tiny_diffusers_model
+
+    folders = {}
+    for arch in ("sd1", "sdxl"):
+        folder = save_tiny_diffusers_model(tmp_path_factory.mktemp(f"saved_today_{arch}"), arch)
+        for name in ("tokenizer", "tokenizer_2")[:2 if arch == "sdxl" else 1]:
+            keep_only_tokenizer_json(folder / name)
+        folders[arch] = folder
+    return folders
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_diffusers_folder_with_only_tokenizer_json_trains_from_the_cli(saved_today, tiny_sd1, tiny_sdxl, arch,
+                                                                         tmp_path, monkeypatch):
+    from comfyui_dreambooth_lora.trainer import cli
+    from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)  # no fallback: the folder's own is used
+    folder, original = saved_today[arch], {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+    base, reference = load_base_model(folder), load_base_model(original)
+    for tokenizer, expected in zip(base.tokenizers, reference.tokenizers, strict=True):
+        assert tokenize(tokenizer, "a photo of sks dog").tolist() == tokenize(expected, "a photo of sks dog").tolist()
+        assert tokenizer.pad_token == expected.pad_token
+    assert not list(folder.glob("tokenizer*/vocab.json"))
+
+    photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
+    run = {"pretrained_model": str(folder), "instance_dir": str(photos), "instance_prompt": "a photo of sks disc",
+           "resolution": 32, "bucket_step": 16, "rank": 2, "max_train_steps": 2, "sample_at_end": False,
+           "mixed_precision": "no", "output_dir": str(tmp_path / "run"), "output_name": "today"}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 0
+    assert (tmp_path / "run" / "today.safetensors").is_file()
+
+
+def test_tokenizer_option_takes_a_tokenizer_json_folder(saved_today, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    bare = tmp_path / "bare"
+    shutil.copytree(saved_today["sd1"], bare, ignore=shutil.ignore_patterns("tokenizer"))
+    base = load_base_model(bare, tokenizer_dir=saved_today["sd1"] / "tokenizer")
+    assert tokenize(base.tokenizers[0], "sks").shape == (1, 77)
+
+    broken = tmp_path / "broken_tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelError, match=r"tokenizer folder .*broken_tokenizer: cannot be loaded as a CLIP "
+                                         r"tokenizer.*set the `tokenizer` option"):
+        load_base_model(bare, tokenizer_dir=broken)
 
 
 def tiny_sd1_shapes() -> dict:
@@ -506,7 +582,7 @@ def test_no_tokenizer_fails_before_loading_weights(tmp_path, monkeypatch):
     # A header without tensor data: reaching the weights would fail with another message.
     path = write_safetensors_header(tmp_path / "model.safetensors", tiny_sd1_shapes())
     assert inspect_model(path).variant == "SD1.x-like (custom size)"
-    with pytest.raises(ModelError, match="no CLIP tokenizer found"):
+    with pytest.raises(ModelError, match="model.safetensors: a single-file checkpoint does not include a CLIP"):
         load_base_model(path)
 
 
@@ -561,3 +637,50 @@ def test_text_model_prefix_either_way():
     with pytest.raises(ModelError, match=r"x\.safetensors: the text encoder weights.*1 missing.*final_layer_norm"
                                          r".*1 unexpected.*extra_weight"):
         models._load_weights(model, broken, "text encoder", "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part, key", [("vae", "decoder.conv_out.bias"), ("text_encoder", "final_layer_norm.weight"),
+                                       ("unet", "conv_in.weight")])
+def test_non_finite_weights_in_a_diffusers_folder_are_refused_at_load(tiny_sd1, tmp_path, part, key):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_sd1, folder)
+    weights_file = next((folder / part).glob("*.safetensors"))
+    weights = load_file(weights_file)
+    key = next(k for k in weights if k.endswith(key))
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    save_file(weights, weights_file)
+    with pytest.raises(ModelError, match=rf"broken/{part}: the {part} weights are not all finite \(NaN or infinity "
+                                         rf"in [\w.]*{key}\).*re-download or re-export the checkpoint"):
+        load_base_model(folder)
+
+
+@pytest.mark.comfyui
+def test_non_finite_weights_in_a_single_file_are_refused_with_exit_code_2(single_files, char_tokenizer, tmp_path,
+                                                                          capsys):
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_dreambooth_lora.trainer import cli
+    from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+    weights = load_file(single_files["sdxl", ".safetensors"])
+    for key in [k for k in weights if k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn")][:4]:
+        weights[key] = torch.full_like(weights[key], float("inf"))
+    save_file(weights, tmp_path / "broken.safetensors")
+    run = {"pretrained_model": str(tmp_path / "broken.safetensors"), "tokenizer": str(char_tokenizer),
+           "instance_dir": str(make_demo_dataset(tmp_path / "photos", count=1, size=32)),
+           "instance_prompt": "a photo of sks disc", "resolution": 32, "bucket_step": 16, "max_train_steps": 1,
+           "output_dir": str(tmp_path / "run")}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 2
+    message = capsys.readouterr().err
+    assert "broken.safetensors: the text_encoder_2 weights are not all finite" in message
+    assert "text_model.encoder.layers.0.self_attn" in message and "more)" in message
+    assert "re-download or re-export the checkpoint" in message

@@ -931,10 +931,21 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_s
     monkeypatch.setattr(loop, "diffusion_loss", poisoned)
     with pytest.raises(loop.TrainingError, match="at step 5") as e:
         loop.train(config)
-    assert "step_00000004" in str(e.value)
+    assert "step_00000004" in str(e.value) and "Lower learning_rate" in str(e.value)  # after 4 updates
     checkpoints = sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
     assert checkpoints == ["step_00000002", "step_00000004"]
     assert read_events(Path(config.output_dir) / "events.jsonl")[-1]["event"] == "error"
+
+
+def test_nan_loss_before_any_update_blames_the_model_or_data_not_the_learning_rate(tiny_sd1, photos, tmp_path,
+                                                                                  monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3)
+    real = loop.diffusion_loss
+    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(loop.TrainingError, match="at step 1") as e:
+        loop.train(config)
+    assert "No update had happened yet" in str(e.value) and "learning_rate" not in str(e.value)
+    assert "base model or the training data" in str(e.value)
 
 
 def test_lora_weights_broken_by_an_update_are_never_saved(tiny_sd1, photos, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | N
 class TrainConfig:
     # --- model -----------------------------------------------------------------------
     pretrained_model: str = opt("", "Base model: a single-file checkpoint (.safetensors, .ckpt) or a diffusers folder.", section="model")
-    tokenizer: str = opt("", "Folder with the CLIP tokenizer (vocab.json, merges.txt). Empty: the diffusers folder's own, else ComfyUI's bundled one.", section="model")
+    tokenizer: str = opt("", "Folder with the CLIP tokenizer (tokenizer.json, or vocab.json and merges.txt), or a diffusers model folder. Empty: the diffusers folder's own, else ComfyUI's bundled one.", section="model")
     prediction_type: str = opt("auto", "What the model predicts. 'auto' reads it from the model (a `v_pred` key or the scheduler config).", choices=("auto", "epsilon", "v_prediction"), section="model")
 
     # --- data ------------------------------------------------------------------------

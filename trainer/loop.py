@@ -344,9 +344,16 @@ def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) ->
                             step=state.step)
 
 
-def _divergence_advice(precision: str) -> str:
-    """What to change after a run diverged (a NaN or inf), given the precision it computed in."""
-    return "Lower learning_rate" + (", or use mixed_precision 'bf16' or 'no'." if precision == "fp16" else ".")
+def _divergence_advice(precision: str, updated: bool = True) -> str:
+    """What to change after a NaN or inf, given the precision the run computed in and whether any
+    optimizer update had happened: before the first one the learning rate cannot be the cause."""
+    fp16 = precision == "fp16"
+    if not updated:
+        return ("No update had happened yet, so the learning rate is not the cause: the base model or the training "
+                "data gives values that are not finite" + (" (or fp16 overflowed: use mixed_precision 'bf16' or "
+                "'no')" if fp16 else "") + ". Try another base model, or re-download / re-export this one, and "
+                "check the pictures.")
+    return "Lower learning_rate" + (", or use mixed_precision 'bf16' or 'no'." if fp16 else ".")
 
 
 def read_loss_late(device: torch.device) -> bool:
@@ -360,9 +367,10 @@ def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_
                  precision: str) -> None:
     """The step event of a step whose loss is now read; a loss that is not finite ends the run."""
     if not math.isfinite(done.loss):
+        # Step N's loss is computed before its update: at step 1 the weights are the base model's.
         raise TrainingError(f"the loss became {done.loss} at step {done.step}; nothing from this step was saved "
-                            f"(last good checkpoint: {last_checkpoint or 'none'}). {_divergence_advice(precision)}",
-                            step=done.step)
+                            f"(last good checkpoint: {last_checkpoint or 'none'}). "
+                            f"{_divergence_advice(precision, updated=done.step > 1)}", step=done.step)
     events.emit("step", step=done.step, total_steps=config.max_train_steps, loss=round(done.loss, 6), lr=done.lr,
                 seconds_per_step=round(done.seconds, 4))
 

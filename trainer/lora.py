@@ -1,7 +1,9 @@
 """Which modules get LoRA adapters, and how the adapters are added, listed, saved and restored.
 
-Adapters are peft LoRA (or DoRA) layers named `default`, added through the `add_adapter`
-methods of diffusers' UNet and transformers' CLIP models. The target modules are listed
+Adapters are peft LoRA (or DoRA) layers named `default`, injected with peft's own
+`inject_adapter_in_model`, which works on any `nn.Module`: neither diffusers' nor
+transformers' PEFT integration is used (transformers' refuses some peft releases, and a
+cap on either would make installing the pack downgrade what ComfyUI has). The target modules are listed
 explicitly by their full names (not by peft's suffix matching), so that exactly the layers
 named here are adapted, and `export` can name the same layers in the kohya format.
 """
@@ -116,12 +118,15 @@ def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfi
     for model, names in models:
         _check_rank(model, names, config.rank)
 
+    from peft import inject_adapter_in_model
+
     for model in [unet, *text_encoders]:
         model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for model, names in models:
-            model.add_adapter(_lora_config(config, names), adapter_name=ADAPTER_NAME)
+            # Sets `model.peft_config[ADAPTER_NAME]` too, which export reads; the adapter is active.
+            inject_adapter_in_model(_lora_config(config, names), model, adapter_name=ADAPTER_NAME)
 
     for model, _ in models:
         for name, param in model.named_parameters():

@@ -170,9 +170,9 @@ def load_base_model(path: str | Path, *, tokenizer_dir: str | Path | None = None
 
     Args:
         path: a diffusers folder (with `model_index.json`) or a `.safetensors` / `.ckpt` file.
-        tokenizer_dir: a folder with the CLIP tokenizer (`vocab.json`, `merges.txt`). Default:
-            the diffusers folder's own `tokenizer/`, else the one ComfyUI ships, when ComfyUI
-            is importable.
+        tokenizer_dir: a folder with the CLIP tokenizer (`tokenizer.json`, or `vocab.json` and
+            `merges.txt`), or a diffusers folder whose tokenizer to use. Default: the diffusers
+            folder's own `tokenizer/`, else the one ComfyUI ships, when ComfyUI is importable.
         prediction_type: "auto" (read it from the model: a `v_pred` key in a checkpoint or the
             folder's scheduler config; epsilon when neither says), "epsilon" or "v_prediction"
             (overrides what the model says).
@@ -190,7 +190,26 @@ def load_base_model(path: str | Path, *, tokenizer_dir: str | Path | None = None
             module.to(torch.float32)
         module.eval()
         module.requires_grad_(False)
+    parts = {"unet": base.unet, "vae": base.vae,
+             **{f"text_encoder{'' if i == 0 else f'_{i + 1}'}": e for i, e in enumerate(base.text_encoders)}}
+    for part, module in parts.items():
+        check_finite_weights(module, part, path if path.is_file() else path / part)
     return base
+
+
+def check_finite_weights(module: torch.nn.Module, part: str, source: Path) -> None:
+    """Refuse a model part with NaN or infinite weights, naming a few of them and the file they came from.
+
+    Such weights make the first loss NaN whatever the settings; found here, the message can say
+    that the checkpoint is at fault. One `isfinite` pass per tensor: small next to reading the file.
+    """
+    broken = [name for name, tensor in module.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        examples = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise ModelError(f"{source}: the {part} weights are not all finite (NaN or infinity in {examples}). The "
+                         "file is damaged or was saved from a broken model: re-download or re-export the "
+                         "checkpoint.")
 
 
 def detect_architecture(shapes: dict[str, tuple[int, ...]], source: str = "this checkpoint") -> Architecture:
@@ -647,6 +666,16 @@ def _open_clip_config(shapes: dict[str, tuple[int, ...]], p: str) -> dict | None
 # Tokenizers
 # --------------------------------------------------------------------------------------------
 
+TOKENIZER_FILES = "tokenizer.json, or vocab.json and merges.txt"
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether a folder holds a CLIP tokenizer: `tokenizer.json` (as transformers 5 saves one) or the
+    older `vocab.json` + `merges.txt`."""
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                     and (folder / "merges.txt").is_file())
+
+
 def comfyui_tokenizer_dir() -> Path | None:
     """ComfyUI's bundled CLIP tokenizer (comfy/sd1_tokenizer), when ComfyUI is importable."""
     try:
@@ -655,49 +684,76 @@ def comfyui_tokenizer_dir() -> Path | None:
         return None
     for location in (spec.submodule_search_locations or []) if spec else []:
         folder = Path(location) / "sd1_tokenizer"
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if holds_tokenizer(folder):
             return folder
     return None
 
 
 def resolve_tokenizer_dirs(arch: str, tokenizer_dir: str | Path | None = None,
-                           model_folder: Path | None = None) -> list[Path]:
+                           model_folder: Path | None = None, source: str = "this checkpoint") -> list[Path]:
     """The tokenizer folder(s) to use, one per text encoder, in this order of preference:
 
-    1. `tokenizer_dir`, when given (used for both of SDXL's encoders);
+    1. `tokenizer_dir`, when given: a tokenizer folder (used for both of SDXL's encoders), or a
+       diffusers model folder (its `tokenizer/` and `tokenizer_2/`);
     2. the diffusers folder's `tokenizer/` (and `tokenizer_2/`);
     3. ComfyUI's bundled `comfy/sd1_tokenizer/`, when ComfyUI is importable.
+
+    A tokenizer folder holds `tokenizer.json` or `vocab.json` + `merges.txt`. `source` names the
+    single-file checkpoint in the error when no tokenizer is found.
     """
     count = 2 if arch == "sdxl" else 1
     if tokenizer_dir:
         folder = Path(tokenizer_dir).expanduser()
-        if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-            raise ModelError(f"tokenizer folder {folder}: needs vocab.json and merges.txt (a CLIP tokenizer, e.g. "
-                             "the tokenizer/ folder of a diffusers model). Fix the tokenizer option.")
-        return [folder] * count
-    if model_folder is not None and (model_folder / "tokenizer" / "vocab.json").is_file():
-        first, second = model_folder / "tokenizer", model_folder / "tokenizer_2"
-        return [first, second if (second / "vocab.json").is_file() else first][:count]
+        if not folder.is_dir():
+            raise ModelError(f"tokenizer option: {folder} is not a folder. Set it to a folder with a CLIP tokenizer "
+                             f"({TOKENIZER_FILES}), such as the tokenizer/ folder of an SD1.x / SDXL diffusers "
+                             "model, or leave it empty.")
+        if holds_tokenizer(folder):
+            return [folder] * count
+        if holds_tokenizer(folder / "tokenizer"):
+            return _model_tokenizer_dirs(folder, count)
+        raise ModelError(f"tokenizer option: {folder} holds no CLIP tokenizer (neither {TOKENIZER_FILES}, nor a "
+                         "tokenizer/ folder with them). Set it to a folder that does, such as the tokenizer/ folder "
+                         "of an SD1.x / SDXL diffusers model, or leave it empty.")
+    if model_folder is not None and holds_tokenizer(model_folder / "tokenizer"):
+        return _model_tokenizer_dirs(model_folder, count)
     comfy = comfyui_tokenizer_dir()
     if comfy is not None:
         return [comfy] * count
-    raise ModelError("no CLIP tokenizer found: a single-file checkpoint does not include one, and ComfyUI (which "
-                     "ships one) is not importable here. Set the `tokenizer` option to a folder with vocab.json and "
-                     "merges.txt, such as the tokenizer/ folder of any SD1.x / SDXL diffusers model.")
+    if model_folder is not None:
+        raise ModelError(f"{model_folder.name}: this diffusers folder has no usable CLIP tokenizer (tokenizer/ holds "
+                         f"neither {TOKENIZER_FILES}), and ComfyUI (which ships one) is not importable here. Copy the "
+                         "model's tokenizer/ folder back, or set the `tokenizer` option to a folder with "
+                         f"{TOKENIZER_FILES}, such as the tokenizer/ folder of any SD1.x / SDXL diffusers model.")
+    raise ModelError(f"{source}: a single-file checkpoint does not include a CLIP tokenizer, and ComfyUI (which "
+                     "ships one) is not importable here. Set the `tokenizer` option to a folder with "
+                     f"{TOKENIZER_FILES}, such as the tokenizer/ folder of any SD1.x / SDXL diffusers model.")
+
+
+def _model_tokenizer_dirs(model_folder: Path, count: int) -> list[Path]:
+    """A diffusers folder's `tokenizer/` and `tokenizer_2/` (the first again where the second is missing)."""
+    first, second = model_folder / "tokenizer", model_folder / "tokenizer_2"
+    return [first, second if holds_tokenizer(second) else first][:count]
 
 
 def _load_tokenizers(folders: list[Path]) -> list:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
 
     tokenizers = []
     for i, folder in enumerate(folders):
+        # vocab.json + merges.txt: the tokenizer as before; tokenizer.json alone (transformers 5's
+        # way of saving it) needs the fast tokenizer before transformers 5 (from 5 on, the same class).
+        has_vocab = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        tokenizer_class = CLIPTokenizer if has_vocab else CLIPTokenizerFast
         try:
             # SDXL's second encoder was trained with "!" as padding (OpenCLIP's convention).
             extra = {"pad_token": "!"} if i == 1 else {}
-            tokenizers.append(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **extra))
+            tokenizers.append(tokenizer_class.from_pretrained(str(folder), local_files_only=True, **extra))
         except Exception as e:
-            raise ModelError(f"tokenizer folder {folder}: cannot be loaded as a CLIP tokenizer ({e}). Set the "
-                             "tokenizer option to a folder with a working vocab.json and merges.txt.") from e
+            raise ModelError(f"tokenizer folder {folder}: cannot be loaded as a CLIP tokenizer ({type(e).__name__}: "
+                             f"{e}). The files there ({TOKENIZER_FILES}) are damaged or of another kind of "
+                             "tokenizer; set the `tokenizer` option to a folder with a working CLIP tokenizer, such "
+                             "as the tokenizer/ folder of an SD1.x / SDXL diffusers model.") from e
     return tokenizers
 
 
@@ -775,7 +831,7 @@ def _load_single_file(path: Path, tokenizer_dir: str | Path | None, prediction_t
     checkpoint = None if _is_safetensors(path) else _load_pickle_checkpoint(path)
     shapes = _read_safetensors_header(path) if checkpoint is None else {k: v.shape for k, v in checkpoint.items()}
     found = detect_architecture(shapes, source)
-    folders = resolve_tokenizer_dirs(found.arch, tokenizer_dir)
+    folders = resolve_tokenizer_dirs(found.arch, tokenizer_dir, source=source)
     tokenizers = _load_tokenizers(folders)
     _check_tokenizers(tokenizers, [(c["vocab_size"], c["max_position_embeddings"]) for c in found.text_encoder_configs],
                       folders, source)
