@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, with_option_defaults
 from .data import manifest_differences
-from .export import save_safetensors
-from .fileio import fsync_directory, fsync_folder
+from .export import safetensors_size, save_safetensors
+from .fileio import as_disk_full, ensure_free_space, fsync_directory, fsync_folder
 
 CHECKPOINTS = "checkpoints"
 # Options that may change between a stop and its resume without changing what is trained.
@@ -61,8 +61,10 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp_step_{state.step:08d}_{os.getpid()}"
-    for stale in root.glob(".tmp_step_*"):  # left by a process killed while writing (and ours, if any)
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_checkpoint_folders(output_dir)  # (ours too, if any)
+    needed = checkpoint_size(state, partial_lora, lora_metadata)
+    what = f"checkpoint {final.name}"
+    ensure_free_space(root, needed, what)
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
@@ -77,10 +79,40 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_directory(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = as_disk_full(e, root, needed, what)
+        if error is e:
+            raise
+        raise error from e
     return final
+
+
+def checkpoint_size(state: TrainingState, partial_lora: dict[str, torch.Tensor], lora_metadata: dict[str, str]) -> int:
+    """About the bytes a checkpoint of `state` takes (over-estimated): the LoRA twice, the optimizer state."""
+    return (safetensors_size(state.lora) + safetensors_size(partial_lora, lora_metadata)
+            + sum(t.numel() * t.element_size() for t in _tensors_in(state.optimizer)) + 64 * 1024
+            + len(json.dumps({"config": state.config, "dataset": state.dataset}, default=str)))
+
+
+def _tensors_in(value: Any):
+    """Every tensor in a nest of dicts, lists and tuples (an optimizer's state_dict)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def remove_stale_checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Remove the half-written checkpoint folders (`checkpoints/.tmp_step_*`) a killed process left; returns them."""
+    stale = sorted((Path(output_dir) / CHECKPOINTS).glob(".tmp_step_*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

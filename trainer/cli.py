@@ -1,7 +1,9 @@
 """Command line: `python -m comfyui_dreambooth_lora.trainer {train,inspect,demo,options}`.
 
 `train` runs unchanged under `accelerate launch`. Exit codes: 0 done or stopped
-gracefully, 1 training failed, 2 bad config or input (the message says what to fix).
+gracefully, 1 training failed, 2 bad config or input (the message says what to fix),
+3 out of disk space (the message names the folder, the space needed and free, and the
+checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,8 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .checkpoints import ResumeError
     from .data import DatasetError
     from .events import EventWriter
-    from .loop import PROCESS_GROUP_TIMEOUT, InputError, TrainingError, train, use_cpu
+    from .fileio import DiskFullError
+    from .loop import PROCESS_GROUP_TIMEOUT, InputError, OutOfDiskSpace, StepFailed, TrainingError, train, use_cpu
     from .models import ModelError
 
     # Under a multi-process launch, the other processes wait while the main one generates the
@@ -74,6 +78,14 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     except InputError as e:  # refused before training: bad input, as below
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
+    except (OutOfDiskSpace, DiskFullError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 3
+    except StepFailed as e:
+        if not e.out_of_memory:  # an unexpected failure: where it happened, for a bug report
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     except TrainingError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

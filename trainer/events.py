@@ -25,6 +25,7 @@ The ComfyUI node and the CLI read this stream; only the main process writes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -52,8 +53,17 @@ class EventWriter:
         line = json.dumps(event, default=str)
         for out in (self._file, self._stream):
             if out is not None:
-                out.write(line + "\n")
-                out.flush()
+                try:
+                    out.write(line + "\n")
+                    out.flush()
+                except OSError as e:  # a full disk: the run must still be able to say so, and save what it can
+                    if out is not self._file:
+                        raise
+                    self._file = None
+                    with contextlib.suppress(OSError):  # (its buffer cannot be written either)
+                        out.close()
+                    print(f"[warning] the event log cannot be written any more ({e}); events go on to the "
+                          "listeners and stdout only", file=sys.stderr, flush=True)
         for listener in self.listeners:
             listener(event)
         return event

@@ -14,6 +14,7 @@ import importlib
 import math
 import shutil
 import time
+import traceback
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
+from .checkpoints import (CHECKPOINTS, TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
                           resolve_resume, save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig, partial_lora_name
@@ -30,6 +31,7 @@ from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_manifest, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
+from .fileio import DiskFullError
 from .loss_readout import LossReadout, StepLoss
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
@@ -53,6 +55,18 @@ class TrainingError(RuntimeError):
 
 class InputError(TrainingError):
     """The run refuses to start: a setting or file that cannot work as given (the CLI's exit code 2)."""
+
+
+class OutOfDiskSpace(TrainingError):
+    """A checkpoint, the LoRA or a sample did not fit on its disk (the CLI's exit code 3)."""
+
+
+class StepFailed(TrainingError):
+    """A training step raised (out of memory, most often); the steps done before it were saved where possible."""
+
+    def __init__(self, message: str, step: int, out_of_memory: bool):
+        super().__init__(message, step)
+        self.out_of_memory = out_of_memory
 
 
 class _Stopped(Exception):
@@ -90,6 +104,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
     step = 0
     state: TrainingState | None = None  # the checkpoint resumed from (until the first checkpoint of this run)
+    last_checkpoint: Path | None = None  # the newest complete checkpoint of this run (what a failure keeps)
     graphs = None
     losses: LossReadout | None = None
     try:
@@ -105,6 +120,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                              "or set overwrite = true (or resume = 'latest' to continue its run)")
         state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
         step = state.step if state else 0  # what a stop while loading reports
+        last_checkpoint = state.path if state else None
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         replaced = _checkpoints_of_another_run(config, state)  # deleted (overwrite) once everything else is ready
@@ -195,7 +211,6 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "model and resolution reuse inductor's cache)", level="info")
         samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
-        last_checkpoint = state.path if state else None
         losses = LossReadout(late=read_loss_late(device))
 
         if replaced and main:  # only now: a run that fails to start must not have cost them
@@ -211,30 +226,37 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         while step < config.max_train_steps:
             started = time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            for micro in range(config.gradient_accumulation_steps):
-                # Every process reads the same batch stream and keeps its own share, so the
-                # data order, and the checkpointed position, do not depend on the process count.
-                for rank in range(accelerator.num_processes):
-                    epoch, position, drawn, ordinal = next(batches)
-                    if rank == accelerator.process_index:
-                        batch, first_sample = drawn, ordinal
-                # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
-                # draw what 1 process x N micro-batches would.
-                index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
-                    + accelerator.process_index
-                rng = torch.Generator().manual_seed(derive_seed(config.seed, index))
-                torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
-                sync = micro == config.gradient_accumulation_steps - 1
-                with nullcontext() if sync else accelerator.no_sync(unet):
-                    latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
-                                                           base, encoders, cache, config, rng, device, weight_dtype)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
-                                              num_instance=len(batch))
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
-                step_loss += loss.detach().float() / config.gradient_accumulation_steps
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
+            done_until = (epoch, position)  # where a checkpoint of the steps done so far continues
+            try:
+                for micro in range(config.gradient_accumulation_steps):
+                    # Every process reads the same batch stream and keeps its own share, so the
+                    # data order, and the checkpointed position, do not depend on the process count.
+                    for rank in range(accelerator.num_processes):
+                        epoch, position, drawn, ordinal = next(batches)
+                        if rank == accelerator.process_index:
+                            batch, first_sample = drawn, ordinal
+                    # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
+                    # draw what 1 process x N micro-batches would.
+                    index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
+                        + accelerator.process_index
+                    rng = torch.Generator().manual_seed(derive_seed(config.seed, index))
+                    torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
+                    sync = micro == config.gradient_accumulation_steps - 1
+                    with nullcontext() if sync else accelerator.no_sync(unet):
+                        latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
+                                                               base, encoders, cache, config, rng, device, weight_dtype)
+                        with accelerator.autocast():
+                            loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
+                                                  num_instance=len(batch))
+                        accelerator.backward(loss / config.gradient_accumulation_steps)
+                    step_loss += loss.detach().float() / config.gradient_accumulation_steps
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
+            except Exception as failure:  # out of memory, most often: the steps done so far are still in memory
+                steps_done = _training_state(step, *done_until, unet, optimizer, lr_scheduler, accelerator, base, config,
+                                             manifest)
+                raise _after_failed_step(failure, steps_done, base, accelerator.unwrap_model(unet), instance_data,
+                                         config, events, last_checkpoint, losses, main) from failure
             optimizer.step()
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (step() moves it to the next one's)
             lr_scheduler.step()
@@ -254,12 +276,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 for done in losses.flush():
                     _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
             if checkpointing:
-                state = TrainingState(step=step, epoch=epoch, position=position,
-                                      lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
-                                      optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                      config=config.to_dict(), path=output_dir,
-                                      mixed_precision=accelerator.mixed_precision, dataset=manifest,
-                                      scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+                state = _training_state(step, epoch, position, unet, optimizer, lr_scheduler, accelerator, base, config,
+                                        manifest)
                 _check_finite_weights(state, last_checkpoint)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
@@ -305,8 +323,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
                 for done in losses.flush():
                     _report_step(done, config, events, None, accelerator.mixed_precision)
-        events.emit("error", message=str(e), kind=type(e).__name__, step=getattr(e, "step", None) or step)
-        raise
+        failure = _out_of_disk_space(e, last_checkpoint) if isinstance(e, DiskFullError) else e
+        events.emit("error", message=str(failure), kind=type(failure).__name__,
+                    step=getattr(failure, "step", None) or step)
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         if graphs is not None:  # their memory, for whatever runs next in this process
             graphs.release()
@@ -332,6 +354,64 @@ def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None
     raise InputError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
                      "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
                      "over, or choose another output_dir.")
+
+
+def _training_state(step: int, epoch: int, position: int, unet, optimizer, lr_scheduler, accelerator, base: BaseModel,
+                    config: TrainConfig, manifest: list[list]) -> TrainingState:
+    """What a checkpoint of `step` holds; (`epoch`, `position`): the next batch to read."""
+    return TrainingState(step=step, epoch=epoch, position=position,
+                         lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
+                         optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                         config=config.to_dict(), path=Path(config.output_dir),
+                         mixed_precision=accelerator.mixed_precision, dataset=manifest,
+                         scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+
+
+def _after_failed_step(failure: Exception, steps_done: TrainingState, base: BaseModel, unet, data: ImageDataset,
+                       config: TrainConfig, events: EventWriter, last_checkpoint: Path | None,
+                       losses: LossReadout, main: bool) -> StepFailed:
+    """Save the steps done before a step that raised (an emergency checkpoint), and say what was kept.
+
+    Nothing is saved when the last checkpoint already holds them, on processes other than the main
+    one, or when their loss or weights are not finite; a save that fails too keeps the previous checkpoint.
+    """
+    out_of_memory = isinstance(failure, torch.cuda.OutOfMemoryError) or "out of memory" in str(failure).lower()
+    traceback.clear_frames(failure.__traceback__)  # their tensors (the failed step's activations) are freed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    step = steps_done.step
+    summary = (str(failure).strip().splitlines() or [""])[0]
+    what = f"step {step + 1} failed ({type(failure).__name__}: {summary})"
+    if step == 0:
+        kept = "No step was done; nothing was written"
+    elif (Path(config.output_dir) / CHECKPOINTS / f"step_{step:08d}").is_dir():
+        kept = f"The {step} steps done are in the checkpoint {last_checkpoint}; resume = 'latest' continues from it"
+    elif not main:
+        kept = "The main process saves the steps done"
+    else:
+        try:
+            for done in losses.flush():  # a loss read late (on a GPU) that is not finite: nothing is saved
+                _report_step(done, config, events, last_checkpoint, steps_done.mixed_precision)
+            _check_finite_weights(steps_done, last_checkpoint)
+            path = _write_checkpoint(steps_done, base, unet, data, config, events)
+            kept = f"The {step} steps done are saved in {path}; resume = 'latest' continues from there"
+        except Exception as e:  # noqa: BLE001 - whatever it is, the previous checkpoint stays
+            kept = (f"Saving the {step} steps done failed too ({e}); the last good checkpoint, "
+                    f"{last_checkpoint or 'none'}, is kept")
+    advice = ""
+    if out_of_memory:
+        advice = (" The GPU ran out of memory: choose a smaller memory_preset (DreamBooth Training Settings), or turn "
+                  "on gradient_checkpointing, lower batch_size (or resolution), or cache the latents (cache_latents "
+                  "'auto' without augmentation) with offload_frozen_models on; then resume.")
+    return StepFailed(f"{what}. {kept}.{advice}", step=step + 1, out_of_memory=out_of_memory)
+
+
+def _out_of_disk_space(error: DiskFullError, last_checkpoint: Path | None) -> OutOfDiskSpace:
+    """A full disk's error, with what the run keeps and how it continues."""
+    if last_checkpoint is None:
+        return OutOfDiskSpace(f"{error}; no checkpoint was written yet, so the run starts over.")
+    return OutOfDiskSpace(f"{error}, then resume = 'latest' continues from the last good checkpoint, "
+                          f"{last_checkpoint}.")
 
 
 def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) -> None:

@@ -1,0 +1,142 @@
+"""Nothing lost at any moment: a full disk, a failing step, stale temporary files, a second Ctrl-C,
+portable output names and what a resume checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_dreambooth_lora.trainer import checkpoints, fileio, loop
+from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
+from test_training import assert_same_lora, checkpoint_names, lora_file, make_config, photos  # noqa: F401 (a fixture)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp_step")]
+
+
+# --- a full disk -------------------------------------------------------------------------------------
+
+def test_a_checkpoint_that_does_not_fit_stops_the_run_naming_folder_sizes_and_last_checkpoint(tiny_sd1, photos,
+                                                                                             tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2)
+    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    real_free = fileio.free_bytes
+
+    def disk_fills_after_the_first_checkpoint(event):
+        if event["event"] == "checkpoint":
+            monkeypatch.setattr(fileio, "free_bytes", lambda folder: 1000)
+
+    events.listeners.append(disk_fills_after_the_first_checkpoint)
+    with pytest.raises(loop.OutOfDiskSpace) as e:
+        loop.train(config, events=events)
+    message = str(e.value)
+    root = Path(config.output_dir) / "checkpoints"
+    assert f"writing checkpoint step_00000004 in {root} needs about" in message and "0.0 MB free" in message
+    assert f"resume = 'latest' continues from the last good checkpoint, {root / 'step_00000002'}" in message
+    assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
+    assert real_free(tmp_path) > 0
+    error = read_events(Path(config.output_dir) / "events.jsonl")[-1]
+    assert error["event"] == "error" and error["kind"] == "OutOfDiskSpace"
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1366"),  # torch.save's
+    RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    OSError(28, "No space left on device"),
+], ids=["torch unexpected pos", "torch file write failed", "ENOSPC"])
+def test_a_checkpoint_write_failing_for_space_is_a_disk_full_error_and_leaves_no_half(tiny_sd1, photos, tmp_path,
+                                                                                      monkeypatch, failure):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, checkpoint_every=2)
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise failure
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+    with pytest.raises(loop.OutOfDiskSpace, match=r"out of disk space: writing checkpoint step_00000004 in .*"
+                                                  r"last good checkpoint, .*step_00000002"):
+        loop.train(config)
+    assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "SafetensorError"])
+def test_an_export_failing_for_space_keeps_the_old_lora(tiny_sd1, photos, tmp_path, monkeypatch, failure):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1)
+    loop.train(config)
+    path = Path(config.output_dir) / "test_lora.safetensors"
+    old = path.read_bytes()
+
+    real_save = safetensors.torch.save_file
+
+    def full(state, filename, *args, **kwargs):
+        if ".test_lora.safetensors." not in filename:  # the checkpoint's copy
+            return real_save(state, filename, *args, **kwargs)
+        if failure == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(loop.OutOfDiskSpace, match=rf"writing the LoRA test_lora.safetensors in {tmp_path / 'run'}"):
+        loop.train(dataclasses.replace(config, overwrite=True))
+    assert path.read_bytes() == old and no_temp_files(config.output_dir)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (mounting needs root: skipped elsewhere)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # (a failed write's handle may still be open)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill `folder`'s disk but `leave` bytes."""
+    (folder / "filler").write_bytes(b"\0" * max(fileio.free_bytes(folder) - leave, 0))
+
+
+def test_cli_on_a_full_disk_exits_3_with_one_message_and_no_traceback(tiny_sd1, photos, tmp_path, small_disk):
+    config = make_config(tiny_sd1, photos, small_disk / "run", max_train_steps=2, checkpoint_every=1)
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    fill(small_disk, leave=200 * 1024)  # room for the event log, not for a checkpoint with its headroom
+    done = subprocess.run([sys.executable, "-m", "comfyui_dreambooth_lora.trainer", "train", "--config",
+                           str(tmp_path / "run.json")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"out of disk space: writing checkpoint step_00000001 in {small_disk / 'run' / 'checkpoints'}" in done.stderr
+    assert "no checkpoint was written yet" in done.stderr
+    assert no_temp_files(small_disk) and not (small_disk / "run" / "test_lora.safetensors").exists()
+
+
+def test_a_write_that_fills_a_real_disk_is_reported_and_leaves_no_half_file(tiny_sd1, photos, small_disk,
+                                                                             monkeypatch):
+    # The free-space check passes (it is told the disk is empty); the write itself then fails with ENOSPC.
+    config = make_config(tiny_sd1, photos, small_disk / "run", max_train_steps=2, checkpoint_every=1)
+    fill(small_disk, leave=60 * 1024)
+    monkeypatch.setattr(fileio, "ensure_free_space", lambda *args: None)
+    monkeypatch.setattr(checkpoints, "ensure_free_space", lambda *args: None)
+    with pytest.raises(loop.OutOfDiskSpace, match=r"out of disk space: writing checkpoint step_00000001"):
+        loop.train(config)
+    assert no_temp_files(small_disk) and not list((small_disk / "run" / "checkpoints").iterdir())
