@@ -140,3 +140,83 @@ def test_a_write_that_fills_a_real_disk_is_reported_and_leaves_no_half_file(tiny
     with pytest.raises(loop.OutOfDiskSpace, match=r"out of disk space: writing checkpoint step_00000001"):
         loop.train(config)
     assert no_temp_files(small_disk) and not list((small_disk / "run" / "checkpoints").iterdir())
+
+
+# --- a step that fails ---------------------------------------------------------------------------
+
+EXACT_RESUME = dict(max_train_steps=7, gradient_accumulation_steps=2, batch_size=2, lr_scheduler="cosine",
+                    lr_warmup_steps=2, flip_p=0.5, lora_dropout=0.1, checkpoint_every=3, snr_gamma=5.0)
+
+
+def fail_at(monkeypatch, step: int, error: BaseException, micro_batches: int = 1, micro: int = 0) -> None:
+    """Make micro-batch `micro` of training step `step` raise `error` (in the loss, where memory runs out)."""
+    real, calls = loop.diffusion_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (step - 1) * micro_batches + micro + 1:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", loss)
+
+
+def test_a_step_that_raises_leaves_a_checkpoint_of_the_step_before_that_resumes_exactly(tiny_sd1, photos, tmp_path,
+                                                                                        monkeypatch):
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **EXACT_RESUME)
+    loop.train(whole)
+
+    parts = make_config(tiny_sd1, photos, tmp_path / "parts", **EXACT_RESUME)
+    with monkeypatch.context() as patch:  # the second micro-batch of step 6: the first one's gradients are half a step
+        fail_at(patch, 6, RuntimeError("a CUDA kernel failed"), micro_batches=2, micro=1)
+        with pytest.raises(loop.StepFailed) as e:
+            loop.train(parts)
+    root = Path(parts.output_dir) / "checkpoints"
+    assert str(e.value).startswith("step 6 failed (RuntimeError: a CUDA kernel failed). The 5 steps done are saved in "
+                                   f"{root / 'step_00000005'}; resume = 'latest' continues from there.")
+    assert not e.value.out_of_memory and isinstance(e.value.__cause__, RuntimeError)
+    assert checkpoint_names(parts) == ["step_00000003", "step_00000005"]
+    assert loop.train(dataclasses.replace(parts, resume="latest")).step == 7
+    assert_same_lora(whole, parts)
+
+
+def test_running_out_of_memory_names_the_options_that_help(tiny_sd1, photos, tmp_path, monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, checkpoint_every=2)
+    fail_at(monkeypatch, 2, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(loop.StepFailed) as e:
+        loop.train(config)
+    assert e.value.out_of_memory and "saved in" in str(e.value) and checkpoint_names(config) == ["step_00000001"]
+    for option in ("memory_preset", "gradient_checkpointing", "batch_size", "offload_frozen_models", "cache_latents"):
+        assert option in str(e.value)
+
+
+def test_a_failure_right_after_a_checkpoint_or_before_any_step_writes_nothing_new(tiny_sd1, photos, tmp_path,
+                                                                                  monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, checkpoint_every=2)
+    fail_at(monkeypatch, 3, RuntimeError("boom"))
+    with pytest.raises(loop.StepFailed, match=r"The 2 steps done are in the checkpoint .*step_00000002; resume"):
+        loop.train(config)
+    assert checkpoint_names(config) == ["step_00000002"]
+    fail_at(monkeypatch, 1, RuntimeError("boom"))
+    with pytest.raises(loop.StepFailed, match="No step was done; nothing was written"):
+        loop.train(make_config(tiny_sd1, photos, tmp_path / "fresh", max_train_steps=4))
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
+
+
+def test_an_emergency_checkpoint_that_fails_too_says_so_and_keeps_the_previous_one(tiny_sd1, photos, tmp_path,
+                                                                                   monkeypatch):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2)
+    fail_at(monkeypatch, 4, RuntimeError("boom"))
+    real_save, calls = checkpoints.torch.save, {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "Input/output error")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+    with pytest.raises(loop.StepFailed, match=r"Saving the 3 steps done failed too \(.*Input/output error\); the "
+                                              r"last good checkpoint, .*step_00000002, is kept"):
+        loop.train(config)
+    assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
