@@ -220,3 +220,40 @@ def test_an_emergency_checkpoint_that_fails_too_says_so_and_keeps_the_previous_o
                                               r"last good checkpoint, .*step_00000002, is kept"):
         loop.train(config)
     assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
+
+
+# --- leftovers -----------------------------------------------------------------------------------
+
+def test_start_up_removes_the_temp_files_a_killed_run_left_and_only_those(tiny_sd1, photos, tmp_path):
+    loras, run = tmp_path / "loras", tmp_path / "run"
+    config = make_config(tiny_sd1, photos, run, max_train_steps=4, checkpoint_every=2, lora_dir=str(loras))
+    loop.train(config)
+    # A process killed while it writes the final LoRA (atomic_write's own temporary name):
+    killed = subprocess.run([sys.executable, "-c", "import os, sys; from comfyui_dreambooth_lora.trainer import fileio; "
+                             "fileio.atomic_write(sys.argv[1], lambda tmp: (tmp.write_bytes(b'half'), os._exit(9)))",
+                             str(loras / "test_lora.safetensors")])
+    assert killed.returncode == 9
+    ours = [*loras.glob(".test_lora.safetensors.*.tmp"),
+            loras / ".test_lora_step000003.safetensors.abcdefgh.tmp",  # a stopped run's partial LoRA
+            run / ".test_lora.diffusers.safetensors.a1b2c3d4.tmp",
+            run / "samples" / ".step_000002_00.png.zz_zz_zz.tmp"]
+    foreign = [loras / ".other_lora.safetensors.abcdefgh.tmp",        # another LoRA's, maybe being written now
+               loras / ".test_lora.safetensors.tmp",                 # not what mkstemp makes
+               loras / ".test_lora.safetensors.ABCDEFGH.tmp",
+               loras / "test_lora.safetensors.abcdefgh.tmp",
+               loras / ".test_lora.safetensors.abcdefgh.tmp.bak",
+               run / "notes.tmp"]
+    assert len(ours) == 4
+    for path in ours[1:] + foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a LoRA")
+    half_checkpoint = run / "checkpoints" / ".tmp_step_00000003_4242"
+    half_checkpoint.mkdir()
+    (half_checkpoint / "optimizer.pt").write_bytes(b"half")
+
+    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=5))
+    assert result.status == "done"
+    assert [p for p in ours if p.exists()] == [] and not half_checkpoint.exists()
+    assert [p for p in foreign if not p.exists()] == []
+    logs = [e["message"] for e in read_events(run / "events.jsonl") if e["event"] == "log"]
+    assert any(m.startswith("removed 5 temporary file(s) an interrupted run left") for m in logs)

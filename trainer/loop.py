@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import importlib
 import math
+import re
 import shutil
 import time
 import traceback
@@ -23,15 +24,15 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (CHECKPOINTS, TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
-                          resolve_resume, save_checkpoint)
+from .checkpoints import (CHECKPOINTS, TrainingState, check_same_dataset, checkpoints_after, load_checkpoint,
+                          prune_checkpoints, remove_stale_checkpoint_folders, resolve_resume, save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig, partial_lora_name
 from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_manifest, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
-from .fileio import DiskFullError
+from .fileio import DiskFullError, stale_temp_files
 from .loss_readout import LossReadout, StepLoss
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
@@ -132,6 +133,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "uninterrupted)")
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
+            _remove_leftovers(config, lora_path, events)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
         manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
         if state is not None:
@@ -334,6 +336,28 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             graphs.release()
         stop.close()
         events.close()
+
+
+def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter) -> None:
+    """Remove the temporary files and half checkpoints an interrupted run of this name left behind.
+
+    Only names this pack's writes make for this run (fileio.atomic_write's `.<name>.<random>.tmp`):
+    in the LoRA folder, which other programs share, those of this output_name's LoRA files alone.
+    """
+    name = re.escape(config.output_name)
+    loras = rf"{name}(?:_step\d{{6}})?(?:\.diffusers)?\.safetensors"  # finished, partial; kohya or diffusers
+    output_dir = Path(config.output_dir)
+    stale = [*stale_temp_files(lora_path.parent, re.compile(loras)), *stale_temp_files(output_dir, re.compile(loras)),
+             *stale_temp_files(output_dir / "samples", re.compile(r"step_\d{6}_\d{2}\.png"))]
+    if config.with_prior_preservation and config.class_dir:
+        stale += stale_temp_files(Path(config.class_dir), re.compile(r"class_\d+_\d{5}\.png"))
+    stale = list(dict.fromkeys(stale))  # (the LoRA folder may be the run folder)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    stale += remove_stale_checkpoint_folders(output_dir)
+    if stale:
+        events.log(f"removed {len(stale)} temporary file(s) an interrupted run left: "
+                   f"{', '.join(str(p) for p in stale)}", level="info")
 
 
 def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None) -> list[Path]:
