@@ -7,8 +7,10 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,78 @@ def test_start_up_removes_the_temp_files_a_killed_run_left_and_only_those(tiny_s
     assert [p for p in foreign if not p.exists()] == []
     logs = [e["message"] for e in read_events(run / "events.jsonl") if e["event"] == "log"]
     assert any(m.startswith("removed 5 temporary file(s) an interrupted run left") for m in logs)
+
+
+# --- a second Ctrl-C ------------------------------------------------------------------------------
+
+SLOW_LOADING_CLI = """
+import sys, time
+from comfyui_dreambooth_lora.trainer import cli, loop
+
+real_load = loop.load_base_model
+
+
+def slow_load(*args, **kwargs):  # a large checkpoint read from a slow disk
+    time.sleep(float(sys.argv[1]))
+    return real_load(*args, **kwargs)
+
+
+loop.load_base_model = slow_load
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def start_cli_loading_slowly(request, config, tmp_path: Path, seconds: float) -> subprocess.Popen:
+    """The real CLI process, with a model load that takes `seconds`; returns once it is loading.
+    Its stdout and stderr go to files (`read_output`). Killed at the end of the test if still running."""
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "slow_cli.py").write_text(SLOW_LOADING_CLI)
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "slow_cli.py"), str(seconds), "train", "--config",
+                                 str(tmp_path / "run.json"), "--events", "stdout"], stdout=stdout, stderr=stderr,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    request.addfinalizer(lambda: proc.poll() is None and proc.kill())
+    wait_for_output(tmp_path / "stdout.txt", '{"event": "loading"', proc)
+    return proc
+
+
+def wait_for_output(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `text` appears in the output file `path` of the running `proc`."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{text!r} never came: {path.parent.joinpath('stderr.txt').read_text(errors='replace')}")
+        time.sleep(0.1)
+
+
+def test_a_second_sigint_after_the_grace_period_ends_the_cli_at_once(tiny_sd1, photos, tmp_path, request):
+    from comfyui_dreambooth_lora.trainer.stop import GRACE_SECONDS
+
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=5)
+    proc = start_cli_loading_slowly(request, config, tmp_path, seconds=300)
+    proc.send_signal(signal.SIGINT)
+    wait_for_output(tmp_path / "stderr.txt", "SIGINT: stopping after this step, then saving; SIGINT again", proc)
+    proc.send_signal(signal.SIGINT)  # within the grace period: the same request (a key pressed twice)
+    time.sleep(GRACE_SECONDS + 0.5)
+    assert proc.poll() is None  # still loading: a first Ctrl-C waits for a point where it can stop cleanly
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130
+    assert time.monotonic() - asked < 5
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "SIGINT again: ended at once; no checkpoint was written" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stop_while_the_model_loads_ends_the_run_before_training_saying_nothing_was_written(tiny_sd1, photos,
+                                                                                             tmp_path, request):
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=5, with_prior_preservation=True,
+                         class_prompt="a photo of a disc", class_dir=str(tmp_path / "class"), num_class_images=2,
+                         class_sample_steps=1)
+    proc = start_cli_loading_slowly(request, config, tmp_path, seconds=2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "stopped before training; nothing written" in (tmp_path / "stderr.txt").read_text()
+    kinds = [e["event"] for e in read_events(tmp_path / "run" / "events.jsonl")]
+    assert kinds == ["loading", "stopped"]  # no class images were made, no step was taken
+    assert not (tmp_path / "class").exists() and not (tmp_path / "run" / "checkpoints").exists()

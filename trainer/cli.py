@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -64,6 +65,7 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .events import EventWriter
     from .fileio import DiskFullError
     from .loop import PROCESS_GROUP_TIMEOUT, InputError, OutOfDiskSpace, StepFailed, TrainingError, train, use_cpu
+    from .stop import ForcedStop
     from .models import ModelError
 
     # Under a multi-process launch, the other processes wait while the main one generates the
@@ -78,6 +80,9 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     except InputError as e:  # refused before training: bad input, as below
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
+    except ForcedStop as e:  # a second Ctrl-C: the conventional 128 + signal number
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + getattr(signal, e.signal_name)
     except (OutOfDiskSpace, DiskFullError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 3
@@ -100,7 +105,7 @@ def run_training(config, events_to_stdout: bool = False) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if main_process:
-        print(f"\n{result.status} at step {result.step}", file=sys.stderr)
+        print(f"\n{result.summary or f'{result.status} at step {result.step}'}", file=sys.stderr)
         for path in result.lora_files:
             print(f"LoRA: {path}", file=sys.stderr)
     return 0
@@ -127,7 +132,7 @@ class ProgressPrinter:
             print(f"\nsamples at step {event['step']}: {', '.join(event['paths'])}", file=sys.stderr)
         elif kind == "checkpoint":
             print(f"\ncheckpoint: {event['path']}", file=sys.stderr)
-        elif kind == "stopped":
+        elif kind == "stopped" and not event.get("summary"):  # (a stop before training: the last line says it)
             print(f"\nstopped ({event.get('reason')}); continue with resume = 'latest' (train: --set resume=latest)",
                   file=sys.stderr)
 

@@ -15,9 +15,12 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
 - `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).
-- `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file).
+- `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file); a stop before
+  the first step also has `summary` (what it kept, in words: "stopped before training; nothing written").
 - `error`: `message`, `kind` (the exception class), `step` (the step it concerns, e.g. the one
-  whose loss was NaN; or null).
+  whose loss was NaN; or null). Kinds the trainer names: `StepFailed` (a step raised; the steps
+  done before it were saved where possible), `OutOfDiskSpace`, `ForcedStop` (a second SIGINT /
+  SIGTERM), `TrainingError`, `InputError`.
 - `log`: `level`, `message` (warnings such as small images or skipped files).
 
 The ComfyUI node and the CLI read this stream; only the main process writes it.

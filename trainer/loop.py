@@ -38,7 +38,7 @@ from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_l
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
 from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, keep_models_in_place, save_png
-from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
+from .stop import STOP_FILE_NAME, ForcedStop, StopRequest, clear_stale_stop_file
 
 # How long processes wait for each other in a collective. Under a multi-process launch the
 # others wait while the main process generates the class images, which can take longer than
@@ -81,6 +81,7 @@ class TrainResult:
     lora_files: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     checkpoint: Path | None = None
+    summary: str = ""                            # what a stop before training kept, in words
 
 
 def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequest | None = None) -> TrainResult:
@@ -146,6 +147,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("loading", model=config.pretrained_model)
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
+        if _stop_everywhere(stop, accelerator):  # asked while loading: before the class images
+            raise _Stopped
         add_lora(base.unet, base.text_encoders, config)
         if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
             # every UNet call below is under autocast, which undoes the cast (see the docstring)
@@ -182,6 +185,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "cache_latents not 'no') and no text-encoder training", level="info")
         if offload:  # before `prepare`, which may wrap the UNet for several processes
             _fill_cache_then_offload(instance_data, class_data, base, cache, config, device)
+            if _stop_everywhere(stop, accelerator):
+                raise _Stopped
 
         param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
         for encoder in trained_encoders:
@@ -317,15 +322,18 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         return TrainResult("done", step, written, samples, last_checkpoint)
     except _Stopped:  # only raised before the first step: a resumed run's checkpoint is still the one to resume
         checkpoint = state.path if state is not None else None
+        summary = _stopped_before_training(config, checkpoint)
         events.emit("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None, lora=[],
-                    reason=stop.reason)
-        return TrainResult("stopped", step, checkpoint=checkpoint)
+                    reason=stop.reason, summary=summary)
+        return TrainResult("stopped", step, checkpoint=checkpoint, summary=summary)
     except BaseException as e:
         if losses is not None:  # the steps done before the failure still get their events
             with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
                 for done in losses.flush():
                     _report_step(done, config, events, None, accelerator.mixed_precision)
         failure = _out_of_disk_space(e, last_checkpoint) if isinstance(e, DiskFullError) else e
+        if isinstance(e, ForcedStop):
+            e.last_checkpoint = last_checkpoint
         events.emit("error", message=str(failure), kind=type(failure).__name__,
                     step=getattr(failure, "step", None) or step)
         if failure is e:
@@ -336,6 +344,16 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             graphs.release()
         stop.close()
         events.close()
+
+
+def _stopped_before_training(config: TrainConfig, checkpoint: Path | None) -> str:
+    """What a run stopped before its first step leaves, in words."""
+    kept = []
+    if checkpoint is not None:
+        kept.append(f"the checkpoint {checkpoint} is still the one to resume")
+    if config.with_prior_preservation and count_images(Path(config.class_dir)):
+        kept.append(f"the class images in {config.class_dir} are kept for the next run")
+    return "stopped before training; " + ("; ".join(kept) if kept else "nothing written")
 
 
 def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter) -> None:
