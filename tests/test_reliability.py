@@ -334,3 +334,59 @@ def test_a_stop_while_the_model_loads_ends_the_run_before_training_saying_nothin
     kinds = [e["event"] for e in read_events(tmp_path / "run" / "events.jsonl")]
     assert kinds == ["loading", "stopped"]  # no class images were made, no step was taken
     assert not (tmp_path / "class").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- portable names ---------------------------------------------------------------------------------
+
+def train_config(**options) -> "TrainConfig":
+    from comfyui_dreambooth_lora.trainer.config import TrainConfig
+
+    return TrainConfig.from_dict({"pretrained_model": "model.safetensors", "instance_dir": "photos",
+                                  "instance_prompt": "a photo of sks dog", **options})
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("con", "device name on Windows"), ("NUL", "device name on Windows"), ("aux.lora", "device name on Windows"),
+    ("com1", "device name on Windows"), ("LPT9.v2", "device name on Windows"), ("prn .x", "device name on Windows"),
+    ("com\u00b9", "device name on Windows"),
+    ("my_dog.", "ends with a dot or a space"), ("my_dog ", "ends with a dot or a space"),
+    ("dog?", "which Windows does not allow"), ("a|b", "which Windows does not allow"),
+    ("x<y>", "which Windows does not allow"), ('say "hi"', "which Windows does not allow"),
+])
+def test_names_windows_cannot_have_are_refused_on_every_platform(name, problem):
+    from comfyui_dreambooth_lora.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"output_name: .*{problem}"):
+        train_config(output_name=name)
+
+
+@pytest.mark.parametrize("name", ["console", "conx", "auxiliary", "com10", "lpt", "my.dog", "nul_lora", "con_"])
+def test_names_that_only_look_like_device_names_are_accepted(name):
+    train_config(output_name=name)
+
+
+def test_paths_longer_than_windows_allows_are_refused_naming_the_option(tmp_path):
+    from comfyui_dreambooth_lora.trainer.config import ConfigError, WINDOWS_MAX_PATH
+
+    folder = tmp_path / ("d" * max(1, 150 - len(str(tmp_path))))
+    fits = WINDOWS_MAX_PATH - len(f"{folder}/.") - len("_step000000.diffusers.safetensors.abcdefgh.tmp")
+    train_config(output_dir=str(folder), output_name="n" * fits)
+    with pytest.raises(ConfigError, match=r"output_dir: the run would write .* \(260 characters\), longer than "
+                                          r"Windows allows \(259\); choose a shorter output_name or a shorter "
+                                          r"output_dir"):
+        train_config(output_dir=str(folder), output_name="n" * (fits + 1))
+    with pytest.raises(ConfigError, match=r"lora_dir: the run would write"):
+        train_config(output_dir=str(tmp_path), lora_dir=str(folder), output_name="n" * (fits + 1))
+
+
+@pytest.mark.parametrize("name", ["con", "NUL.x", "my_dog.", "my_dog. ", "lpt1 "])
+def test_the_nodes_name_sanitiser_leaves_windows_names_for_the_config_to_refuse(name):
+    # The node maps only what cannot be a file name anywhere (folders, drives, an extension); the
+    # names above it must not turn into something else silently: the config refuses them, as in the CLI.
+    from comfyui_dreambooth_lora.nodes import config_build
+    from comfyui_dreambooth_lora.trainer.config import ConfigError
+
+    sanitized = config_build.sanitize_output_name(name)
+    assert sanitized == name.strip()
+    with pytest.raises(ConfigError, match="output_name"):
+        train_config(output_name=sanitized)
