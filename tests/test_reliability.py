@@ -390,3 +390,50 @@ def test_the_nodes_name_sanitiser_leaves_windows_names_for_the_config_to_refuse(
     assert sanitized == name.strip()
     with pytest.raises(ConfigError, match="output_name"):
         train_config(output_name=sanitized)
+
+
+# --- what a resume checks -------------------------------------------------------------------------
+
+def test_resume_refuses_changed_class_images_and_names_them(tiny_sd1, photos, tmp_path):
+    from comfyui_dreambooth_lora.trainer.checkpoints import ResumeError
+    from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(3):
+        draw_subject_image((32, 32), seed=50 + i, subject=False).save(class_dir / f"c{i}.png")
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, with_prior_preservation=True,
+                         class_prompt="a photo of disc", class_dir=str(class_dir), num_class_images=3)
+    loop.train(config)
+    draw_subject_image((40, 32), seed=99, subject=False).save(class_dir / "c1.png")  # another picture, same name
+    with pytest.raises(ResumeError) as e:  # was taken silently
+        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+    assert (f"the class images in {class_dir} changed since it was written (changed (size, repeats or caption): "
+            "c1.png)") in str(e.value)
+
+
+def test_resume_finds_a_moved_base_model_by_its_file_and_refuses_another(tiny_sd1, photos, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_dreambooth_lora.trainer.checkpoints import ResumeError
+
+    config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
+    loop.train(config)
+    moved = Path(shutil.copytree(tiny_sd1, tmp_path / "models" / "renamed_model"))
+    result = loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=3))
+    assert result.status == "done" and result.step == 3  # was refused: "pretrained_model: checkpoint has ..."
+
+    weights = next((moved / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01  # another model (a fine-tune of the same architecture)
+    save_file(tensors, weights)
+    with pytest.raises(ResumeError, match=rf"the base model changed: the file {moved} is not the one it trained on "
+                                          r"\(SHA-256 [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.\)"):
+        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))
+    shutil.rmtree(Path(config.output_dir) / "checkpoints" / "step_00000003")  # back to the first run's checkpoint
+    with pytest.raises(ResumeError, match=rf"the base model changed: it trained on {tiny_sd1} \(SHA-256 [0-9a-f]{{12}}"
+                                          rf"\.\.\.\); pretrained_model {moved} is another file"):
+        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))

@@ -53,6 +53,8 @@ class TrainingState:
     mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
     dataset: list[list] | None = None  # data.dataset_manifest of the instance images; None in older checkpoints
     scaler: dict[str, Any] | None = None  # fp16's loss scaler (its scale and growth tracker); None otherwise
+    class_dataset: list[list] | None = None  # data.dataset_manifest of the class images used; None without, or older
+    base_model_sha256: str | None = None  # BaseModel.sha256() of the model trained on; None in older checkpoints
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
@@ -72,7 +74,8 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
                    tmp / "optimizer.pt")
         save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
-                "mixed_precision": state.mixed_precision, "dataset": state.dataset}
+                "mixed_precision": state.mixed_precision, "dataset": state.dataset,
+                "class_dataset": state.class_dataset, "base_model_sha256": state.base_model_sha256}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         fsync_folder(tmp)
         if final.exists():  # the same step written again (a resumed run stopped at once)
@@ -177,6 +180,10 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())
     if meta.get("dataset") is not None:  # its images are compared instead (check_same_dataset): it may have moved
         ignored |= {"instance_dir"}
+    if meta.get("class_dataset") is not None:  # the same for the class images
+        ignored |= {"class_dir"}
+    if meta.get("base_model_sha256"):  # the model's file is compared instead (check_same_base_model)
+        ignored |= {"pretrained_model"}
     differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
                    for k in current if k not in ignored and saved.get(k) != current[k]]
     if saved_precision and mixed_precision and saved_precision != mixed_precision:
@@ -195,15 +202,33 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=lora, optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
-                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"))
+                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"),
+                         class_dataset=meta.get("class_dataset"), base_model_sha256=meta.get("base_model_sha256"))
 
 
-def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path) -> None:
+def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path, class_images: bool = False) -> None:
     """Refuse to resume on other images (`manifest`, data.dataset_manifest of `folder`) than the
-    checkpoint's run trained on: the data order, the repeats and so the result would follow neither run."""
-    if state.dataset is None:  # a checkpoint from before datasets were recorded
+    checkpoint's run trained on: the data order, the repeats and so the result would follow neither run.
+    `class_images`: the class images (prior preservation) rather than the instance images."""
+    saved = state.class_dataset if class_images else state.dataset
+    if saved is None:  # a checkpoint from before they were recorded
         return
-    differences = manifest_differences(state.dataset, manifest)
+    differences = manifest_differences(saved, manifest)
     if differences:
-        raise ResumeError(f"cannot resume from {state.path}: the images in {folder} changed since it was "
+        kind = "class images" if class_images else "images"
+        raise ResumeError(f"cannot resume from {state.path}: the {kind} in {folder} changed since it was "
                           f"written ({'; '.join(differences)}). Put them back as they were, or start a new run")
+
+
+def check_same_base_model(state: TrainingState, sha256: str, path: str) -> None:
+    """Refuse to resume on another base model than the checkpoint's run trained on (`sha256` of the
+    model at `path`); the same file elsewhere (a moved or renamed model) is the same model."""
+    if not state.base_model_sha256 or state.base_model_sha256 == sha256:
+        return
+    saved_path, hashes = state.config.get("pretrained_model"), f"SHA-256 {state.base_model_sha256[:12]}..."
+    if saved_path == path:
+        change = f"the file {path} is not the one it trained on ({hashes}, now {sha256[:12]}...)"
+    else:
+        change = f"it trained on {saved_path} ({hashes}); pretrained_model {path} is another file ({sha256[:12]}...)"
+    raise ResumeError(f"cannot resume from {state.path}: the base model changed: {change}. Set pretrained_model to "
+                      "the model it trained on, or start a new run")

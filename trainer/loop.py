@@ -24,8 +24,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (CHECKPOINTS, TrainingState, check_same_dataset, checkpoints_after, load_checkpoint,
-                          prune_checkpoints, remove_stale_checkpoint_folders, resolve_resume, save_checkpoint)
+from .checkpoints import (CHECKPOINTS, TrainingState, check_same_base_model, check_same_dataset, checkpoints_after,
+                          load_checkpoint, prune_checkpoints, remove_stale_checkpoint_folders, resolve_resume,
+                          save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig, partial_lora_name
 from .cuda_graphs import GraphedUNet, own_gradients
@@ -149,6 +150,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                                prediction_type=config.prediction_type)
         if _stop_everywhere(stop, accelerator):  # asked while loading: before the class images
             raise _Stopped
+        if state is not None:  # the same model, wherever it is now
+            check_same_base_model(state, base.sha256(), config.pretrained_model)
         add_lora(base.unet, base.text_encoders, config)
         if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
             # every UNet call below is under autocast, which undoes the cast (see the docstring)
@@ -161,10 +164,13 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         cache = ConditioningCache(config.use_cached_latents)
         offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
         _place_models(base, device, weight_dtype, unet_waits=offload)
-        class_data = None
+        class_data, class_manifest = None, None
         if config.with_prior_preservation:
             # On the training device and precision; the new LoRA is still zero, so this is the base model.
             class_data = _prepare_class_data(config, base, events, stop, main, accelerator, offloaded=offload)
+            class_manifest = dataset_manifest(class_data.scan)
+            if state is not None:
+                check_same_dataset(state, class_manifest, class_data.scan.folder, class_images=True)
         if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
             raise _Stopped
         if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
@@ -261,7 +267,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
             except Exception as failure:  # out of memory, most often: the steps done so far are still in memory
                 steps_done = _training_state(step, *done_until, unet, optimizer, lr_scheduler, accelerator, base, config,
-                                             manifest)
+                                             manifest, class_manifest)
                 raise _after_failed_step(failure, steps_done, base, accelerator.unwrap_model(unet), instance_data,
                                          config, events, last_checkpoint, losses, main) from failure
             optimizer.step()
@@ -284,7 +290,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
             if checkpointing:
                 state = _training_state(step, epoch, position, unet, optimizer, lr_scheduler, accelerator, base, config,
-                                        manifest)
+                                        manifest, class_manifest)
                 _check_finite_weights(state, last_checkpoint)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
@@ -399,14 +405,16 @@ def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None
 
 
 def _training_state(step: int, epoch: int, position: int, unet, optimizer, lr_scheduler, accelerator, base: BaseModel,
-                    config: TrainConfig, manifest: list[list]) -> TrainingState:
-    """What a checkpoint of `step` holds; (`epoch`, `position`): the next batch to read."""
+                    config: TrainConfig, manifest: list[list], class_manifest: list[list] | None) -> TrainingState:
+    """What a checkpoint of `step` holds; (`epoch`, `position`): the next batch to read; the manifests
+    of the instance and class images and the base model's hash: what a resume must find again."""
     return TrainingState(step=step, epoch=epoch, position=position,
                          lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
                          optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                          config=config.to_dict(), path=Path(config.output_dir),
                          mixed_precision=accelerator.mixed_precision, dataset=manifest,
-                         scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+                         scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
+                         class_dataset=class_manifest, base_model_sha256=base.sha256())
 
 
 def _after_failed_step(failure: Exception, steps_done: TrainingState, base: BaseModel, unet, data: ImageDataset,
