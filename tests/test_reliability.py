@@ -18,7 +18,7 @@ import torch
 
 from comfyui_dreambooth_lora.trainer import checkpoints, fileio, loop
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
-from test_training import assert_same_lora, checkpoint_names, lora_file, make_config, photos  # noqa: F401 (a fixture)
+from test_training import assert_same_lora, checkpoint_names, make_config, photos  # noqa: F401 (photos: a fixture)
 
 
 def no_temp_files(folder: Path) -> bool:
