@@ -107,14 +107,18 @@ _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
 
 def sanitize_output_name(name: str) -> str:
-    """A plain LoRA file name: no folders, no `..`, no drive, no extension; raises ValueError when empty."""
+    """A plain LoRA file name: no folders, no `..`, no drive, no extension; raises ValueError when empty.
+
+    Names Windows cannot have for other reasons (CON, NUL, ..., a trailing dot or space) are left
+    as they are, for TrainConfig to refuse with its message, as it does in the CLI.
+    """
     text = str(name).strip()
     if text.lower().endswith(".safetensors"):
         text = text[: -len(".safetensors")]
     text = _UNSAFE.sub("_", text)
     while ".." in text:
         text = text.replace("..", "_")
-    text = text.strip(" .")
+    text = text.lstrip(" .")
     if not text:
         raise ValueError(f"output_name {name!r} leaves no usable file name; use letters, digits, '_' or '-'")
     return text

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, with_option_defaults
 from .data import manifest_differences
-from .export import save_safetensors
-from .fileio import fsync_directory, fsync_folder
+from .export import safetensors_size, save_safetensors
+from .fileio import as_disk_full, ensure_free_space, fsync_directory, fsync_folder
 
 CHECKPOINTS = "checkpoints"
 # Options that may change between a stop and its resume without changing what is trained.
@@ -53,6 +53,8 @@ class TrainingState:
     mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
     dataset: list[list] | None = None  # data.dataset_manifest of the instance images; None in older checkpoints
     scaler: dict[str, Any] | None = None  # fp16's loss scaler (its scale and growth tracker); None otherwise
+    class_dataset: list[list] | None = None  # data.dataset_manifest of the class images used; None without, or older
+    base_model_sha256: str | None = None  # BaseModel.sha256() of the model trained on; None in older checkpoints
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
@@ -61,8 +63,10 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp_step_{state.step:08d}_{os.getpid()}"
-    for stale in root.glob(".tmp_step_*"):  # left by a process killed while writing (and ours, if any)
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_checkpoint_folders(output_dir)  # (ours too, if any)
+    needed = checkpoint_size(state, partial_lora, lora_metadata)
+    what = f"checkpoint {final.name}"
+    ensure_free_space(root, needed, what)
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()}, tmp / "lora_state.safetensors")
@@ -70,17 +74,48 @@ def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[s
                    tmp / "optimizer.pt")
         save_safetensors(tmp / "lora.safetensors", partial_lora, lora_metadata)
         meta = {"step": state.step, "epoch": state.epoch, "position": state.position, "config": state.config,
-                "mixed_precision": state.mixed_precision, "dataset": state.dataset}
+                "mixed_precision": state.mixed_precision, "dataset": state.dataset,
+                "class_dataset": state.class_dataset, "base_model_sha256": state.base_model_sha256}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         fsync_folder(tmp)
         if final.exists():  # the same step written again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_directory(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = as_disk_full(e, root, needed, what)
+        if error is e:
+            raise
+        raise error from e
     return final
+
+
+def checkpoint_size(state: TrainingState, partial_lora: dict[str, torch.Tensor], lora_metadata: dict[str, str]) -> int:
+    """About the bytes a checkpoint of `state` takes (over-estimated): the LoRA twice, the optimizer state."""
+    return (safetensors_size(state.lora) + safetensors_size(partial_lora, lora_metadata)
+            + sum(t.numel() * t.element_size() for t in _tensors_in(state.optimizer)) + 64 * 1024
+            + len(json.dumps({"config": state.config, "dataset": state.dataset}, default=str)))
+
+
+def _tensors_in(value: Any):
+    """Every tensor in a nest of dicts, lists and tuples (an optimizer's state_dict)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def remove_stale_checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Remove the half-written checkpoint folders (`checkpoints/.tmp_step_*`) a killed process left; returns them."""
+    stale = sorted((Path(output_dir) / CHECKPOINTS).glob(".tmp_step_*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -145,6 +180,10 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())
     if meta.get("dataset") is not None:  # its images are compared instead (check_same_dataset): it may have moved
         ignored |= {"instance_dir"}
+    if meta.get("class_dataset") is not None:  # the same for the class images
+        ignored |= {"class_dir"}
+    if meta.get("base_model_sha256"):  # the model's file is compared instead (check_same_base_model)
+        ignored |= {"pretrained_model"}
     differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
                    for k in current if k not in ignored and saved.get(k) != current[k]]
     if saved_precision and mixed_precision and saved_precision != mixed_precision:
@@ -163,15 +202,33 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=lora, optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
-                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"))
+                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"),
+                         class_dataset=meta.get("class_dataset"), base_model_sha256=meta.get("base_model_sha256"))
 
 
-def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path) -> None:
+def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path, class_images: bool = False) -> None:
     """Refuse to resume on other images (`manifest`, data.dataset_manifest of `folder`) than the
-    checkpoint's run trained on: the data order, the repeats and so the result would follow neither run."""
-    if state.dataset is None:  # a checkpoint from before datasets were recorded
+    checkpoint's run trained on: the data order, the repeats and so the result would follow neither run.
+    `class_images`: the class images (prior preservation) rather than the instance images."""
+    saved = state.class_dataset if class_images else state.dataset
+    if saved is None:  # a checkpoint from before they were recorded
         return
-    differences = manifest_differences(state.dataset, manifest)
+    differences = manifest_differences(saved, manifest)
     if differences:
-        raise ResumeError(f"cannot resume from {state.path}: the images in {folder} changed since it was "
+        kind = "class images" if class_images else "images"
+        raise ResumeError(f"cannot resume from {state.path}: the {kind} in {folder} changed since it was "
                           f"written ({'; '.join(differences)}). Put them back as they were, or start a new run")
+
+
+def check_same_base_model(state: TrainingState, sha256: str, path: str) -> None:
+    """Refuse to resume on another base model than the checkpoint's run trained on (`sha256` of the
+    model at `path`); the same file elsewhere (a moved or renamed model) is the same model."""
+    if not state.base_model_sha256 or state.base_model_sha256 == sha256:
+        return
+    saved_path, hashes = state.config.get("pretrained_model"), f"SHA-256 {state.base_model_sha256[:12]}..."
+    if saved_path == path:
+        change = f"the file {path} is not the one it trained on ({hashes}, now {sha256[:12]}...)"
+    else:
+        change = f"it trained on {saved_path} ({hashes}); pretrained_model {path} is another file ({sha256[:12]}...)"
+    raise ResumeError(f"cannot resume from {state.path}: the base model changed: {change}. Set pretrained_model to "
+                      "the model it trained on, or start a new run")

@@ -1,15 +1,19 @@
 """Command line: `python -m comfyui_dreambooth_lora.trainer {train,inspect,demo,options}`.
 
 `train` runs unchanged under `accelerate launch`. Exit codes: 0 done or stopped
-gracefully, 1 training failed, 2 bad config or input (the message says what to fix).
+gracefully, 1 training failed, 2 bad config or input (the message says what to fix),
+3 out of disk space (the message names the folder, the space needed and free, and the
+checkpoint to resume from).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,9 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .checkpoints import ResumeError
     from .data import DatasetError
     from .events import EventWriter
-    from .loop import PROCESS_GROUP_TIMEOUT, InputError, TrainingError, train, use_cpu
+    from .fileio import DiskFullError
+    from .loop import PROCESS_GROUP_TIMEOUT, InputError, OutOfDiskSpace, StepFailed, TrainingError, train, use_cpu
+    from .stop import ForcedStop
     from .models import ModelError
 
     # Under a multi-process launch, the other processes wait while the main one generates the
@@ -74,6 +80,17 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     except InputError as e:  # refused before training: bad input, as below
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
+    except ForcedStop as e:  # a second Ctrl-C: the conventional 128 + signal number
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + getattr(signal, e.signal_name)
+    except (OutOfDiskSpace, DiskFullError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 3
+    except StepFailed as e:
+        if not e.out_of_memory:  # an unexpected failure: where it happened, for a bug report
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     except TrainingError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
@@ -88,7 +105,7 @@ def run_training(config, events_to_stdout: bool = False) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if main_process:
-        print(f"\n{result.status} at step {result.step}", file=sys.stderr)
+        print(f"\n{result.summary or f'{result.status} at step {result.step}'}", file=sys.stderr)
         for path in result.lora_files:
             print(f"LoRA: {path}", file=sys.stderr)
     return 0
@@ -115,7 +132,7 @@ class ProgressPrinter:
             print(f"\nsamples at step {event['step']}: {', '.join(event['paths'])}", file=sys.stderr)
         elif kind == "checkpoint":
             print(f"\ncheckpoint: {event['path']}", file=sys.stderr)
-        elif kind == "stopped":
+        elif kind == "stopped" and not event.get("summary"):  # (a stop before training: the last line says it)
             print(f"\nstopped ({event.get('reason')}); continue with resume = 'latest' (train: --set resume=latest)",
                   file=sys.stderr)
 

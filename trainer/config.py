@@ -116,7 +116,7 @@ class TrainConfig:
 
     # --- checkpoints and output --------------------------------------------------------------
     output_dir: str = opt("output", "Run folder: checkpoints, samples, the event log and the LoRA.", section="output")
-    output_name: str = opt("my_lora", "Name of the LoRA file (no folders, no extension).", section="output")
+    output_name: str = opt("my_lora", "Name of the LoRA file (no folders, no extension); one every system accepts: not a Windows device name (CON, NUL, COM1 ...), no trailing dot or space, no character Windows forbids (< > ? * and the like).", section="output")
     lora_dir: str = opt("", "Where the finished LoRA is written; empty uses output_dir.", section="output")
     save_dtype: str = opt("fp16", "Precision of the exported LoRA.", choices=("fp16", "bf16", "fp32"), section="output")
     export_format: str = opt("kohya", "'kohya' loads in ComfyUI, A1111, Forge and diffusers; 'diffusers' is diffusers' own layout; 'both' writes both.", choices=("kohya", "diffusers", "both"), section="output")
@@ -187,7 +187,7 @@ class TrainConfig:
                 problems.append("class_prompt: required with with_prior_preservation; e.g. 'a photo of dog'")
             if not self.class_dir:
                 problems.append("class_dir: required with with_prior_preservation; a folder for class images (created if missing)")
-        problems += _check_output_name(self.output_name)
+        problems += _check_output_name(self.output_name) or _check_path_lengths(self)
         if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
             problems.append(f"resume: {self.resume!r} is neither 'latest' nor an existing checkpoint folder")
         if self.bucket_step % 8:
@@ -275,6 +275,11 @@ def partial_lora_name(output_name: str, step: int) -> str:
 
 
 _PARTIAL_SUFFIX = re.compile(r"_step\d{6}$")
+# Names Windows keeps for devices, with any extension ('con.foo' too): a file cannot be called that there.
+WINDOWS_DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt")
+                                                                 for n in [*"0123456789", "\u00b9", "\u00b2", "\u00b3"])])
+# Windows' MAX_PATH is 260 with the terminating NUL: the longest path it opens without long-path support.
+WINDOWS_MAX_PATH = 259
 
 
 def _check_output_name(name: str) -> list[str]:
@@ -284,6 +289,16 @@ def _check_output_name(name: str) -> list[str]:
         return [f"output_name: {name!r} must be a plain file name without folders, '..' or a drive"]
     if any(ord(c) < 32 for c in name):
         return [f"output_name: {name!r} contains control characters"]
+    if any(c in '<>"|?*' for c in name):  # refused everywhere: a workflow made elsewhere must work on Windows
+        return [f"output_name: {name!r} contains one of < > \" | ? *, which Windows does not allow in a file name; "
+                "use letters, digits, spaces, '_' or '-'"]
+    stem = name.split(".")[0].rstrip(" ")
+    if stem.lower() in WINDOWS_DEVICE_NAMES:
+        return [f"output_name: {name!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, also with "
+                f"an extension), where no file can have it; choose another, e.g. '{stem}_lora'"]
+    if name != name.rstrip(" ."):
+        return [f"output_name: {name!r} ends with a dot or a space, which Windows drops from file names; remove it "
+                f"({name.rstrip(' .')!r})"]
     if name.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):  # it would be my_dog.safetensors.safetensors
         return [f"output_name: {name!r} has a file extension; give the name without it ({Path(name).stem!r})"]
     if _PARTIAL_SUFFIX.search(name):  # a stopped run named 'dog' writes dog_step000002: it would replace this one's
@@ -292,6 +307,23 @@ def _check_output_name(name: str) -> list[str]:
     if len(name.encode("utf-8")) > 200:  # file systems allow 255 bytes, and '_step000000.safetensors' is added
         return [f"output_name: {len(name.encode('utf-8'))} bytes long; use at most 200"]
     return []
+
+
+def _check_path_lengths(config: TrainConfig) -> list[str]:
+    """The longest paths the run writes must fit Windows' limit, on every platform (a workflow moves)."""
+    suffix = "_step000000.diffusers.safetensors.abcdefgh.tmp"  # a partial LoRA's temporary file, the longest name
+    run_dir = os.path.abspath(config.output_dir)
+    longest = {"output_dir": [os.path.join(run_dir, f".{config.output_name}{suffix}"),
+                              os.path.join(run_dir, "checkpoints", ".tmp_step_00000000_4194304", "lora_state.safetensors")]}
+    if config.lora_dir:
+        longest["lora_dir"] = [os.path.join(os.path.abspath(config.lora_dir), f".{config.output_name}{suffix}")]
+    problems = []
+    for option, paths in longest.items():
+        path = max(paths, key=len)
+        if len(path) > WINDOWS_MAX_PATH:
+            problems.append(f"{option}: the run would write {path} ({len(path)} characters), longer than Windows "
+                            f"allows ({WINDOWS_MAX_PATH}); choose a shorter output_name or a shorter {option}")
+    return problems
 
 
 def _sections() -> list[str]:

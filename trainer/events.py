@@ -15,9 +15,12 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
 - `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).
-- `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file).
+- `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file); a stop before
+  the first step also has `summary` (what it kept, in words: "stopped before training; nothing written").
 - `error`: `message`, `kind` (the exception class), `step` (the step it concerns, e.g. the one
-  whose loss was NaN; or null).
+  whose loss was NaN; or null). Kinds the trainer names: `StepFailed` (a step raised; the steps
+  done before it were saved where possible), `OutOfDiskSpace`, `ForcedStop` (a second SIGINT /
+  SIGTERM), `TrainingError`, `InputError`.
 - `log`: `level`, `message` (warnings such as small images or skipped files).
 
 The ComfyUI node and the CLI read this stream; only the main process writes it.
@@ -25,6 +28,7 @@ The ComfyUI node and the CLI read this stream; only the main process writes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -52,8 +56,17 @@ class EventWriter:
         line = json.dumps(event, default=str)
         for out in (self._file, self._stream):
             if out is not None:
-                out.write(line + "\n")
-                out.flush()
+                try:
+                    out.write(line + "\n")
+                    out.flush()
+                except OSError as e:  # a full disk: the run must still be able to say so, and save what it can
+                    if out is not self._file:
+                        raise
+                    self._file = None
+                    with contextlib.suppress(OSError):  # (its buffer cannot be written either)
+                        out.close()
+                    print(f"[warning] the event log cannot be written any more ({e}); events go on to the "
+                          "listeners and stdout only", file=sys.stderr, flush=True)
         for listener in self.listeners:
             listener(event)
         return event

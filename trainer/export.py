@@ -235,7 +235,14 @@ def save_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[
     """Write `state` to `path` atomically (on the CPU), with `metadata` plus the tensor-data hash in the header."""
     state = {key: tensor.to("cpu").contiguous() for key, tensor in state.items()}
     metadata = {**metadata, **_hash_metadata(tensor_data_sha256(state))}
-    atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
+    atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata),
+                 size=safetensors_size(state, metadata), what=f"the LoRA {Path(path).name}")
+
+
+def safetensors_size(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About the size of `state` as a safetensors file: the tensor data and a header (over-estimated)."""
+    header = 200 * len(state) + len(json.dumps(metadata or {})) + 1024
+    return sum(t.numel() * t.element_size() for t in state.values()) + header
 
 
 def export_lora(path: Path, unet: nn.Module, text_encoders: list[nn.Module], arch: str, config: TrainConfig,

@@ -12,8 +12,10 @@ import datetime
 import hashlib
 import importlib
 import math
+import re
 import shutil
 import time
+import traceback
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +24,22 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (TrainingState, check_same_dataset, checkpoints_after, load_checkpoint, prune_checkpoints,
-                          resolve_resume, save_checkpoint)
+from .checkpoints import (CHECKPOINTS, TrainingState, check_same_base_model, check_same_dataset, checkpoints_after,
+                          load_checkpoint, prune_checkpoints, remove_stale_checkpoint_folders, resolve_resume,
+                          save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
 from .config import TrainConfig, partial_lora_name
 from .cuda_graphs import GraphedUNet, own_gradients
 from .data import DatasetScan, ImageDataset, Sample, count_images, dataset_manifest, dataset_summary, scan_images
 from .events import EventWriter
 from .export import SAVE_DTYPES, export_lora, kohya_state_dict, lora_metadata
+from .fileio import DiskFullError, stale_temp_files
 from .loss_readout import LossReadout, StepLoss
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_lora_input_casts
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
 from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, keep_models_in_place, save_png
-from .stop import STOP_FILE_NAME, StopRequest, clear_stale_stop_file
+from .stop import STOP_FILE_NAME, ForcedStop, StopRequest, clear_stale_stop_file
 
 # How long processes wait for each other in a collective. Under a multi-process launch the
 # others wait while the main process generates the class images, which can take longer than
@@ -55,6 +59,18 @@ class InputError(TrainingError):
     """The run refuses to start: a setting or file that cannot work as given (the CLI's exit code 2)."""
 
 
+class OutOfDiskSpace(TrainingError):
+    """A checkpoint, the LoRA or a sample did not fit on its disk (the CLI's exit code 3)."""
+
+
+class StepFailed(TrainingError):
+    """A training step raised (out of memory, most often); the steps done before it were saved where possible."""
+
+    def __init__(self, message: str, step: int, out_of_memory: bool):
+        super().__init__(message, step)
+        self.out_of_memory = out_of_memory
+
+
 class _Stopped(Exception):
     """Raised inside long preparation work when a stop was requested."""
 
@@ -66,6 +82,7 @@ class TrainResult:
     lora_files: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     checkpoint: Path | None = None
+    summary: str = ""                            # what a stop before training kept, in words
 
 
 def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequest | None = None) -> TrainResult:
@@ -90,6 +107,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
     step = 0
     state: TrainingState | None = None  # the checkpoint resumed from (until the first checkpoint of this run)
+    last_checkpoint: Path | None = None  # the newest complete checkpoint of this run (what a failure keeps)
     graphs = None
     losses: LossReadout | None = None
     try:
@@ -105,6 +123,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                              "or set overwrite = true (or resume = 'latest' to continue its run)")
         state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
         step = state.step if state else 0  # what a stop while loading reports
+        last_checkpoint = state.path if state else None
         if config.resume == "latest" and state is None:
             events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         replaced = _checkpoints_of_another_run(config, state)  # deleted (overwrite) once everything else is ready
@@ -116,6 +135,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "uninterrupted)")
         if main:
             clear_stale_stop_file(output_dir / STOP_FILE_NAME)
+            _remove_leftovers(config, lora_path, events)
         instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
         manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
         if state is not None:
@@ -128,6 +148,10 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.emit("loading", model=config.pretrained_model)
         base = load_base_model(config.pretrained_model, tokenizer_dir=config.tokenizer or None,
                                prediction_type=config.prediction_type)
+        if _stop_everywhere(stop, accelerator):  # asked while loading: before the class images
+            raise _Stopped
+        if state is not None:  # the same model, wherever it is now
+            check_same_base_model(state, base.sha256(), config.pretrained_model)
         add_lora(base.unet, base.text_encoders, config)
         if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
             # every UNet call below is under autocast, which undoes the cast (see the docstring)
@@ -140,10 +164,13 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         cache = ConditioningCache(config.use_cached_latents)
         offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
         _place_models(base, device, weight_dtype, unet_waits=offload)
-        class_data = None
+        class_data, class_manifest = None, None
         if config.with_prior_preservation:
             # On the training device and precision; the new LoRA is still zero, so this is the base model.
             class_data = _prepare_class_data(config, base, events, stop, main, accelerator, offloaded=offload)
+            class_manifest = dataset_manifest(class_data.scan)
+            if state is not None:
+                check_same_dataset(state, class_manifest, class_data.scan.folder, class_images=True)
         if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
             raise _Stopped
         if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
@@ -164,6 +191,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "cache_latents not 'no') and no text-encoder training", level="info")
         if offload:  # before `prepare`, which may wrap the UNet for several processes
             _fill_cache_then_offload(instance_data, class_data, base, cache, config, device)
+            if _stop_everywhere(stop, accelerator):
+                raise _Stopped
 
         param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
         for encoder in trained_encoders:
@@ -195,7 +224,6 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                        "model and resolution reuse inductor's cache)", level="info")
         samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
-        last_checkpoint = state.path if state else None
         losses = LossReadout(late=read_loss_late(device))
 
         if replaced and main:  # only now: a run that fails to start must not have cost them
@@ -211,30 +239,37 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         while step < config.max_train_steps:
             started = time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            for micro in range(config.gradient_accumulation_steps):
-                # Every process reads the same batch stream and keeps its own share, so the
-                # data order, and the checkpointed position, do not depend on the process count.
-                for rank in range(accelerator.num_processes):
-                    epoch, position, drawn, ordinal = next(batches)
-                    if rank == accelerator.process_index:
-                        batch, first_sample = drawn, ordinal
-                # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
-                # draw what 1 process x N micro-batches would.
-                index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
-                    + accelerator.process_index
-                rng = torch.Generator().manual_seed(derive_seed(config.seed, index))
-                torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
-                sync = micro == config.gradient_accumulation_steps - 1
-                with nullcontext() if sync else accelerator.no_sync(unet):
-                    latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
-                                                           base, encoders, cache, config, rng, device, weight_dtype)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
-                                              num_instance=len(batch))
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
-                step_loss += loss.detach().float() / config.gradient_accumulation_steps
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
+            done_until = (epoch, position)  # where a checkpoint of the steps done so far continues
+            try:
+                for micro in range(config.gradient_accumulation_steps):
+                    # Every process reads the same batch stream and keeps its own share, so the
+                    # data order, and the checkpointed position, do not depend on the process count.
+                    for rank in range(accelerator.num_processes):
+                        epoch, position, drawn, ordinal = next(batches)
+                        if rank == accelerator.process_index:
+                            batch, first_sample = drawn, ordinal
+                    # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
+                    # draw what 1 process x N micro-batches would.
+                    index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
+                        + accelerator.process_index
+                    rng = torch.Generator().manual_seed(derive_seed(config.seed, index))
+                    torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
+                    sync = micro == config.gradient_accumulation_steps - 1
+                    with nullcontext() if sync else accelerator.no_sync(unet):
+                        latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
+                                                               base, encoders, cache, config, rng, device, weight_dtype)
+                        with accelerator.autocast():
+                            loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
+                                                  num_instance=len(batch))
+                        accelerator.backward(loss / config.gradient_accumulation_steps)
+                    step_loss += loss.detach().float() / config.gradient_accumulation_steps
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trained_parameters, config.max_grad_norm)
+            except Exception as failure:  # out of memory, most often: the steps done so far are still in memory
+                steps_done = _training_state(step, *done_until, unet, optimizer, lr_scheduler, accelerator, base, config,
+                                             manifest, class_manifest)
+                raise _after_failed_step(failure, steps_done, base, accelerator.unwrap_model(unet), instance_data,
+                                         config, events, last_checkpoint, losses, main) from failure
             optimizer.step()
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (step() moves it to the next one's)
             lr_scheduler.step()
@@ -254,12 +289,8 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                 for done in losses.flush():
                     _report_step(done, config, events, last_checkpoint, accelerator.mixed_precision)
             if checkpointing:
-                state = TrainingState(step=step, epoch=epoch, position=position,
-                                      lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
-                                      optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-                                      config=config.to_dict(), path=output_dir,
-                                      mixed_precision=accelerator.mixed_precision, dataset=manifest,
-                                      scaler=accelerator.scaler.state_dict() if accelerator.scaler else None)
+                state = _training_state(step, epoch, position, unet, optimizer, lr_scheduler, accelerator, base, config,
+                                        manifest, class_manifest)
                 _check_finite_weights(state, last_checkpoint)
                 if main:
                     last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
@@ -297,21 +328,60 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         return TrainResult("done", step, written, samples, last_checkpoint)
     except _Stopped:  # only raised before the first step: a resumed run's checkpoint is still the one to resume
         checkpoint = state.path if state is not None else None
+        summary = _stopped_before_training(config, checkpoint)
         events.emit("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None, lora=[],
-                    reason=stop.reason)
-        return TrainResult("stopped", step, checkpoint=checkpoint)
+                    reason=stop.reason, summary=summary)
+        return TrainResult("stopped", step, checkpoint=checkpoint, summary=summary)
     except BaseException as e:
         if losses is not None:  # the steps done before the failure still get their events
             with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
                 for done in losses.flush():
                     _report_step(done, config, events, None, accelerator.mixed_precision)
-        events.emit("error", message=str(e), kind=type(e).__name__, step=getattr(e, "step", None) or step)
-        raise
+        failure = _out_of_disk_space(e, last_checkpoint) if isinstance(e, DiskFullError) else e
+        if isinstance(e, ForcedStop):
+            e.last_checkpoint = last_checkpoint
+        events.emit("error", message=str(failure), kind=type(failure).__name__,
+                    step=getattr(failure, "step", None) or step)
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         if graphs is not None:  # their memory, for whatever runs next in this process
             graphs.release()
         stop.close()
         events.close()
+
+
+def _stopped_before_training(config: TrainConfig, checkpoint: Path | None) -> str:
+    """What a run stopped before its first step leaves, in words."""
+    kept = []
+    if checkpoint is not None:
+        kept.append(f"the checkpoint {checkpoint} is still the one to resume")
+    if config.with_prior_preservation and count_images(Path(config.class_dir)):
+        kept.append(f"the class images in {config.class_dir} are kept for the next run")
+    return "stopped before training; " + ("; ".join(kept) if kept else "nothing written")
+
+
+def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter) -> None:
+    """Remove the temporary files and half checkpoints an interrupted run of this name left behind.
+
+    Only names this pack's writes make for this run (fileio.atomic_write's `.<name>.<random>.tmp`):
+    in the LoRA folder, which other programs share, those of this output_name's LoRA files alone.
+    """
+    name = re.escape(config.output_name)
+    loras = rf"{name}(?:_step\d{{6}})?(?:\.diffusers)?\.safetensors"  # finished, partial; kohya or diffusers
+    output_dir = Path(config.output_dir)
+    stale = [*stale_temp_files(lora_path.parent, re.compile(loras)), *stale_temp_files(output_dir, re.compile(loras)),
+             *stale_temp_files(output_dir / "samples", re.compile(r"step_\d{6}_\d{2}\.png"))]
+    if config.with_prior_preservation and config.class_dir:
+        stale += stale_temp_files(Path(config.class_dir), re.compile(r"class_\d+_\d{5}\.png"))
+    stale = list(dict.fromkeys(stale))  # (the LoRA folder may be the run folder)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    stale += remove_stale_checkpoint_folders(output_dir)
+    if stale:
+        events.log(f"removed {len(stale)} temporary file(s) an interrupted run left: "
+                   f"{', '.join(str(p) for p in stale)}", level="info")
 
 
 def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None) -> list[Path]:
@@ -332,6 +402,66 @@ def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None
     raise InputError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
                      "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
                      "over, or choose another output_dir.")
+
+
+def _training_state(step: int, epoch: int, position: int, unet, optimizer, lr_scheduler, accelerator, base: BaseModel,
+                    config: TrainConfig, manifest: list[list], class_manifest: list[list] | None) -> TrainingState:
+    """What a checkpoint of `step` holds; (`epoch`, `position`): the next batch to read; the manifests
+    of the instance and class images and the base model's hash: what a resume must find again."""
+    return TrainingState(step=step, epoch=epoch, position=position,
+                         lora=lora_state(accelerator.unwrap_model(unet), base.text_encoders),
+                         optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                         config=config.to_dict(), path=Path(config.output_dir),
+                         mixed_precision=accelerator.mixed_precision, dataset=manifest,
+                         scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
+                         class_dataset=class_manifest, base_model_sha256=base.sha256())
+
+
+def _after_failed_step(failure: Exception, steps_done: TrainingState, base: BaseModel, unet, data: ImageDataset,
+                       config: TrainConfig, events: EventWriter, last_checkpoint: Path | None,
+                       losses: LossReadout, main: bool) -> StepFailed:
+    """Save the steps done before a step that raised (an emergency checkpoint), and say what was kept.
+
+    Nothing is saved when the last checkpoint already holds them, on processes other than the main
+    one, or when their loss or weights are not finite; a save that fails too keeps the previous checkpoint.
+    """
+    out_of_memory = isinstance(failure, torch.cuda.OutOfMemoryError) or "out of memory" in str(failure).lower()
+    traceback.clear_frames(failure.__traceback__)  # their tensors (the failed step's activations) are freed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    step = steps_done.step
+    summary = (str(failure).strip().splitlines() or [""])[0]
+    what = f"step {step + 1} failed ({type(failure).__name__}: {summary})"
+    if step == 0:
+        kept = "No step was done; nothing was written"
+    elif (Path(config.output_dir) / CHECKPOINTS / f"step_{step:08d}").is_dir():
+        kept = f"The {step} steps done are in the checkpoint {last_checkpoint}; resume = 'latest' continues from it"
+    elif not main:
+        kept = "The main process saves the steps done"
+    else:
+        try:
+            for done in losses.flush():  # a loss read late (on a GPU) that is not finite: nothing is saved
+                _report_step(done, config, events, last_checkpoint, steps_done.mixed_precision)
+            _check_finite_weights(steps_done, last_checkpoint)
+            path = _write_checkpoint(steps_done, base, unet, data, config, events)
+            kept = f"The {step} steps done are saved in {path}; resume = 'latest' continues from there"
+        except Exception as e:  # noqa: BLE001 - whatever it is, the previous checkpoint stays
+            kept = (f"Saving the {step} steps done failed too ({e}); the last good checkpoint, "
+                    f"{last_checkpoint or 'none'}, is kept")
+    advice = ""
+    if out_of_memory:
+        advice = (" The GPU ran out of memory: choose a smaller memory_preset (DreamBooth Training Settings), or turn "
+                  "on gradient_checkpointing, lower batch_size (or resolution), or cache the latents (cache_latents "
+                  "'auto' without augmentation) with offload_frozen_models on; then resume.")
+    return StepFailed(f"{what}. {kept}.{advice}", step=step + 1, out_of_memory=out_of_memory)
+
+
+def _out_of_disk_space(error: DiskFullError, last_checkpoint: Path | None) -> OutOfDiskSpace:
+    """A full disk's error, with what the run keeps and how it continues."""
+    if last_checkpoint is None:
+        return OutOfDiskSpace(f"{error}; no checkpoint was written yet, so the run starts over.")
+    return OutOfDiskSpace(f"{error}, then resume = 'latest' continues from the last good checkpoint, "
+                          f"{last_checkpoint}.")
 
 
 def _check_finite_weights(state: TrainingState, last_checkpoint: Path | None) -> None:
