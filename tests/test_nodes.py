@@ -759,6 +759,26 @@ def test_base_model_node_passes_its_prediction_type_widget(comfy_folders, tmp_pa
 # Each node's widgets in the order of a saved workflow's `widgets_values` ("control_after_generate": the value
 # the frontend stores after a seed). A change here changes the saved-workflow format: make it on purpose.
 WIDGETS = {
+    "DreamBoothDataset": ["folder", "instance_prompt", "class_prompt", "caption_mode", "repeats", "resolution",
+                          "buckets", "crop", "flip_p"],
+    "DreamBoothDatasetFromImages": ["name", "captions", "instance_prompt", "class_prompt", "caption_mode", "repeats",
+                                    "resolution", "buckets", "crop", "flip_p"],
+    "DreamBoothBaseModel": ["model", "prediction_type"],
+    "DreamBoothMemorySettings": ["memory_preset", "mixed_precision", "gradient_checkpointing", "batch_size",
+                                 "gradient_accumulation_steps", "cache_latents", "offload_frozen_models",
+                                 "compile_unet", "cuda_graphs", "num_gpus"],
+    "DreamBoothOptimizerSettings": ["optimizer", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "weight_decay",
+                                    "snr_gamma", "noise_offset"],
+    "DreamBoothNetworkSettings": ["train_text_encoder", "text_encoder_lr", "lora_targets", "lora_dropout", "use_dora"],
+    "DreamBoothDataSettings": ["caption_dropout", "shuffle_captions", "keep_tokens", "upscale", "bucket_step",
+                               "num_class_images", "prior_loss_weight", "class_sample_steps"],
+    "DreamBoothOutputSettings": ["validation_prompts", "sample_every", "sample_at_end", "sample_steps",
+                                 "sample_guidance", "sample_seed", "sample_resolution", "checkpoint_every",
+                                 "keep_checkpoints", "save_dtype", "export_format", "overwrite"],
+    "DreamBoothTrainLoRA": ["output_name", "max_train_steps", "learning_rate", "rank", "alpha", "seed",
+                            "control_after_generate", "resume", "prior_preservation"],
+    "DreamBoothSample": ["lora_name", "strength_model", "strength_clip", "prompt", "negative_prompt", "seed",
+                         "control_after_generate", "steps", "cfg", "width", "height", "sampler_name", "scheduler"],
 }
 
 

@@ -173,7 +173,7 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
              size=(340, 340)),
         Node(4, "DreamBoothMemorySettings", (c2, 20), memory_widgets, size=(340, 330)),
         Node(18, "DreamBoothOutputSettings", (c2, 420),
-             {"validation_prompts": "a photo of sks dog\na photo of sks dog on the beach"}, {"settings": (4, 0)},
+             {}, {"settings": (4, 0)},  # validation_prompts empty: its placeholder says what the box is
              size=(340, 440)),
         # tall: the samples it shows when done are drawn inside it, below the widgets
         Node(5, "DreamBoothTrainLoRA", (c3, 20),
