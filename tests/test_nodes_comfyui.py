@@ -253,6 +253,7 @@ def test_sd15_workflow_writes_a_lora_that_load_lora_applies_completely(server, t
     # what the Base Model and Dataset nodes show
     assert "(sd1), epsilon, checkpoint: small_sd15.safetensors" in entry["outputs"][BASE]["text"][0]
     assert entry["outputs"][DATASET]["text"][0].startswith("4 images (2 captioned), 1 bucket: 64x64 x4")
+    assert entry["outputs"][SETTINGS]["text"][0] == "no memory preset: the options as set"
     print(f"SD1.5 workflow: {seconds:.1f}s")
 
 
@@ -298,6 +299,29 @@ def test_the_lora_model_output_applies_with_load_lora_model(server, object_info,
     assert "in worker" not in server.log()[log_before:]  # cached (or reused): not trained again
     assert not any(text in server.log()[log_before:] for text in NOT_LOADED)
     assert saved_image(server, entry2, "103").shape == saved_image(server, entry, SAVE).shape
+
+
+def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object_info):
+    # With the SDXL workflow's preset, switching train_text_encoder on did nothing and said nothing.
+    from safetensors import safe_open
+
+    from comfyui_dreambooth_lora.nodes.config_build import memory_node_text
+
+    prompt = only_ancestors(sd15_prompt(object_info, "preset_dog", steps=1, sample_at_end=False,
+                                        memory_preset="8 GB", train_text_encoder=True), TRAIN)
+    log_before = len(server.log())
+    listener = server.listen()
+    try:
+        entry = server.wait(server.queue(prompt), timeout=600)
+    finally:
+        listener.close()
+    assert_success(entry, server)
+    report = "memory_preset 8 GB (SD1.x) sets gradient_checkpointing on, batch_size 1, train_text_encoder off, " \
+             "offload_frozen_models on; kept as you set: train_text_encoder on (the preset's: off)"
+    assert report in server.log()[log_before:] and report in listener.texts(TRAIN)
+    assert entry["outputs"][SETTINGS]["text"][0] == memory_node_text("8 GB")  # what the preset sets, on the node
+    with safe_open(str(server.models_dir / "loras" / "preset_dog.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_te_") for k in f.keys())  # the text encoder was trained
 
 
 # --- cancel and resume -----------------------------------------------------------------------------------------
