@@ -99,7 +99,9 @@ def preset_summary(preset: str, arch: str) -> str:
 
 
 def _shown(value: Any) -> str:
-    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 _PRESET_LINES = "\n".join(f"{preset}: {ARCH_NAMES['sd1']}: {preset_summary(preset, 'sd1')}; {ARCH_NAMES['sdxl']}: "
@@ -337,8 +339,8 @@ def memory_node_text(preset: str) -> str:
     """The Memory & Speed node's text: what its preset sets for each architecture."""
     if preset == PRESET_NONE:
         return "no memory preset: the options as set"
-    sets = "; ".join(f"{ARCH_NAMES[arch]}: {preset_summary(preset, arch)}" for arch in ARCH_NAMES)
-    return (f"memory_preset {preset} sets, for {sets}. Options you set away from their defaults keep your value "
+    sets = "; ".join(f"for {ARCH_NAMES[arch]}: {preset_summary(preset, arch)}" for arch in ARCH_NAMES)
+    return (f"memory_preset {preset} sets {sets}. Options you set away from their defaults keep your value "
             f"(Train LoRA names them when it starts).")
 
 

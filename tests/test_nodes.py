@@ -146,7 +146,8 @@ def test_a_memory_preset_keeps_what_the_user_set_and_says_so(tmp_path):
                            "off)")
     assert cb.memory_preset_report(_settings((NETWORK, {"train_text_encoder": True})), "sdxl") == ""  # no preset
     text = cb.memory_node_text("12 GB")  # what the node shows before the base model is known
-    assert "SD1.x: " + cb.preset_summary("12 GB", "sd1") in text and "SDXL: " + cb.preset_summary("12 GB", "sdxl") in text
+    for arch, shown in cb.ARCH_NAMES.items():
+        assert f"{shown}: {cb.preset_summary('12 GB', arch)}" in text
     assert "Options you set away from their defaults keep your value" in text
     for preset in cb.MEMORY_PRESETS:  # the node's description lists what each preset sets
         assert f"{preset}: SD1.x: {cb.preset_summary(preset, 'sd1')}; SDXL: " in cb.SETTINGS_NODES[MEMORY].description

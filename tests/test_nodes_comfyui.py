@@ -117,7 +117,8 @@ def set_settings(prompt: dict, object_info: dict, **values) -> None:
             class_type = next(c for c in SETTINGS_NODES if name in widget_defaults(object_info, c))
             node_id = str(100 + len(prompt))
             chain = {"settings": prompt[TRAIN]["inputs"]["settings"]} if "settings" in prompt[TRAIN]["inputs"] else {}
-            prompt[node_id] = {"class_type": class_type, "inputs": {**widget_defaults(object_info, class_type), **chain}}
+            inputs = {**widget_defaults(object_info, class_type), **chain}
+            prompt[node_id] = {"class_type": class_type, "inputs": inputs}
             prompt[TRAIN]["inputs"]["settings"] = [node_id, 0]
         prompt[node_id]["inputs"][name] = value
 

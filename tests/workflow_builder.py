@@ -171,8 +171,9 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
         Node(3, "DreamBoothDataset", (c1, 220), {"folder": name, "instance_prompt": "a photo of sks dog",
                                                  "class_prompt": "a photo of dog", "resolution": resolution},
              size=(340, 340)),
-        Node(4, "DreamBoothMemorySettings", (c2, 20), memory_widgets, size=(340, 330)),
-        Node(18, "DreamBoothOutputSettings", (c2, 420),
+        # the settings chain below the links from Base Model and Dataset to Train LoRA
+        Node(4, "DreamBoothMemorySettings", (c2, 300), memory_widgets, size=(340, 330)),
+        Node(18, "DreamBoothOutputSettings", (c2, 700),
              {}, {"settings": (4, 0)},  # validation_prompts empty: its placeholder says what the box is
              size=(340, 440)),
         # tall: the samples it shows when done are drawn inside it, below the widgets
