@@ -31,7 +31,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..trainer.fileio import atomic_write_bytes
 from . import config_build as cb
 from . import pictures
-from .worker import (KILL_GRACE_SECONDS, MAX_PROCESSES, WorkerProcess, check_num_processes, running_worker,
+from .worker import (KILL_GRACE_SECONDS, WorkerProcess, check_num_processes, running_worker,
                      worker_command, worker_environment)
 
 CATEGORY = "DreamBooth LoRA"
