@@ -9,8 +9,8 @@ Types passed between the nodes (plain dicts, so they cache and print well):
 - DREAMBOOTH_DATASET: folder, instance_prompt, class_prompt and the data options;
 - DREAMBOOTH_BASE: path, name, kind (checkpoint / diffusers), arch, variant, prediction_type (detected or
   set), prediction_type_choice (the widget: 'auto' or the type set);
-- DREAMBOOTH_SETTINGS: memory_preset, TrainConfig options and num_gpus (not a TrainConfig option: how
-  many local GPUs the worker trains on);
+- DREAMBOOTH_SETTINGS: what a chain of settings nodes set (`config_build.add_settings`): memory_preset,
+  num_gpus (not TrainConfig options), the TrainConfig options and the settings nodes in the chain;
 - LORA_MODEL: ComfyUI's own type, a dict of tensors in kohya keys (UNet part).
 """
 
@@ -31,7 +31,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..trainer.fileio import atomic_write_bytes
 from . import config_build as cb
 from . import pictures
-from .worker import (KILL_GRACE_SECONDS, MAX_PROCESSES, WorkerProcess, check_num_processes, running_worker,
+from .worker import (KILL_GRACE_SECONDS, WorkerProcess, check_num_processes, running_worker,
                      worker_command, worker_environment)
 
 CATEGORY = "DreamBooth LoRA"
@@ -46,12 +46,6 @@ DATASETS_PREFIX = "[datasets] "
 DIFFUSERS_PREFIX = "[diffusers] "
 NO_LORA = "[none]"
 OUTPUT_ROOT = "dreambooth_lora"  # under ComfyUI's output folder: runs/, datasets/, class_images/
-NUM_GPUS = "num_gpus"  # a Training Settings widget and DREAMBOOTH_SETTINGS key, kept out of TrainConfig
-
-# Float widget steps for the options that need a finer or coarser one than 0.01.
-FLOAT_STEPS = {"learning_rate": 1e-6, "text_encoder_lr": 1e-6, "weight_decay": 1e-3, "snr_gamma": 0.5,
-               "max_grad_norm": 0.1, "sample_guidance": 0.5, "prior_loss_weight": 0.1, "alpha": 1.0,
-               "noise_offset": 0.01, "flip_p": 0.05}
 
 
 # --- folders ---------------------------------------------------------------------------------
@@ -194,30 +188,32 @@ def folder_fingerprint(folder: Path) -> str:
 
 # --- widgets from TrainConfig options ----------------------------------------------------------
 
-def option_input(name: str, *, tooltip: str | None = None, optional: bool = False, **overrides) -> io.Input:
-    """The widget of a TrainConfig option, its tooltip the option's help text (and the nodes' note on it)."""
-    info = cb.field_info(name)
-    default = overrides.pop("default", info["default"])
-    tip = tooltip or " ".join(filter(None, (info["help"], cb.NODE_TOOLTIP_NOTES.get(name))))
-    kind = info["type"]
-    choices = cb.NODE_CHOICES.get(name, info["choices"])
-    if choices:
-        return io.Combo.Input(name, options=list(choices), default=default, tooltip=tip, optional=optional)
+def widget_input(widget: cb.Widget, *, optional: bool = False, control_after_generate=None) -> io.Input:
+    """The ComfyUI widget of a `config_build.Widget`."""
+    spec = cb.widget_spec(widget)
+    name, default, common = spec["name"], spec["default"], {"tooltip": spec["tooltip"], "optional": optional}
+    if spec["choices"]:
+        return io.Combo.Input(name, options=list(spec["choices"]), default=default, **common)
+    kind, lo, hi = spec["type"], spec["min"], spec["max"]
     if kind is bool:
-        return io.Boolean.Input(name, default=default, tooltip=tip, optional=optional)
+        return io.Boolean.Input(name, default=default, **common)
     if kind is int:
-        lo = overrides.pop("min", info["min"])
-        hi = overrides.pop("max", info["max"])
         return io.Int.Input(name, default=default, min=None if lo is None else int(lo),
-                            max=None if hi is None else int(hi), tooltip=tip, optional=optional, **overrides)
+                            max=None if hi is None else int(hi), control_after_generate=control_after_generate,
+                            **common)
     if kind is float:
-        return io.Float.Input(name, default=default, min=overrides.pop("min", info["min"]),
-                              max=overrides.pop("max", info["max"]), step=FLOAT_STEPS.get(name, 0.01),
-                              round=FLOAT_STEPS.get(name, 0.01) / 10, tooltip=tip, optional=optional)
+        return io.Float.Input(name, default=default, min=lo, max=hi, step=spec["step"], round=spec["step"] / 10,
+                              **common)
     if kind is list:
-        return io.String.Input(name, multiline=True, default="\n".join(default), tooltip=tip + " One per line.",
-                               optional=optional)
-    return io.String.Input(name, default=default, tooltip=tip, optional=optional)
+        return io.String.Input(name, multiline=True, default="\n".join(default),
+                               placeholder=spec["placeholder"] or None, **common)
+    return io.String.Input(name, default=default, placeholder=spec["placeholder"] or None, **common)
+
+
+def option_input(name: str, *, optional: bool = False, control_after_generate=None, **changes) -> io.Input:
+    """The widget of TrainConfig option `name`; `changes` are `config_build.Widget` fields (tooltip,
+    default, min, max, step, ...) for what this node changes of the option."""
+    return widget_input(cb.Widget(name, **changes), optional=optional, control_after_generate=control_after_generate)
 
 
 def _dataset_inputs() -> list[io.Input]:
@@ -231,11 +227,11 @@ def _dataset_inputs() -> list[io.Input]:
         option_input("caption_mode"),
         option_input("repeats"),
         option_input("resolution", default=0, min=0,
-                     tooltip="Training resolution (the side of a square of equal area). 0 = the model's own: "
-                             "512 for SD1.x, 1024 for SDXL. A multiple of 8."),
+                     tooltip="Training resolution, a multiple of 8 (the side of a square of equal area); 0 = the "
+                             "model's own: 512 for SD1.x, 1024 for SDXL."),
         option_input("buckets"),
         option_input("crop"),
-        option_input("flip_p"),
+        option_input("flip_p", step=0.05),
     ]
 
 
@@ -444,38 +440,64 @@ class DreamBoothBaseModel(io.ComfyNode):
         return io.NodeOutput(base, model, info, ui=ui.PreviewText(info))
 
 
-class DreamBoothTrainingSettings(io.ComfyNode):
+class _SettingsNode(io.ComfyNode):
+    """A settings node, drawn from its entry in `config_build.SETTINGS_NODES`: it adds its widgets'
+    values to the settings that come in and passes them on, so the settings nodes chain in any order."""
+
+    NODE_ID = ""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
+        node = cb.SETTINGS_NODES[cls.NODE_ID]
         return io.Schema(
-            node_id="DreamBoothTrainingSettings",
-            display_name="DreamBooth Training Settings",
+            node_id=cls.NODE_ID,
+            display_name=node.display_name,
             category=CATEGORY,
-            description="The advanced options of a training run, so Train LoRA stays readable. Without this node "
-                        "Train LoRA uses these defaults. A memory preset overrides the memory-related options.",
-            inputs=[io.Combo.Input("memory_preset", options=list(cb.PRESET_CHOICES), default=cb.PRESET_NONE,
-                                   tooltip="GPU memory to fit in. A preset sets gradient checkpointing, batch size, "
-                                           "text-encoder training, (8 GB, and SDXL at 12 GB) "
-                                           "offload_frozen_models and (SDXL) cuda_graphs = 'no' for the base "
-                                           "model's architecture (SD1.x or SDXL), overriding those options below."),
-                    *[option_input(name) for name in cb.SETTINGS_OPTIONS],
-                    # after the TrainConfig options: widgets_values of saved workflows are positional
-                    io.Int.Input(NUM_GPUS, default=1, min=1, max=MAX_PROCESSES,
-                                 tooltip="Local GPUs to train on. More than 1 runs the trainer under `accelerate "
-                                         "launch --multi_gpu`: each GPU takes its share of every batch "
-                                         "(batch_size per GPU)."),
-                    *[option_input(name) for name in cb.SETTINGS_OPTIONS_AFTER_NUM_GPUS]],
-            outputs=[Settings.Output(display_name="settings", tooltip="Connect to Train LoRA's settings input.")],
+            description=node.description + " Chain the settings nodes in any order into Train LoRA's settings "
+                                           "input; a setting without its node keeps its default.",
+            inputs=[Settings.Input("settings", optional=True,
+                                   tooltip="From another DreamBooth settings node (optional): this node adds to "
+                                           "its settings."),
+                    *[widget_input(widget) for widget in node.widgets]],
+            outputs=[Settings.Output(display_name="settings",
+                                     tooltip="Connect to Train LoRA's settings input or to another settings node.")],
         )
 
     @classmethod
-    def execute(cls, memory_preset, num_gpus=1, **options) -> io.NodeOutput:
-        return io.NodeOutput({"memory_preset": memory_preset, "options": options, NUM_GPUS: num_gpus})
+    def execute(cls, settings=None, **values) -> io.NodeOutput:
+        settings = cb.add_settings(settings, cls.NODE_ID, values)
+        if cb.MEMORY_PRESET in values:
+            return io.NodeOutput(settings, ui=ui.PreviewText(cb.memory_node_text(values[cb.MEMORY_PRESET])))
+        return io.NodeOutput(settings)
+
+
+class DreamBoothMemorySettings(_SettingsNode):
+    NODE_ID = "DreamBoothMemorySettings"
+
+
+class DreamBoothOptimizerSettings(_SettingsNode):
+    NODE_ID = "DreamBoothOptimizerSettings"
+
+
+class DreamBoothNetworkSettings(_SettingsNode):
+    NODE_ID = "DreamBoothNetworkSettings"
+
+
+class DreamBoothDataSettings(_SettingsNode):
+    NODE_ID = "DreamBoothDataSettings"
+
+
+class DreamBoothOutputSettings(_SettingsNode):
+    NODE_ID = "DreamBoothOutputSettings"
+
+
+SETTINGS_NODE_CLASSES = [DreamBoothMemorySettings, DreamBoothOptimizerSettings, DreamBoothNetworkSettings,
+                         DreamBoothDataSettings, DreamBoothOutputSettings]
 
 
 def settings_num_gpus(settings: dict | None) -> int:
-    """How many local GPUs the worker trains on (Training Settings' num_gpus), checked against the machine."""
-    num_gpus = int((settings or {}).get(NUM_GPUS, 1) or 1)
+    """How many local GPUs the worker trains on (Memory & Speed's num_gpus), checked against the machine."""
+    num_gpus = int((settings or {}).get(cb.NUM_GPUS, 1) or 1)
     on_cpu, gpus_found = _comfy_on_cpu(), 0
     if num_gpus > 1 and not on_cpu:
         import torch
@@ -504,10 +526,10 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                                         "added). Also names the run folder, so resume finds its checkpoints."),
                 option_input("max_train_steps", tooltip="Optimizer steps to train (about 100 per training image is "
                                                         "a common start for a subject)."),
-                option_input("learning_rate", tooltip="Learning rate of the LoRA (1e-4 is a safe start for SD1.5 "
-                                                      "and SDXL)."),
+                option_input("learning_rate", step=1e-6,
+                             tooltip="Learning rate of the LoRA (1e-4 is a safe start for SD1.5 and SDXL)."),
                 option_input("rank"),
-                option_input("alpha"),
+                option_input("alpha", step=1.0),
                 option_input("seed", control_after_generate=io.ControlAfterGenerate.fixed),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue the run of this output_name from its newest checkpoint (after a "
@@ -517,7 +539,8 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                                          "('dog') keeps its meaning. Images come from class_images, else they are "
                                          "generated once with the base model and reused."),
                 Settings.Input("settings", optional=True,
-                               tooltip="From DreamBooth Training Settings; defaults when not connected."),
+                               tooltip="From the DreamBooth settings nodes (chained in any order); defaults where "
+                                       "not connected."),
                 Dataset.Input("class_images", optional=True,
                               tooltip="Class images for prior preservation (a DreamBooth Dataset node on a folder of "
                                       "them). Not connected: they are generated once into "
@@ -571,10 +594,13 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                                            class_dir=class_dir, class_images_available=class_count)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        preset_report = cb.memory_preset_report(settings, base_model.get("arch") or "sd1")
+        if preset_report:
+            LOG.info("[DreamBooth LoRA] %s: %s", name, preset_report)
         lora_path = lora_dir / f"{name}.safetensors"
         identity = _run_identity(config, base_model, dataset, class_images)
         if num_gpus > 1:  # the global batch is batch_size x num_gpus (only added when > 1: older runs still match)
-            identity[NUM_GPUS] = num_gpus
+            identity[cb.NUM_GPUS] = num_gpus
         if _finished_before(config, run_dir, lora_path, identity):
             LOG.info("[DreamBooth LoRA] %s: trained before with these inputs; reusing %s", name, lora_path)
             return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
@@ -598,6 +624,8 @@ class DreamBoothTrainLoRA(io.ComfyNode):
         worker = WorkerProcess(worker_command(config_path, run_dir, num_processes=num_gpus), run_dir,
                                worker_environment(force_cpu=_comfy_on_cpu()))
         progress = _Progress(cls.hidden.unique_id, config.max_train_steps)
+        if preset_report:  # shown until the worker's first event
+            progress.text(preset_report, force=True)
         interrupted: BaseException | None = None
         worker.start()
         LOG.info("[DreamBooth LoRA] training %s in worker %s%s (log: %s)", name, worker.pid,
@@ -715,11 +743,11 @@ def _check_fresh_run(config, run_dir: Path, lora_path: Path) -> None:
     old = checkpoints_after(run_dir, 0)
     if lora_path.exists() and not config.overwrite:
         raise ValueError(f"{lora_path} already exists. Choose another output_name, turn resume on to continue its "
-                         f"run, or turn overwrite on in DreamBooth Training Settings to replace it.")
+                         f"run, or turn overwrite on in DreamBooth Samples & Checkpoints to replace it.")
     if old and not config.overwrite:  # (with overwrite the trainer deletes them)
         raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({old[-1].name}). Turn resume on to "
-                         f"continue it, choose another output_name, or turn overwrite on in DreamBooth Training "
-                         f"Settings to start over.")
+                         f"continue it, choose another output_name, or turn overwrite on in DreamBooth Samples & "
+                         f"Checkpoints to start over.")
 
 
 class _Progress:
@@ -963,5 +991,5 @@ class DreamBoothExtension(ComfyExtension):
         return list(NODES)
 
 
-NODES = [DreamBoothDataset, DreamBoothDatasetFromImages, DreamBoothBaseModel, DreamBoothTrainingSettings,
+NODES = [DreamBoothDataset, DreamBoothDatasetFromImages, DreamBoothBaseModel, *SETTINGS_NODE_CLASSES,
          DreamBoothTrainLoRA, DreamBoothSample]

@@ -133,7 +133,7 @@ def check_num_processes(num_processes: int, gpus_found: int, comfy_on_cpu: bool 
         return
     if comfy_on_cpu:
         raise ValueError(f"num_gpus is {num_processes}, but ComfyUI runs on the CPU (--cpu), so the worker gets no "
-                         f"GPU; set num_gpus in DreamBooth Training Settings to 1")
+                         f"GPU; set num_gpus in DreamBooth Memory & Speed to 1")
     if num_processes > gpus_found:
         found = "no CUDA GPU was found" if gpus_found <= 0 else (
             f"only {gpus_found} CUDA GPU{'s' if gpus_found != 1 else ''} {'were' if gpus_found != 1 else 'was'} found")

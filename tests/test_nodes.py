@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -104,18 +105,85 @@ def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
     assert config.class_dir == str(tmp_path / "class") and config.num_class_images == 7
 
 
+def _settings(*nodes: tuple[str, dict]) -> dict:
+    """The settings a chain of settings nodes makes, as their `execute` does."""
+    settings = None
+    for node_id, values in nodes:
+        settings = cb.add_settings(settings, node_id, values)
+    return settings
+
+
+MEMORY, OPTIMIZER, NETWORK, DATA, OUTPUT = cb.SETTINGS_NODES
+
+
 @pytest.mark.parametrize("preset", list(cb.MEMORY_PRESETS))
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_memory_presets_override_their_options(tmp_path, preset, arch):
+def test_memory_presets_set_the_options_left_at_their_defaults(tmp_path, preset, arch):
     base, dataset, widgets = _inputs(tmp_path, arch)
-    settings = {"memory_preset": preset, "options": {"batch_size": 16, "gradient_checkpointing": False,
-                                                    "train_text_encoder": True, "mixed_precision": "fp16"}}
+    settings = _settings((MEMORY, {"memory_preset": preset, "mixed_precision": "fp16"}))
     config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
                                    run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
     for key, value in cb.MEMORY_PRESETS[preset][arch].items():
         assert getattr(config, key) == value
-    assert config.batch_size <= 4
     assert config.mixed_precision == "fp16"  # not a memory setting: the user's choice stays
+    assert cb.memory_preset_report(settings, arch) == (f"memory_preset {preset} ({cb.ARCH_NAMES[arch]}) sets "
+                                                        f"{cb.preset_summary(preset, arch)}")
+
+
+def test_a_memory_preset_keeps_what_the_user_set_and_says_so(tmp_path):
+    # The SDXL workflow's 12 GB preset turned train_text_encoder off silently when the user switched it on.
+    base, dataset, widgets = _inputs(tmp_path, "sdxl")
+    settings = _settings((NETWORK, {"train_text_encoder": True}), (MEMORY, {"memory_preset": "12 GB",
+                                                                          "batch_size": 3}))
+    config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
+                                   run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
+    assert config.train_text_encoder and config.batch_size == 3  # chosen: kept
+    assert config.gradient_checkpointing and config.offload_frozen_models and config.cuda_graphs == "no"  # defaults
+    report = cb.memory_preset_report(settings, "sdxl")
+    assert report.startswith("memory_preset 12 GB (SDXL) sets gradient_checkpointing on, batch_size 1, "
+                             "train_text_encoder off")
+    assert report.endswith("; kept as you set: batch_size 3 (the preset's: 1), train_text_encoder on (the preset's: "
+                           "off)")
+    assert cb.memory_preset_report(_settings((NETWORK, {"train_text_encoder": True})), "sdxl") == ""  # no preset
+    text = cb.memory_node_text("12 GB")  # what the node shows before the base model is known
+    for arch, shown in cb.ARCH_NAMES.items():
+        assert f"{shown}: {cb.preset_summary('12 GB', arch)}" in text
+    assert "Options you set away from their defaults keep your value" in text
+    for preset in cb.MEMORY_PRESETS:  # the node's description lists what each preset sets
+        assert f"{preset}: SD1.x: {cb.preset_summary(preset, 'sd1')}; SDXL: " in cb.SETTINGS_NODES[MEMORY].description
+
+
+def test_settings_nodes_chain_in_any_order_and_one_node_twice_is_an_error(tmp_path):
+    memory = (MEMORY, {"memory_preset": "16 GB", "num_gpus": 2, "batch_size": 2})
+    output = (OUTPUT, {"sample_steps": 7, "validation_prompts": "a\nb"})
+    optimizer = (OPTIMIZER, {"optimizer": "prodigy"})
+    one, other = _settings(memory, output, optimizer), _settings(optimizer, output, memory)
+    for settings in (one, other):
+        assert settings["memory_preset"] == "16 GB" and settings["num_gpus"] == 2
+        assert settings["options"] == {"batch_size": 2, "sample_steps": 7, "validation_prompts": "a\nb",
+                                       "optimizer": "prodigy"}
+    first = _settings(memory)
+    cb.add_settings(first, OUTPUT, {"sample_steps": 9})  # a new dict: ComfyUI caches the one that came in
+    assert first == _settings(memory)
+    with pytest.raises(ValueError, match=r"two DreamBooth Memory & Speed nodes are chained into one settings input; "
+                                         r"remove one of them"):
+        _settings(memory, output, memory)
+
+
+def test_each_option_lives_in_one_settings_node_of_a_dozen_widgets_at_most():
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    widgets = [w.name for node in cb.SETTINGS_NODES.values() for w in node.widgets]
+    assert len(widgets) == len(set(widgets))  # one node per option
+    assert {w for w in widgets if w not in names} == {"memory_preset", "num_gpus"}
+    assert set(cb.DATASET_OPTIONS) <= names and not set(cb.DATASET_OPTIONS) & set(widgets)
+    assert all(len(node.widgets) <= 12 for node in cb.SETTINGS_NODES.values())
+    assert "prediction_type" not in widgets  # on DreamBooth Base Model only
+    for node in cb.SETTINGS_NODES.values():
+        for widget in node.widgets:
+            spec = cb.widget_spec(widget)
+            assert spec["tooltip"] and spec["type"] in (bool, int, float, str, list)
+            if spec["choices"]:
+                assert spec["default"] in spec["choices"]
 
 
 def test_bad_values_are_config_errors_naming_the_option(tmp_path):
@@ -126,37 +194,27 @@ def test_bad_values_are_config_errors_naming_the_option(tmp_path):
                               lora_dir=tmp_path)
 
 
-def test_base_model_prediction_type_applies_where_the_settings_say_auto(tmp_path):
+def test_base_model_prediction_type_reaches_the_trainer(tmp_path):
     # A v-prediction model whose detection misses it: set on Base Model, it must reach the trainer.
     base, dataset, widgets = _inputs(tmp_path)
-
-    def prediction_type(base_choice: str, settings_choice: str | None) -> str:
-        settings = None if settings_choice is None else {"memory_preset": cb.PRESET_NONE,
-                                                         "options": {"prediction_type": settings_choice}}
-        return cb.build_train_config(base={**base, "prediction_type_choice": base_choice}, dataset=dataset,
-                                     settings=settings, train=widgets, run_dir=tmp_path / "r",
-                                     lora_dir=tmp_path / "l").prediction_type
-
-    assert prediction_type("v_prediction", None) == "v_prediction"  # no Training Settings node
-    assert prediction_type("v_prediction", "auto") == "v_prediction"
-    assert prediction_type("auto", "v_prediction") == "v_prediction"
-    assert prediction_type("epsilon", "epsilon") == "epsilon"
-    assert prediction_type("auto", "auto") == "auto"  # the trainer detects it (as runs recorded before)
-    with pytest.raises(ValueError, match=r"'v_prediction' in DreamBooth Base Model but 'epsilon' in DreamBooth "
-                                         r"Training Settings; set one of them to 'auto'"):
-        prediction_type("v_prediction", "epsilon")
+    for choice in ("v_prediction", "epsilon", "auto"):  # 'auto': the trainer detects it
+        config = cb.build_train_config(base={**base, "prediction_type_choice": choice}, dataset=dataset,
+                                       settings=_settings((MEMORY, {"batch_size": 2})), train=widgets,
+                                       run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
+        assert config.prediction_type == choice
 
 
 def test_export_format_diffusers_alone_is_refused_before_training(tmp_path):
     # Train LoRA's outputs are the kohya file: 'diffusers' alone trained the whole run, then failed.
     base, dataset, widgets = _inputs(tmp_path)
     for export_format in ("kohya", "both"):
-        settings = {"memory_preset": cb.PRESET_NONE, "options": {"export_format": export_format}}
-        config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
-                                       run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
+        config = cb.build_train_config(base=base, dataset=dataset, settings=_settings((OUTPUT, {"export_format":
+                                                                                          export_format})),
+                                       train=widgets, run_dir=tmp_path / "r", lora_dir=tmp_path / "l")
         assert config.export_format == export_format
-    settings = {"memory_preset": cb.PRESET_NONE, "options": {"export_format": "diffusers"}}
-    with pytest.raises(ValueError, match=r"export_format 'diffusers' is not one of kohya, both"):
+    settings = _settings((OUTPUT, {"export_format": "diffusers"}))
+    with pytest.raises(ValueError, match=r"export_format 'diffusers' is not one of kohya, both in DreamBooth Samples "
+                                         r"& Checkpoints"):
         cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets, run_dir=tmp_path / "r",
                               lora_dir=tmp_path / "l")
 
@@ -173,16 +231,6 @@ def test_generated_class_images_folders_differ_per_model_prompt_and_resolution(t
              folder(prompt="фото кошки"), folder(prompt="犬の写真"), folder(resolution=768)}
     assert len(names) == 6
     assert folder(resolution=512) == folder()  # 0 is SD1.x's 512
-
-
-def test_settings_widgets_are_trainconfig_options_with_help():
-    names = {f for f in TrainConfig.__dataclass_fields__}
-    settings = cb.SETTINGS_OPTIONS + cb.SETTINGS_OPTIONS_AFTER_NUM_GPUS
-    assert set(settings) <= names and set(cb.DATASET_OPTIONS) <= names
-    assert len(set(settings)) == len(settings)
-    for name in settings + cb.DATASET_OPTIONS:
-        info = cb.field_info(name)
-        assert info["help"] and info["type"] in (bool, int, float, str, list)
 
 
 # --- pictures ----------------------------------------------------------------------------------------------
@@ -518,7 +566,7 @@ def test_more_gpus_than_found_is_a_clear_error():
 
 def test_num_gpus_travels_beside_the_trainconfig_options(tmp_path):
     base, dataset, widgets = _inputs(tmp_path)
-    settings = {"memory_preset": cb.PRESET_NONE, "options": {"batch_size": 2}, "num_gpus": 4}
+    settings = _settings((MEMORY, {"batch_size": 2, "num_gpus": 4}))
     config = cb.build_train_config(base=base, dataset=dataset, settings=settings, train=widgets,
                                    run_dir=tmp_path / "run", lora_dir=tmp_path / "loras")
     assert config.batch_size == 2 and "num_gpus" not in config.to_dict()
@@ -709,13 +757,82 @@ def test_base_model_node_passes_its_prediction_type_widget(comfy_folders, tmp_pa
     assert config.prediction_type == "v_prediction"
 
 
+# Each node's widgets in the order of a saved workflow's `widgets_values` ("control_after_generate": the value
+# the frontend stores after a seed). A change here changes the saved-workflow format: make it on purpose.
+WIDGETS = {
+    "DreamBoothDataset": ["folder", "instance_prompt", "class_prompt", "caption_mode", "repeats", "resolution",
+                          "buckets", "crop", "flip_p"],
+    "DreamBoothDatasetFromImages": ["name", "captions", "instance_prompt", "class_prompt", "caption_mode", "repeats",
+                                    "resolution", "buckets", "crop", "flip_p"],
+    "DreamBoothBaseModel": ["model", "prediction_type"],
+    "DreamBoothMemorySettings": ["memory_preset", "mixed_precision", "gradient_checkpointing", "batch_size",
+                                 "gradient_accumulation_steps", "cache_latents", "offload_frozen_models",
+                                 "compile_unet", "cuda_graphs", "num_gpus"],
+    "DreamBoothOptimizerSettings": ["optimizer", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "weight_decay",
+                                    "snr_gamma", "noise_offset"],
+    "DreamBoothNetworkSettings": ["train_text_encoder", "text_encoder_lr", "lora_targets", "lora_dropout", "use_dora"],
+    "DreamBoothDataSettings": ["caption_dropout", "shuffle_captions", "keep_tokens", "upscale", "bucket_step",
+                               "num_class_images", "prior_loss_weight", "class_sample_steps"],
+    "DreamBoothOutputSettings": ["validation_prompts", "sample_every", "sample_at_end", "sample_steps",
+                                 "sample_guidance", "sample_seed", "sample_resolution", "checkpoint_every",
+                                 "keep_checkpoints", "save_dtype", "export_format", "overwrite"],
+    "DreamBoothTrainLoRA": ["output_name", "max_train_steps", "learning_rate", "rank", "alpha", "seed",
+                            "control_after_generate", "resume", "prior_preservation"],
+    "DreamBoothSample": ["lora_name", "strength_model", "strength_clip", "prompt", "negative_prompt", "seed",
+                         "control_after_generate", "steps", "cfg", "width", "height", "sampler_name", "scheduler"],
+}
+
+
+def _saved_widgets(node) -> list[str]:
+    from comfyui_server import widget_names
+
+    return [entry for name, control in widget_names(node.GET_NODE_INFO_V1())
+            for entry in ([name, "control_after_generate"] if control else [name])]
+
+
 @pytest.mark.comfyui
-def test_settings_node_offers_only_the_export_formats_train_lora_can_output(comfyui):
+def test_every_nodes_widgets_are_pinned_in_saved_workflow_order(comfyui):
     from comfyui_dreambooth_lora.nodes import comfy_nodes
 
-    widget = comfy_nodes.option_input("export_format")
-    assert widget.options == ["kohya", "both"] and "'diffusers' alone is for the command line" in widget.tooltip
-    assert "'auto' in one takes the other's value" in comfy_nodes.option_input("prediction_type").tooltip
+    assert {node.GET_NODE_INFO_V1()["name"]: _saved_widgets(node) for node in comfy_nodes.NODES} == WIDGETS
+
+
+def _sentences(text: str) -> int:
+    return len(re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip()))
+
+
+@pytest.mark.comfyui
+def test_tooltips_are_short_and_carry_no_measurements(comfyui):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    measured = re.compile(r"\d\s*(GB|GiB|MB|s/step|ms)\b|\b(H100|H200|A100|RTX)\b|\d+x (faster|sooner)")
+    for node in comfy_nodes.NODES:
+        info = node.GET_NODE_INFO_V1()
+        tips = {f"{info['name']}.{name}": spec[1]["tooltip"] for group in ("required", "optional")
+                for name, spec in info["input"].get(group, {}).items()}
+        tips.update({f"{info['name']} output {i}": tip for i, tip in enumerate(info["output_tooltips"])})
+        for where, tip in tips.items():
+            assert _sentences(tip) <= 2, f"{where}: {tip}"
+            assert not measured.search(tip), f"{where}: {tip}"
+
+
+@pytest.mark.comfyui
+def test_settings_nodes_draw_their_table_entries(comfyui):
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    output = comfy_nodes.DreamBoothOutputSettings.GET_NODE_INFO_V1()["input"]["required"]
+    assert output["export_format"][1]["options"] == ["kohya", "both"]  # Train LoRA outputs the kohya file
+    prompts = output["validation_prompts"][1]
+    assert prompts["multiline"] and prompts["placeholder"].startswith("validation prompts, one per line")
+    memory = comfy_nodes.DreamBoothMemorySettings.GET_NODE_INFO_V1()
+    assert memory["input"]["optional"]["settings"][0] == "DREAMBOOTH_SETTINGS"
+    assert memory["input"]["required"]["num_gpus"][1]["max"] == 16
+    out = comfy_nodes.DreamBoothMemorySettings.execute(memory_preset="8 GB", mixed_precision="auto", num_gpus=1)
+    assert out.args[0] == {"memory_preset": "8 GB", "num_gpus": 1, "options": {"mixed_precision": "auto"},
+                           "nodes": ["DreamBoothMemorySettings"]}
+    assert out.ui.as_dict()["text"][0] == cb.memory_node_text("8 GB")
+    chained = comfy_nodes.DreamBoothOutputSettings.execute(settings=out.args[0], sample_steps=3).args[0]
+    assert chained["options"] == {"mixed_precision": "auto", "sample_steps": 3} and chained["memory_preset"] == "8 GB"
 
 
 @pytest.mark.comfyui

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfyui_dreambooth_lora.nodes.config_build import SETTINGS_NODES
 from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, execution_error, status_messages,
                             truncate_copy, workflow_to_api, write_small_sd15_checkpoint, write_small_sdxl_checkpoint)
 
@@ -27,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 CACHE = REPO / ".cache" / "test_models"
 CATEGORY = "DreamBooth LoRA"
-OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", "DreamBoothTrainingSettings",
+OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", *SETTINGS_NODES,
              "DreamBoothTrainLoRA", "DreamBoothSample"}
 NOT_LOADED = ("lora key not loaded", "NOT LOADED")
-# Node ids of the shipped SD1.5-based workflows (tests/workflow_builder.py).
+# Node ids of the shipped SD1.5-based workflows (tests/workflow_builder.py); SETTINGS: DreamBooth Memory & Speed.
 BASE, DATASET, SETTINGS, TRAIN, CKPT, LORA_LOADER, KSAMPLER, LATENT, SAVE, SAMPLE = \
     "2", "3", "4", "5", "6", "7", "11", "10", "13", "14"
 
@@ -96,14 +97,30 @@ def sd15_prompt(object_info: dict, name: str, *, workflow: str = "dreambooth_lor
     prompt = workflow_to_api(load_workflow(workflow), object_info)
     prompt[BASE]["inputs"]["model"] = checkpoint
     prompt[DATASET]["inputs"].update(folder="my_dog", resolution=64)
-    prompt[SETTINGS]["inputs"].update({"sample_steps": 3, "validation_prompts": "a photo of sks dog",
-                                       "train_text_encoder": True, **settings})
+    set_settings(prompt, object_info, **{"sample_steps": 3, "validation_prompts": "a photo of sks dog",
+                                         "train_text_encoder": True, **settings})
     # A high learning rate, so that 6 steps change the image measurably.
     prompt[TRAIN]["inputs"].update(output_name=name, max_train_steps=steps, learning_rate=5e-3, rank=4, alpha=4.0)
     prompt[KSAMPLER]["inputs"].update(steps=3)
     prompt[LATENT]["inputs"].update(width=64, height=64)
     prompt[SAMPLE]["inputs"].update(width=64, height=64, steps=3)
     return prompt
+
+
+def set_settings(prompt: dict, object_info: dict, **values) -> None:
+    """Sets widgets of the prompt's settings nodes; a setting whose node the workflow lacks gets that node
+    (at its defaults), chained in before Train LoRA's settings input."""
+    for name, value in values.items():
+        node_id = next((i for i, node in prompt.items()
+                        if node["class_type"] in SETTINGS_NODES and name in node["inputs"]), None)
+        if node_id is None:
+            class_type = next(c for c in SETTINGS_NODES if name in widget_defaults(object_info, c))
+            node_id = str(100 + len(prompt))
+            chain = {"settings": prompt[TRAIN]["inputs"]["settings"]} if "settings" in prompt[TRAIN]["inputs"] else {}
+            inputs = {**widget_defaults(object_info, class_type), **chain}
+            prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+            prompt[TRAIN]["inputs"]["settings"] = [node_id, 0]
+        prompt[node_id]["inputs"][name] = value
 
 
 def only_ancestors(prompt: dict, node_id: str) -> dict:
@@ -237,6 +254,7 @@ def test_sd15_workflow_writes_a_lora_that_load_lora_applies_completely(server, t
     # what the Base Model and Dataset nodes show
     assert "(sd1), epsilon, checkpoint: small_sd15.safetensors" in entry["outputs"][BASE]["text"][0]
     assert entry["outputs"][DATASET]["text"][0].startswith("4 images (2 captioned), 1 bucket: 64x64 x4")
+    assert entry["outputs"][SETTINGS]["text"][0] == "no memory preset: the options as set"
     print(f"SD1.5 workflow: {seconds:.1f}s")
 
 
@@ -282,6 +300,29 @@ def test_the_lora_model_output_applies_with_load_lora_model(server, object_info,
     assert "in worker" not in server.log()[log_before:]  # cached (or reused): not trained again
     assert not any(text in server.log()[log_before:] for text in NOT_LOADED)
     assert saved_image(server, entry2, "103").shape == saved_image(server, entry, SAVE).shape
+
+
+def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object_info):
+    # With the SDXL workflow's preset, switching train_text_encoder on did nothing and said nothing.
+    from safetensors import safe_open
+
+    from comfyui_dreambooth_lora.nodes.config_build import memory_node_text
+
+    prompt = only_ancestors(sd15_prompt(object_info, "preset_dog", steps=1, sample_at_end=False,
+                                        memory_preset="8 GB", train_text_encoder=True), TRAIN)
+    log_before = len(server.log())
+    listener = server.listen()
+    try:
+        entry = server.wait(server.queue(prompt), timeout=600)
+    finally:
+        listener.close()
+    assert_success(entry, server)
+    report = "memory_preset 8 GB (SD1.x) sets gradient_checkpointing on, batch_size 1, train_text_encoder off, " \
+             "offload_frozen_models on; kept as you set: train_text_encoder on (the preset's: off)"
+    assert report in server.log()[log_before:] and report in listener.texts(TRAIN)
+    assert entry["outputs"][SETTINGS]["text"][0] == memory_node_text("8 GB")  # what the preset sets, on the node
+    with safe_open(str(server.models_dir / "loras" / "preset_dog.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_te_") for k in f.keys())  # the text encoder was trained
 
 
 # --- cancel and resume -----------------------------------------------------------------------------------------

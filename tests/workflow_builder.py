@@ -151,57 +151,65 @@ SD15_NOTE = """DreamBooth LoRA, SD1.5: teach the model your subject, then draw i
 4. Train LoRA: output_name names the file in models/loras. About 100 steps per photo; learning rate 1e-4.
 5. Queue. The progress bar shows loss and sample images. Cancel is safe: a checkpoint and a partial LoRA are written; turn resume on and queue again to continue.
 
-The LoRA goes to models/loras/<output_name>.safetensors; Load LoRA below applies it (prompt with the trigger word). DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in Training Settings."""
+The LoRA goes to models/loras/<output_name>.safetensors; Load LoRA below applies it (prompt with the trigger word). DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in DreamBooth Memory & Speed. More settings nodes (optimizer, LoRA and text encoder, captions and class images) chain into the same settings input."""
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+
+
+# Columns left to right (inputs, settings, training, using the LoRA, ...), on a 20 px grid.
+COLUMNS = (20, 500, 880, 1260, 1660, 2060, 2460, 2820)
 
 
 def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpoint: str = SD15_CHECKPOINT,
                   name: str = "my_dog", note: str = SD15_NOTE, steps: int = 800, preset: str | None = None,
                   prior_preservation: bool = False, resume: bool = False, class_folder: str | None = None):
-    settings_widgets: dict[str, Any] = {"validation_prompts": "a photo of sks dog\na photo of sks dog on the beach"}
-    if preset:
-        settings_widgets["memory_preset"] = preset
+    c0, c1, c2, c3, c4, c5, c6, c7 = COLUMNS
+    memory_widgets = {"memory_preset": preset} if preset else {}
     items: list[Node | Note] = [
-        Note(1, note, (20, 20), (440, 420), title="Read me"),
-        Node(2, "DreamBoothBaseModel", (480, 20), {"model": checkpoint}, size=(340, 120)),
-        Node(3, "DreamBoothDataset", (480, 180), {"folder": name, "instance_prompt": "a photo of sks dog",
-                                                  "class_prompt": "a photo of dog", "resolution": resolution},
-             size=(340, 330)),
-        Node(4, "DreamBoothTrainingSettings", (480, 540), settings_widgets, size=(340, 900)),
-        Node(5, "DreamBoothTrainLoRA", (860, 20),
+        Note(1, note, (c0, 20), (440, 440), title="Read me"),
+        Node(2, "DreamBoothBaseModel", (c1, 20), {"model": checkpoint}, size=(340, 130)),
+        Node(3, "DreamBoothDataset", (c1, 220), {"folder": name, "instance_prompt": "a photo of sks dog",
+                                                 "class_prompt": "a photo of dog", "resolution": resolution},
+             size=(340, 340)),
+        # the settings chain below the links from Base Model and Dataset to Train LoRA
+        Node(4, "DreamBoothMemorySettings", (c2, 300), memory_widgets, size=(340, 330)),
+        Node(18, "DreamBoothOutputSettings", (c2, 700),
+             {}, {"settings": (4, 0)},  # validation_prompts empty: its placeholder says what the box is
+             size=(340, 440)),
+        # tall: the samples it shows when done are drawn inside it, below the widgets
+        Node(5, "DreamBoothTrainLoRA", (c3, 20),
              {"output_name": name, "max_train_steps": steps, "resume": resume,
               "prior_preservation": prior_preservation},
-             {"base_model": (2, 0), "dataset": (3, 0), "settings": (4, 0)}, size=(340, 360)),
-        Node(6, "CheckpointLoaderSimple", (1240, 20), {"ckpt_name": checkpoint}, {"ckpt_name": (2, 1)},
+             {"base_model": (2, 0), "dataset": (3, 0), "settings": (18, 0)}, size=(360, 700)),
+        Node(16, "PreviewImage", (c3, 780), {}, {"images": (5, 2)}, size=(360, 300), title="Loss curve"),
+        Node(6, "CheckpointLoaderSimple", (c4, 20), {"ckpt_name": checkpoint}, {"ckpt_name": (2, 1)},
              size=(320, 100)),
-        Node(7, "LoraLoader", (1240, 160), {"lora_name": f"{name}.safetensors"},
+        Node(7, "LoraLoader", (c4, 160), {"lora_name": f"{name}.safetensors"},
              {"model": (6, 0), "clip": (6, 1), "lora_name": (5, 0)}, size=(320, 130)),
-        Node(8, "CLIPTextEncode", (1600, 20), {"text": "a photo of sks dog on the beach"}, {"clip": (7, 1)},
+        Node(8, "CLIPTextEncode", (c5, 20), {"text": "a photo of sks dog on the beach"}, {"clip": (7, 1)},
              size=(360, 150), title="Positive prompt (use the trigger word)"),
-        Node(9, "CLIPTextEncode", (1600, 200), {"text": "blurry, low quality"}, {"clip": (7, 1)},
+        Node(9, "CLIPTextEncode", (c5, 200), {"text": "blurry, low quality"}, {"clip": (7, 1)},
              size=(360, 150), title="Negative prompt"),
-        Node(10, "EmptyLatentImage", (1600, 380), {"width": resolution, "height": resolution, "batch_size": 1},
+        Node(10, "EmptyLatentImage", (c5, 380), {"width": resolution, "height": resolution, "batch_size": 1},
              size=(320, 110)),
-        Node(11, "KSampler", (2000, 20), {"seed": 1234, "steps": 25, "cfg": 7.0},
+        Node(11, "KSampler", (c6, 20), {"seed": 1234, "steps": 25, "cfg": 7.0},
              {"model": (7, 0), "positive": (8, 0), "negative": (9, 0), "latent_image": (10, 0)}, size=(320, 270)),
-        Node(12, "VAEDecode", (2000, 330), {}, {"samples": (11, 0), "vae": (6, 2)}, size=(220, 50)),
-        Node(13, "SaveImage", (2360, 20), {"filename_prefix": f"dreambooth/{name}"}, {"images": (12, 0)},
+        Node(12, "VAEDecode", (c6, 340), {}, {"samples": (11, 0), "vae": (6, 2)}, size=(220, 50)),
+        Node(13, "SaveImage", (c7, 20), {"filename_prefix": f"dreambooth/{name}"}, {"images": (12, 0)},
              size=(360, 400)),
-        Node(14, "DreamBoothSample", (1240, 540),
+        Node(14, "DreamBoothSample", (c4, 540),
              {"prompt": "a photo of sks dog\na photo of sks dog in a bucket", "width": resolution,
               "height": resolution},
              {"base_model": (2, 0), "lora_name": (5, 0)}, size=(360, 420)),
-        Node(15, "PreviewImage", (1640, 540), {}, {"images": (14, 0)}, size=(360, 400),
+        Node(15, "PreviewImage", (c5, 540), {}, {"images": (14, 0)}, size=(360, 400),
              title="Preview: DreamBooth Sample"),
-        Node(16, "PreviewImage", (860, 420), {}, {"images": (5, 2)}, size=(340, 260), title="Loss curve"),
     ]
     if class_folder is not None:
-        items.append(Node(17, "DreamBoothDataset", (100, 480), {"folder": class_folder, "caption_mode": "prompt",
-                                                                "instance_prompt": "a photo of dog",
-                                                                "class_prompt": "a photo of dog",
-                                                                "resolution": resolution},
-                          size=(340, 330), title="Class images (optional: connect to class_images)"))
+        items.append(Node(17, "DreamBoothDataset", (c1, 620), {"folder": class_folder, "caption_mode": "prompt",
+                                                               "instance_prompt": "a photo of dog",
+                                                               "class_prompt": "a photo of dog",
+                                                               "resolution": resolution},
+                          size=(340, 340), title="Class images (optional: connect to class_images)"))
     return build_workflow(items, object_info)
 
 
@@ -211,7 +219,7 @@ SDXL_NOTE = SD15_NOTE.replace("SD1.5", "SDXL").replace(
 
 PRIOR_NOTE = """DreamBooth LoRA with prior preservation: the subject is learnt while the class keeps its meaning.
 
-As the SD1.5 workflow, plus: prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (Training Settings, 100 by default) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
+As the SD1.5 workflow, plus: prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (100 by default; add a DreamBooth Captions & Class Images node to the settings chain to change it) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
 
 Optional: your own class photos. Put them into a folder in ComfyUI/input/ (e.g. ComfyUI/input/dogs/), choose it in the 'Class images' Dataset node and connect its dataset output to Train LoRA's class_images input."""
 
