@@ -28,7 +28,7 @@ WORKFLOWS = REPO / "workflows"
 CACHE = REPO / ".cache" / "test_models"
 CATEGORY = "DreamBooth LoRA"
 OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", "DreamBoothTrainingSettings",
-             "DreamBoothTrainLoRA", "DreamBoothSample"}
+             "DreamBoothTrainLoRA", "DreamBoothSample", "DreamBoothLoadLoRA"}
 NOT_LOADED = ("lora key not loaded", "NOT LOADED")
 # Node ids of the shipped SD1.5-based workflows (tests/workflow_builder.py).
 BASE, DATASET, SETTINGS, TRAIN, CKPT, LORA_LOADER, KSAMPLER, LATENT, SAVE, SAMPLE = \
@@ -196,7 +196,7 @@ def test_every_workflow_converts_and_uses_only_core_nodes_and_ours(object_info, 
                 assert not value.startswith(("/", "~")) and not re.match(r"^[A-Za-z]:[\\/]", value), \
                     f"absolute path in {name}: {value!r}"
     trains = [n for n in prompt.values() if n["class_type"] == "DreamBoothTrainLoRA"]
-    loaders = [n for n in prompt.values() if n["class_type"] == "LoraLoader"]
+    loaders = [n for n in prompt.values() if n["class_type"] == "DreamBoothLoadLoRA"]
     assert len(trains) == 1 and loaders and loaders[0]["inputs"]["lora_name"] == [TRAIN, 0]
 
 
@@ -282,6 +282,34 @@ def test_the_lora_model_output_applies_with_load_lora_model(server, object_info,
     assert "in worker" not in server.log()[log_before:]  # cached (or reused): not trained again
     assert not any(text in server.log()[log_before:] for text in NOT_LOADED)
     assert saved_image(server, entry2, "103").shape == saved_image(server, entry, SAVE).shape
+
+
+def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
+    # ComfyUI's Load LoRA keeps the file it read first by path: after a retrain under the same name it
+    # applied the old LoRA until ComfyUI restarted (a silent wrong picture).
+    name = "retrained_dog"
+    first = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False), SAVE)
+    entry = server.wait(server.queue(first), timeout=900)
+    assert_success(entry, server)
+    before = saved_image(server, entry, SAVE)
+    second = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False, overwrite=True), SAVE)
+    second[TRAIN]["inputs"]["seed"] = first[TRAIN]["inputs"]["seed"] + 1
+    second[DATASET]["inputs"]["flip_p"] = 1.0  # other data too: every image mirrored
+    log_before = len(server.log())
+    entry = server.wait(server.queue(second), timeout=900)
+    assert_success(entry, server)
+    log = server.log()[log_before:]
+    assert "in worker" in log and not any(text in log for text in NOT_LOADED)  # trained again, applied completely
+    after = saved_image(server, entry, SAVE)
+    assert np.abs(after - before).mean() > 0.5
+    # what a fresh ComfyUI gives: the same file under a name nothing has read yet
+    loras = server.models_dir / "loras"
+    shutil.copy(loras / f"{name}.safetensors", loras / f"{name}_fresh.safetensors")
+    fresh = json.loads(json.dumps(second))
+    fresh[LORA_LOADER]["inputs"]["lora_name"] = f"{name}_fresh.safetensors"
+    entry = server.wait(server.queue(only_ancestors(fresh, SAVE)), timeout=600)
+    assert_success(entry, server)
+    assert np.array_equal(saved_image(server, entry, SAVE), after)
 
 
 # --- cancel and resume -----------------------------------------------------------------------------------------
