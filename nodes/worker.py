@@ -418,12 +418,11 @@ class RunOutcome:
 
 def supervise(worker: WorkerProcess, show: Callable[[dict[str, Any]], None],
               cancel_pressed: Callable[[], BaseException | None], say: Callable[[str], None]) -> RunOutcome:
-    """Start `worker` and follow it to its end: every event goes to `show`; `cancel_pressed()` (polled
+    """Follow a started `worker` to its end: every event goes to `show`; `cancel_pressed()` (polled
     ten times a second) returns the exception of a Cancel pressed since its last call, or None, and
     each one is answered by `WorkerProcess.cancel` (stop, a double-click ignored, then kill), told
     through `say`. The worker is closed (killed if it still runs) whatever happens here."""
     cancel = None
-    worker.start()
     try:
         while not worker.finished:
             event = worker.poll(0.1)
