@@ -8,7 +8,6 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
