@@ -959,7 +959,7 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     monkeypatch.setattr(RunProgress, "show", show_and_note_the_last_checkpoint)
     monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", cancel_after_the_last_step)
 
-    def train():
+    def train(settings=settings):
         return comfy_nodes.DreamBoothTrainLoRA.execute(base, dataset, "disc", steps, 1e-4, 2, 2.0, 1, False, False,
                                                        settings)
 
@@ -971,6 +971,9 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     log = (run / "worker.log").read_text()
     assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'
     assert (run / "worker.log").read_text() == log  # and not trained again
+    other_prompt = {**settings, "options": {**settings["options"], "validation_prompts": "a photo of sks disc"}}
+    assert train(other_prompt).args[0] == "disc.safetensors"  # a sample option alone: reused too
+    assert (run / "worker.log").read_text() == log
 
 
 @pytest.mark.comfyui
