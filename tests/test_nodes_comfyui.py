@@ -247,6 +247,9 @@ def test_training_shows_progress_loss_text_and_sample_previews(trained):
     texts = listener.texts(TRAIN)
     assert any(re.match(r"step \d+/6  loss \d+\.\d{4}  ", t) for t in texts), texts
     assert any(t.startswith("done: e2e_dog.safetensors") for t in texts), texts
+    for phase in ("starting the training worker", "loading small_sd15.safetensors", "training ",  # every phase
+                  "writing the LoRA e2e_dog.safetensors", "making 1 sample image(s) at the end"):
+        assert any(t.startswith(phase) for t in texts), (phase, texts)
     previews = [p for kind, p in listener.binary if kind == listener.PREVIEW_IMAGE]
     assert previews  # the validation sample, shown while the node runs
     assert Image.open(__import__("io").BytesIO(previews[0][4:])).size[0] > 0
