@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ from comfy_api.latest import ComfyExtension, io, ui
 from ..trainer.fileio import atomic_write_bytes
 from . import config_build as cb
 from . import pictures
-from .worker import (KILL_GRACE_SECONDS, WorkerProcess, check_num_processes, running_worker,
-                     worker_command, worker_environment)
+from .progress import RunProgress
+from .run_reuse import (check_run_can_start, file_state, find_finished_run, forget_finished_run, read_run_events,
+                        record_finished_run, run_identity)
+from .worker import MAX_PROCESSES, WorkerProcess, check_num_processes, supervise, worker_command, worker_environment
 
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
@@ -354,24 +356,6 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
                              crop, flip_p)
 
 
-def generated_class_images_dir(run_dir: Path, base_model: dict, dataset: dict) -> Path:
-    """Where Train LoRA generates class images: `class_images/<model>_<prompt>_<hash>`, or, for a run
-    that used the folder name from before the hash, still that folder (its checkpoints, which a resume
-    compares, and its identity, by which a finished run is reused, name it)."""
-    root = _output_root() / "class_images"
-    legacy = root / cb.legacy_class_images_folder_name(base_model, dataset)
-    try:
-        previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = {}
-    same_images = (previous.get("pretrained_model") == str(base_model["path"])
-                   and previous.get("class_prompt") == dataset.get("class_prompt", "")
-                   and previous.get("resolution") == cb.train_resolution(base_model, dataset))
-    if previous.get("class_dir") == str(legacy) and same_images and legacy.is_dir():
-        return legacy
-    return root / cb.class_images_folder_name(base_model, dataset)
-
-
 def _holds_exactly(folder: Path, image_captions: list[tuple[Any, str]]) -> bool:
     """Whether `folder` (as Dataset from Images wrote it) holds these images (pixel for pixel) and
     captions, and no others."""
@@ -563,115 +547,27 @@ class DreamBoothTrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, base_model, dataset, output_name, max_train_steps, learning_rate, rank, alpha, seed, resume,
                 prior_preservation, settings=None, class_images=None) -> io.NodeOutput:
-        from ..trainer.config import ConfigError, save_config
+        train = dict(output_name=output_name, steps=max_train_steps, learning_rate=learning_rate, rank=rank,
+                     alpha=alpha, seed=seed, resume=resume, prior_preservation=prior_preservation)
+        plan = plan_run(base_model, dataset, train, settings, class_images)
+        progress = _run_progress(cls.hidden.unique_id, plan.config.max_train_steps)
 
-        if not _allowed_base_model(base_model.get("path", "")):
-            raise ValueError("base_model must come from the DreamBooth Base Model node")
-        if not _allowed_dataset_folder(dataset.get("folder", "")):
-            raise ValueError("dataset must come from a DreamBooth Dataset node")
-        name = cb.sanitize_output_name(output_name)
-        num_gpus = settings_num_gpus(settings)
-        lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        run_dir = _output_root() / "runs" / name
-        class_dir, class_count = None, None
-        if prior_preservation:
-            if class_images is not None:
-                from ..trainer.data import count_images
+        def say(text: str) -> None:
+            progress.text(text, force=True)
+            LOG.info("[DreamBooth LoRA] %s: %s", plan.name, text)
 
-                if not _allowed_dataset_folder(class_images.get("folder", "")):
-                    raise ValueError("class_images must come from a DreamBooth Dataset node")
-                class_dir = Path(class_images["folder"])
-                class_count = count_images(class_dir)  # a user's folder is read, never written to
-                if not class_count:
-                    raise ValueError(f"class_images: {class_dir} has no images directly in it")
-            else:
-                class_dir = generated_class_images_dir(run_dir, base_model, dataset)
-        train = dict(output_name=name, steps=max_train_steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
-                     seed=seed, resume=resume, prior_preservation=prior_preservation)
-        try:
-            config = cb.build_train_config(base=base_model, dataset=dataset, settings=settings, train=train,
-                                           run_dir=run_dir, lora_dir=lora_dir, tokenizer=comfy_tokenizer_dir(),
-                                           class_dir=class_dir, class_images_available=class_count)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
-        preset_report = cb.memory_preset_report(settings, base_model.get("arch") or "sd1")
-        if preset_report:
-            LOG.info("[DreamBooth LoRA] %s: %s", name, preset_report)
-        lora_path = lora_dir / f"{name}.safetensors"
-        identity = _run_identity(config, base_model, dataset, class_images)
-        if num_gpus > 1:  # the global batch is batch_size x num_gpus (only added when > 1: older runs still match)
-            identity[cb.NUM_GPUS] = num_gpus
-        if _finished_before(config, run_dir, lora_path, identity):
-            LOG.info("[DreamBooth LoRA] %s: trained before with these inputs; reusing %s", name, lora_path)
-            return _train_outputs(config, read_run_events(run_dir), lora_dir, name, cls)
-        leftover = running_worker(run_dir)
-        if leftover is not None:  # two workers in one folder would mix events and checkpoints, and stop each other
-            raise ValueError(f"a training worker (pid {leftover}) still runs in {run_dir}: one started before "
-                             f"ComfyUI restarted stops by itself after its step and a checkpoint, then queue again "
-                             f"(with resume on, to continue from that checkpoint); one of another ComfyUI using this "
-                             f"output folder trains there. If no such process is yours, delete "
-                             f"{run_dir / 'worker.pid'}.")
-        _check_fresh_run(config, run_dir, lora_path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "run.json"
-        save_config(config, config_path)
-        (run_dir / RUN_IDENTITY).unlink(missing_ok=True)
-
-        import comfy.model_management as mm
-
-        mm.unload_all_models()  # the worker needs the GPU memory ComfyUI's loaded models hold
-        mm.soft_empty_cache(True)
-        worker = WorkerProcess(worker_command(config_path, run_dir, num_processes=num_gpus), run_dir,
-                               worker_environment(force_cpu=_comfy_on_cpu()))
-        progress = _Progress(cls.hidden.unique_id, config.max_train_steps)
-        if preset_report:  # shown until the worker's first event
-            progress.text(preset_report, force=True)
-        interrupted: BaseException | None = None
-        worker.start()
-        LOG.info("[DreamBooth LoRA] training %s in worker %s%s (log: %s)", name, worker.pid,
-                 f" on {num_gpus} processes" if num_gpus > 1 else "", worker.log_path)
-        try:
-            while not worker.finished:
-                event = worker.poll(0.1)
-                try:
-                    if event is not None:
-                        progress.show(event)
-                    mm.throw_exception_if_processing_interrupted()
-                except mm.InterruptProcessingException as e:
-                    interrupted = interrupted or e
-                    answer = worker.cancel()
-                    if answer == "stop":
-                        progress.text(f"stopping: finishing the step, writing a checkpoint and a partial LoRA "
-                                      f"(Cancel again after {KILL_GRACE_SECONDS:.0f} s to kill the worker)", force=True)
-                    elif answer == "ignored":
-                        progress.text(f"stopping; a second Cancel within {KILL_GRACE_SECONDS:.0f} s is taken as a "
-                                      f"double-click (Cancel again later to kill the worker)", force=True)
-            worker.wait()
-        finally:
-            worker.close()
-        finished = worker.last("done") is not None and worker.returncode == 0
-        if finished:  # also when Cancel came after the last step: the LoRA is complete, so a re-queue reuses it
-            (run_dir / RUN_IDENTITY).write_text(json.dumps(identity, sort_keys=True), encoding="utf-8")
-        if interrupted is not None:
-            # Re-raised even after a finished run: the user asked the queue item to stop, and nodes after
-            # this one must not run (ComfyUI cleared its interrupt flag when it raised this).
-            if finished:
-                progress.text(f"cancelled after the last step: {lora_path.name} is complete; queue again to use it "
-                              f"(nothing is trained again)", force=True)
-                LOG.info("[DreamBooth LoRA] cancelled after the last step; %s is complete", lora_path)
-            else:
-                stopped = worker.last("stopped")
-                LOG.info("[DreamBooth LoRA] stopped at step %s; checkpoint %s; partial LoRA %s",
-                         stopped and stopped.get("step"), stopped and stopped.get("checkpoint"),
-                         stopped and stopped.get("lora"))
-            raise interrupted
-        failure = worker.failure()
-        if failure is not None:
-            raise failure
-        if worker.last("stopped"):  # stopped from outside (a STOP file, a signal): not an error, but no result
-            raise RuntimeError(f"training stopped at step {worker.last('stopped').get('step')} before the end "
-                               f"(STOP file or signal); turn resume on and queue again to finish it")
-        return _train_outputs(config, worker.events, lora_dir, name, cls)
+        if plan.preset_report:
+            say(plan.preset_report)
+        reused = find_finished_run(plan.run_dir, plan.lora_path, plan.identity, plan.config.max_train_steps)
+        if reused is not None:
+            say(reused.message())
+            return _train_outputs(plan, read_run_events(plan.run_dir), cls)
+        check_run_can_start(plan.run_dir, plan.lora_path, bool(plan.config.resume), plan.config.overwrite)
+        say("starting the training worker ...")
+        outcome = supervise(_start_worker(plan), progress.show, _cancel_pressed, say)
+        if outcome.finished:  # also when Cancel came after the last step: the LoRA is complete, a re-queue reuses it
+            record_finished_run(plan.run_dir, plan.identity)
+        return _train_outputs(plan, outcome.events_or_raise(say), cls)
 
 
 def _comfy_on_cpu() -> bool:
@@ -683,159 +579,129 @@ def _comfy_on_cpu() -> bool:
         return False
 
 
-RUN_IDENTITY = "node_run.json"  # what a finished run was trained from, to reuse it instead of training again
+@dataclass
+class RunPlan:
+    """A Train LoRA run, planned: its name, TrainConfig, folders, identity (run_reuse) and GPU count."""
+
+    name: str
+    config: Any  # TrainConfig (imported with the trainer, when the node runs)
+    run_dir: Path
+    lora_path: Path
+    identity: dict
+    num_gpus: int
+    preset_report: str  # what the memory preset set and which of the user's own choices it kept
 
 
-def _file_stamp(path: str | os.PathLike) -> list:
+def plan_run(base_model: dict, dataset: dict, train: dict, settings: dict | None,
+             class_images: dict | None) -> RunPlan:
+    """Train LoRA's inputs, checked, as a TrainConfig with where its run and LoRA go."""
+    from ..trainer.config import ConfigError
+
+    if not _allowed_base_model(base_model.get("path", "")):
+        raise ValueError("base_model must come from the DreamBooth Base Model node")
+    if not _allowed_dataset_folder(dataset.get("folder", "")):
+        raise ValueError("dataset must come from a DreamBooth Dataset node")
+    name = cb.sanitize_output_name(train["output_name"])
+    num_gpus = settings_num_gpus(settings)
+    lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
+    run_dir = _output_root() / "runs" / name
+    class_dir, class_count = _class_images_folder(train["prior_preservation"], class_images, base_model, dataset)
     try:
-        stat = os.stat(path)
-        return [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        return []
+        config = cb.build_train_config(base=base_model, dataset=dataset, settings=settings,
+                                       train={**train, "output_name": name}, run_dir=run_dir, lora_dir=lora_dir,
+                                       tokenizer=comfy_tokenizer_dir(), class_dir=class_dir,
+                                       class_images_available=class_count)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    identity = run_identity(config.to_dict(), base_model["path"], dataset.get("fingerprint"),
+                            class_images.get("fingerprint") if class_images else None, num_gpus)
+    preset_report = cb.memory_preset_report(settings, base_model.get("arch") or "sd1")
+    return RunPlan(name, config, run_dir, lora_dir / f"{name}.safetensors", identity, num_gpus, preset_report)
 
 
-def _run_identity(config, base_model: dict, dataset: dict, class_images: dict | None) -> dict:
-    """Everything a finished run's LoRA depends on: the options, the base model file and the image files."""
-    options = {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")}
-    base_path = Path(base_model["path"])
-    base_stamp = _file_stamp(base_path / "model_index.json" if base_path.is_dir() else base_path)
-    return {"config": options, "base": base_stamp, "dataset": dataset.get("fingerprint"),
-            "class_images": class_images.get("fingerprint") if class_images else None}
+def _class_images_folder(prior_preservation: bool, class_images: dict | None, base_model: dict,
+                         dataset: dict) -> tuple[Path | None, int | None]:
+    """(folder, images in it) of the class images: a connected Dataset's folder (read, never written
+    to), else the folder they are generated into (count unknown); (None, None) without prior preservation."""
+    if not prior_preservation:
+        return None, None
+    if class_images is None:
+        return _output_root() / "class_images" / cb.class_images_folder_name(base_model, dataset), None
+    from ..trainer.data import count_images
+
+    if not _allowed_dataset_folder(class_images.get("folder", "")):
+        raise ValueError("class_images must come from a DreamBooth Dataset node")
+    class_dir = Path(class_images["folder"])
+    class_count = count_images(class_dir)
+    if not class_count:
+        raise ValueError(f"class_images: {class_dir} has no images directly in it")
+    return class_dir, class_count
 
 
-def read_run_events(run_dir: Path) -> list[dict]:
-    from ..trainer.events import read_events
+def _start_worker(plan: RunPlan) -> WorkerProcess:
+    """Write the run's config, free the GPU memory ComfyUI's models hold, and start the worker."""
+    import comfy.model_management as mm
 
-    path = run_dir / "events.jsonl"
-    return read_events(path) if path.is_file() else []
+    from ..trainer.config import save_config
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = plan.run_dir / "run.json"
+    save_config(plan.config, config_path)
+    forget_finished_run(plan.run_dir)  # its LoRA is about to change
+    mm.unload_all_models()
+    mm.soft_empty_cache(True)
+    worker = WorkerProcess(worker_command(config_path, plan.run_dir, num_processes=plan.num_gpus), plan.run_dir,
+                           worker_environment(force_cpu=_comfy_on_cpu()))
+    worker.start()
+    LOG.info("[DreamBooth LoRA] training %s in worker %s%s (log: %s)", plan.name, worker.pid,
+             f" on {plan.num_gpus} processes" if plan.num_gpus > 1 else "", worker.log_path)
+    return worker
 
 
-def _finished_before(config, run_dir: Path, lora_path: Path, identity: dict) -> bool:
-    """Whether this exact run finished before (e.g. the same graph queued after a restart). `overwrite`
-    and `resume` do not count: they let a changed run replace or continue the LoRA, and the same
-    run's LoRA would be the same (a resume with more steps has another identity)."""
-    if not lora_path.is_file() or not (run_dir / RUN_IDENTITY).is_file():
-        return False
+def _cancel_pressed() -> BaseException | None:
+    """ComfyUI's interrupt, taken (ComfyUI clears its flag as it raises it): a Cancel pressed, or None."""
+    import comfy.model_management as mm
+
     try:
-        saved = json.loads((run_dir / RUN_IDENTITY).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    done = [e for e in read_run_events(run_dir) if e.get("event") == "done"]
-    return same_run_identity(saved, identity) and bool(done) and done[-1].get("step") == config.max_train_steps
+        mm.throw_exception_if_processing_interrupted()
+    except mm.InterruptProcessingException as e:
+        return e
+    return None
 
 
-def same_run_identity(saved: dict, identity: dict) -> bool:
-    """Whether a saved run identity matches; an option one side lacks (a run from before the option
-    existed, or one `_run_identity` leaves out) counts as its default, so adding an option does not
-    make every finished run look new."""
-    from ..trainer.config import with_option_defaults
+def _run_progress(node_id: str | None, total: int) -> RunProgress:
+    """The progress of a run on ComfyUI's progress bar and node text."""
+    import comfy.utils
 
-    saved, identity = ({**i, "config": with_option_defaults(i.get("config", {}))} for i in (saved, identity))
-    return json.loads(json.dumps(saved)) == json.loads(json.dumps(identity))
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
+    def update_bar(step: int, steps: int, image) -> None:
+        bar.update_absolute(step, steps, None if image is None else ("JPEG", image, 512))
 
-def _check_fresh_run(config, run_dir: Path, lora_path: Path) -> None:
-    """A new run must not mix with the checkpoints of an earlier one, nor replace a LoRA silently."""
-    from ..trainer.checkpoints import checkpoints_after
-
-    if config.resume:
-        return
-    old = checkpoints_after(run_dir, 0)
-    if lora_path.exists() and not config.overwrite:
-        raise ValueError(f"{lora_path} already exists. Choose another output_name, turn resume on to continue its "
-                         f"run, or turn overwrite on in DreamBooth Samples & Checkpoints to replace it.")
-    if old and not config.overwrite:  # (with overwrite the trainer deletes them)
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({old[-1].name}). Turn resume on to "
-                         f"continue it, choose another output_name, or turn overwrite on in DreamBooth Samples & "
-                         f"Checkpoints to start over.")
-
-
-class _Progress:
-    """The node's progress bar, progress text and sample previews, from worker events."""
-
-    def __init__(self, node_id: str | None, total: int):
-        import comfy.utils
-
-        self.node_id = node_id
-        self.total = total
-        self.step = 0
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        self._last_text = 0.0
-
-    def text(self, message: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_text < 0.25:
-            return
-        self._last_text = now
+    def send_text(text: str) -> None:
         try:
             from server import PromptServer
 
-            if PromptServer.instance is not None and self.node_id is not None:
-                PromptServer.instance.send_progress_text(message, self.node_id)
+            if PromptServer.instance is not None and node_id is not None:
+                PromptServer.instance.send_progress_text(text, node_id)
         except Exception:  # no server (e.g. a script driving the node): the log still has it
             pass
 
-    def show(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "loading":
-            self.text(f"loading {Path(str(event.get('model', ''))).name} ...", force=True)
-        elif kind == "start":
-            self.total = int(event.get("total_steps", self.total))
-            self.step = int(event.get("start_step", 0))
-            self.bar.update_absolute(self.step, self.total)
-            resumed = f", resumed at step {self.step}" if self.step else ""
-            self.text(f"training {event.get('model')} on {event.get('num_images')} images ({event.get('device')})"
-                      f"{resumed}", force=True)
-        elif kind == "step":
-            self.step = int(event["step"])
-            self.bar.update_absolute(self.step, int(event.get("total_steps", self.total)))
-            seconds = float(event.get("seconds_per_step", 0.0))
-            eta = seconds * (self.total - self.step)
-            self.text(f"step {self.step}/{self.total}  loss {float(event['loss']):.4f}  {seconds:.2f} s/step  "
-                      f"~{_duration(eta)} left", force=self.step == self.total)
-        elif kind == "sample":
-            paths = event.get("paths") or []
-            if paths:
-                image = pictures.load_images(paths[:1])[0]
-                self.bar.update_absolute(self.step, self.total, ("JPEG", image, 512))
-            self.text(f"samples at step {event.get('step')}", force=True)
-        elif kind == "class_images":
-            self.text(f"generating class images: {event.get('done')}/{event.get('total')}")
-        elif kind == "checkpoint":
-            self.text(f"checkpoint at step {event.get('step')}", force=True)
-        elif kind == "log":  # on the node too: it says what the run is doing until the next event
-            LOG.info("[DreamBooth LoRA] %s", event.get("message"))
-            self.text(str(event.get("message")), force=True)
-        elif kind == "stopped":
-            self.text(f"stopped at step {event.get('step')}; checkpoint written, resume to continue", force=True)
-        elif kind == "done":
-            self.bar.update_absolute(self.total, self.total)
-            self.text(f"done: {', '.join(Path(p).name for p in event.get('lora', []))}", force=True)
-        elif kind == "error":
-            self.text(f"error: {event.get('message')}", force=True)
+    return RunProgress(total, update_bar, send_text, load_preview=lambda path: pictures.load_images([path])[0],
+                       log=lambda text: LOG.info("[DreamBooth LoRA] %s", text))
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 90:
-        return f"{seconds}s"
-    if seconds < 5400:
-        return f"{seconds // 60}min"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}"
-
-
-def _train_outputs(config, events: list[dict], lora_dir: Path, name: str, cls) -> io.NodeOutput:
+def _train_outputs(plan: RunPlan, events: list[dict], cls) -> io.NodeOutput:
     """The Train LoRA outputs of a finished run: file name, LORA_MODEL, loss curve, last samples."""
     from safetensors.torch import load
 
-    lora_file = lora_dir / f"{name}.safetensors"
-    if not lora_file.is_file():
-        raise RuntimeError(f"the worker finished but {lora_file} was not written; see "
-                           f"{Path(config.output_dir) / 'worker.log'}")
+    if not plan.lora_path.is_file():
+        raise RuntimeError(f"the worker finished but {plan.lora_path} was not written; see "
+                           f"{plan.run_dir / 'worker.log'}")
     # Read, not memory-mapped (load_file): ComfyUI's cache keeps this output, and Windows refuses to
     # replace a mapped file, so the next run under this name would fail at its very end.
-    lora = {k: v for k, v in load(lora_file.read_bytes()).items() if k.startswith("lora_unet_")}
-    losses = pictures.losses_of_run(read_run_events(Path(config.output_dir)))
+    lora = {k: v for k, v in load(plan.lora_path.read_bytes()).items() if k.startswith("lora_unet_")}
+    losses = pictures.losses_of_run(read_run_events(plan.run_dir))
     curve = pictures.to_image_tensor([pictures.loss_curve(losses)])
     sample_event = next((e for e in reversed(events) if e.get("event") == "sample"), None)
     if sample_event and sample_event.get("paths"):
@@ -845,8 +711,7 @@ def _train_outputs(config, events: list[dict], lora_dir: Path, name: str, cls) -
     else:
         samples = pictures.to_image_tensor([pictures.blank_image()])
         preview = None
-    return io.NodeOutput(lora_file.name, lora, curve, samples, ui=preview)
-
+    return io.NodeOutput(plan.lora_path.name, lora, curve, samples, ui=preview)
 
 class DreamBoothSample(io.ComfyNode):
     @classmethod
@@ -899,7 +764,7 @@ class DreamBoothSample(io.ComfyNode):
         for linked inputs here (base_model always, lora_name when linked): their nodes' changes
         reach this one through the graph anyway."""
         lora_path = folder_paths.get_full_path("loras", lora_name) if lora_name and lora_name != NO_LORA else None
-        return _file_state(lora_path) if lora_path else None
+        return file_state(lora_path) if lora_path else None
 
     @classmethod
     def execute(cls, base_model, lora_name, strength_model, strength_clip, prompt, negative_prompt, seed, steps, cfg,
@@ -972,12 +837,64 @@ def _check_lora_fits(lora_sd: dict, lora_name: str, model, clip, base_model: dic
                          "the same architecture (SD1.x or SDXL)")
 
 
-def _file_state(path: str) -> tuple:
-    try:
-        stat = os.stat(path)
-        return path, stat.st_size, stat.st_mtime_ns
-    except OSError:
-        return path, None
+LORA_CACHE_SIZE = 4  # LoRA files DreamBooth Load LoRA keeps read (ComfyUI's Load LoRA keeps one per node)
+read_loras: dict[str, tuple[tuple, dict]] = {}  # path -> (its file_state when read, its tensors)
+
+
+def read_lora_file(path: str) -> dict:
+    """The tensors of a LoRA file, read again when the file changed (its size or modification time)."""
+    import comfy.utils
+
+    state = file_state(path)
+    cached = read_loras.pop(path, None)
+    if cached is None or cached[0] != state:
+        cached = (state, comfy.utils.load_torch_file(path, safe_load=True))
+    read_loras[path] = cached  # the newest last
+    while len(read_loras) > LORA_CACHE_SIZE:
+        del read_loras[next(iter(read_loras))]
+    return cached[1]
+
+
+class DreamBoothLoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothLoadLoRA",
+            display_name="DreamBooth Load LoRA",
+            category=CATEGORY,
+            description="Applies a LoRA from models/loras to a model and its CLIP, as Load LoRA does, but reads the "
+                        "file again when it changed: a LoRA retrained under the same name shows at once (Load LoRA "
+                        "keeps the file it read first until ComfyUI restarts).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the LoRA is applied to."),
+                io.Clip.Input("clip", tooltip="The CLIP model the LoRA is applied to."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file from models/loras; connect Train LoRA's lora_name here to use "
+                                       "the LoRA it trains."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the diffusion model (0 = not at all)."),
+                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the CLIP model, if it trained it."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied."),
+                     io.Clip.Output(display_name="CLIP", tooltip="The CLIP model with the LoRA applied.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        """Run again when the file changed. A linked lora_name comes as None here; Train LoRA, its
+        source, runs (and so makes this node run) whenever it writes the file."""
+        lora_path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+        return file_state(lora_path) if lora_path else None
+
+    @classmethod
+    def execute(cls, model, clip, lora_name, strength_model, strength_clip) -> io.NodeOutput:
+        import comfy.sd
+
+        if strength_model == 0 and strength_clip == 0:
+            return io.NodeOutput(model, clip)
+        lora = read_lora_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+        return io.NodeOutput(*comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip))
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -992,4 +909,4 @@ class DreamBoothExtension(ComfyExtension):
 
 
 NODES = [DreamBoothDataset, DreamBoothDatasetFromImages, DreamBoothBaseModel, *SETTINGS_NODE_CLASSES,
-         DreamBoothTrainLoRA, DreamBoothSample]
+         DreamBoothTrainLoRA, DreamBoothSample, DreamBoothLoadLoRA]

@@ -37,8 +37,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
+from .progress import stopped_text
 from .worker_main import PARENT_PID_ENV, process_alive
 
 PACKAGE_NAME = "comfyui_dreambooth_lora"
@@ -371,6 +373,71 @@ class WorkerProcess:
             (self.run_dir / STOP_FILE_NAME).touch()
         except OSError:
             pass
+
+
+# --- supervising a run: events, Cancel, the outcome ---------------------------------------------------
+
+CANCEL_TEXTS = {
+    "stop": f"stopping: finishing the step, writing a checkpoint and a partial LoRA (Cancel again after "
+            f"{KILL_GRACE_SECONDS:.0f} s to kill the worker)",
+    "ignored": f"stopping; a second Cancel within {KILL_GRACE_SECONDS:.0f} s is taken as a double-click (Cancel "
+               f"again later to kill the worker)",
+}
+
+
+@dataclass
+class RunOutcome:
+    """How a supervised worker ended: `cancel` is the exception of the first Cancel pressed (None without one)."""
+
+    worker: WorkerProcess
+    cancel: BaseException | None
+
+    @property
+    def finished(self) -> bool:
+        """The run trained every step and wrote its LoRA (also when a Cancel came after the last step)."""
+        return self.worker.last("done") is not None and self.worker.returncode == 0
+
+    def events_or_raise(self, say: Callable[[str], None]) -> list[dict[str, Any]]:
+        """The events of a finished run. Otherwise raises: the Cancel's exception (after a finished
+        run too: the user asked the queue item to stop, and the nodes after this one must not run),
+        the worker's failure, or a RuntimeError for a stop from outside (a STOP file, a signal)."""
+        if self.cancel is not None:
+            done = self.worker.last("done")
+            if self.finished and done is not None:
+                say(f"cancelled after the last step: {', '.join(Path(p).name for p in done.get('lora', []))} is "
+                    f"complete; queue again to use it (nothing is trained again)")
+            raise self.cancel
+        failure = self.worker.failure()
+        if failure is not None:
+            raise failure
+        stopped = self.worker.last("stopped")
+        if stopped is not None:  # not an error, but no result
+            raise RuntimeError(f"training was stopped from outside (a STOP file or a signal): {stopped_text(stopped)}")
+        return self.worker.events
+
+
+def supervise(worker: WorkerProcess, show: Callable[[dict[str, Any]], None],
+              cancel_pressed: Callable[[], BaseException | None], say: Callable[[str], None]) -> RunOutcome:
+    """Follow a started `worker` to its end: every event goes to `show`; `cancel_pressed()` (polled
+    ten times a second) returns the exception of a Cancel pressed since its last call, or None, and
+    each one is answered by `WorkerProcess.cancel` (stop, a double-click ignored, then kill), told
+    through `say`. The worker is closed (killed if it still runs) whatever happens here."""
+    cancel = None
+    try:
+        while not worker.finished:
+            event = worker.poll(0.1)
+            if event is not None:
+                show(event)
+            pressed = cancel_pressed()
+            if pressed is not None:
+                cancel = cancel or pressed
+                answer = worker.cancel()
+                if answer in CANCEL_TEXTS:
+                    say(CANCEL_TEXTS[answer])
+        worker.wait()
+    finally:
+        worker.close()
+    return RunOutcome(worker, cancel)
 
 
 # --- killing a worker with its children ----------------------------------------------------------

@@ -104,8 +104,9 @@ def test_reading_losses_late_writes_the_same_events_in_the_same_order(tiny_sd1, 
     late = run_events(make_config(tiny_sd1, photos, tmp_path / "late", **common), True, monkeypatch)
     assert what_happened(late) == what_happened(prompt)
     kinds = [(kind, step) for kind, step, _ in what_happened(late)]
-    assert kinds == [("step", 1), ("step", 2), ("checkpoint", 2), ("step", 3), ("sample", 3), ("step", 4),
-                     ("checkpoint", 4), ("step", 5), ("checkpoint", 5), ("sample", 5), ("done", 5)]
+    assert kinds == [("step", 1), ("step", 2), ("checkpoint", 2), ("step", 3), ("sampling", 3), ("sample", 3),
+                     ("step", 4), ("checkpoint", 4), ("step", 5), ("checkpoint", 5), ("exporting", 5), ("sampling", 5),
+                     ("sample", 5), ("done", 5)]
 
 
 @pytest.mark.parametrize("late", [False, True])

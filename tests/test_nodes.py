@@ -8,7 +8,6 @@ seconds; `test_nodes_comfyui.py` then runs the same through a real ComfyUI serve
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -24,8 +23,11 @@ import pytest
 
 from comfyui_dreambooth_lora.nodes import config_build as cb
 from comfyui_dreambooth_lora.nodes import pictures
+from comfyui_dreambooth_lora.nodes.progress import RunProgress, StepClock
+from comfyui_dreambooth_lora.nodes.run_reuse import (NOT_WEIGHT_OPTIONS, check_run_can_start, find_finished_run,
+                                                     forget_finished_run, record_finished_run, run_identity)
 from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,
-                                                  check_num_processes, worker_command, worker_environment)
+                                                  check_num_processes, supervise, worker_command, worker_environment)
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
@@ -351,6 +353,68 @@ def test_cancel_stops_then_kills_but_a_double_click_is_one_cancel(tmp_path):
         worker.close()
 
 
+STOPPABLE_WORKER = """
+    import json, os, sys, time
+    run = sys.argv[1]
+    for step in range(1, 10000):
+        time.sleep(0.05)
+        print(json.dumps({"event": "step", "step": step, "loss": 1.0}), flush=True)
+        if os.path.exists(os.path.join(run, "STOP")):
+            print(json.dumps({"event": "stopped", "step": step, "checkpoint": "c", "lora": ["p.safetensors"]}),
+                  flush=True)
+            sys.exit(0)
+"""
+
+
+class Cancel(Exception):
+    """ComfyUI's InterruptProcessingException, in these tests."""
+
+
+def test_supervise_answers_cancel_with_a_stop_and_raises_it_when_the_worker_stopped(tmp_path):
+    worker, said, shown = fake_worker(tmp_path, STOPPABLE_WORKER), [], []
+    presses = iter([])
+
+    def show(event):
+        nonlocal presses
+        shown.append(event)
+        if event.get("step") == 3:
+            presses = iter([Cancel("first"), Cancel("double-click")])  # two presses at once
+
+    worker.start()
+    outcome = supervise(worker, show, lambda: next(presses, None), said.append)
+    assert not outcome.finished and shown[-1]["event"] == "stopped"
+    assert said[0].startswith("stopping: finishing the step") and "double-click" in said[1]
+    assert worker.returncode == 0 and not (tmp_path / "run" / "worker.pid").exists()  # a stop, not a kill
+    with pytest.raises(Cancel, match="first"):  # the queue item stops, as Cancel asks
+        outcome.events_or_raise(said.append)
+
+
+def test_supervise_maps_a_finish_a_failure_and_a_stop_from_outside(tmp_path):
+    finished = fake_worker(tmp_path, """
+        import json
+        print(json.dumps({"event": "done", "step": 2, "lora": ["/loras/dog.safetensors"]}), flush=True)
+    """)
+    finished.start()
+    outcome = supervise(finished, lambda e: None, lambda: None, print)
+    assert outcome.finished and [e["event"] for e in outcome.events_or_raise(print)] == ["done"]
+    said = []
+    with pytest.raises(Cancel):  # Cancel after the last step: the run is complete, the queue item still stops
+        type(outcome)(outcome.worker, Cancel()).events_or_raise(said.append)
+    assert said == ["cancelled after the last step: dog.safetensors is complete; queue again to use it (nothing is "
+                    "trained again)"]
+
+    failing = fake_worker(tmp_path, "raise SystemExit('error: no images in x')")
+    failing.start()
+    with pytest.raises(WorkerError, match="no images in x"):
+        supervise(failing, lambda e: None, lambda: None, print).events_or_raise(print)
+
+    stopped = fake_worker(tmp_path, STOPPABLE_WORKER)
+    stopped.start()
+    (tmp_path / "run" / "STOP").touch()  # a STOP file written by hand
+    with pytest.raises(RuntimeError, match="stopped from outside.*p.safetensors.*resume on"):
+        supervise(stopped, lambda e: None, lambda: None, print).events_or_raise(print)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_process_left_holding_the_workers_output_neither_blocks_the_node_nor_outlives_it(tmp_path, monkeypatch):
     # The node waited for the streams to end, i.e. for that process to exit, however long it ran.
@@ -599,23 +663,74 @@ def test_real_worker_bad_input_is_a_failure_with_the_cause(tiny_run, tmp_path):
     assert "broken.png" in failure.message and "corrupt" in failure.message
 
 
-@pytest.mark.comfyui
+def finished_run_folder(tmp_path: Path, options: dict, steps: int = 4) -> tuple[Path, dict]:
+    """A run folder whose run finished `steps` steps with `options` (its LoRA beside it); its identity."""
+    identity = run_identity(options, tmp_path / "model.safetensors", "abc", None, num_gpus=1)
+    (tmp_path / "dog.safetensors").write_bytes(b"lora")
+    record_finished_run(tmp_path, identity)
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": steps}) + "\n", encoding="utf-8")
+    return tmp_path / "dog.safetensors", identity
+
+
 @pytest.mark.parametrize("changes", [{}, {"overwrite": True}, {"resume": "latest"}])
-def test_a_finished_run_is_reused_also_with_overwrite_or_resume_on(comfyui, tmp_path, changes):
+def test_a_finished_run_is_reused_also_with_overwrite_or_resume_on(tmp_path, changes):
     # With overwrite or resume on (the resume workflow), the same graph queued after a restart ran
     # the worker again (minutes for the same LoRA: loading, export, end samples).
-    from comfyui_dreambooth_lora.nodes.comfy_nodes import RUN_IDENTITY, _finished_before
+    options = TrainConfig(max_train_steps=4).to_dict()
+    lora, identity = finished_run_folder(tmp_path, options)
+    again = run_identity({**options, **changes}, tmp_path / "model.safetensors", "abc", None, num_gpus=1)
+    found = find_finished_run(tmp_path, lora, again, 4)
+    assert found is not None and found.changed == sorted(changes)
+    assert find_finished_run(tmp_path, lora, {**identity, "dataset": "other"}, 4) is None
+    assert find_finished_run(tmp_path, lora, {**identity, "num_gpus": 2}, 4) is None  # another global batch
+    longer = run_identity({**options, "max_train_steps": 6}, tmp_path / "model.safetensors", "abc", None, 1)
+    assert find_finished_run(tmp_path, lora, longer, 6) is None  # resume with more steps: trains on
+    forget_finished_run(tmp_path)  # a new run started in the folder
+    assert find_finished_run(tmp_path, lora, identity, 4) is None
 
-    config = TrainConfig(max_train_steps=4, **changes)
-    identity = {"config": {"rank": 8}, "base": ["m", 1, 2], "dataset": "abc", "class_images": None}
+
+def test_options_that_leave_the_weights_alone_reuse_the_run_and_say_so(tmp_path):
+    # Changing only a validation prompt after a finished run reloaded the model, made samples and
+    # rewrote the LoRA (minutes).
+    options = TrainConfig(max_train_steps=4, validation_prompts=["a photo of sks dog"]).to_dict()
+    lora, _ = finished_run_folder(tmp_path, options)
+
+    def reuse(**changes):
+        identity = run_identity({**options, **changes}, tmp_path / "model.safetensors", "abc", None, num_gpus=1)
+        return find_finished_run(tmp_path, lora, identity, 4)
+
+    found = reuse(validation_prompts=["a photo of sks dog on the beach"], sample_steps=10, checkpoint_every=1,
+                  keep_checkpoints=5)
+    assert found is not None
+    assert found.changed == ["checkpoint_every", "keep_checkpoints", "sample_steps", "validation_prompts"]
+    message = found.message()
+    assert "dog.safetensors" in message and "nothing is trained again" in message
+    assert "sample_steps, validation_prompts" in message and "DreamBooth Sample" in message
+    assert "keep_checkpoints" not in message  # (not a sample option: nothing to point at)
+    assert "DreamBooth Sample" not in reuse(checkpoint_every=1).message()
+    # what changes the weights or the file trains again
+    for changes in ({"rank": 4}, {"save_dtype": "bf16"}, {"export_format": "both"}, {"learning_rate": 2e-4},
+                    {"gradient_checkpointing": True}, {"mixed_precision": "bf16"}):
+        assert reuse(**changes) is None, changes
+
+
+def test_sample_guidance_counts_where_it_makes_class_images(tmp_path):
+    options = TrainConfig(max_train_steps=4, with_prior_preservation=True, class_prompt="a dog",
+                          class_dir=str(tmp_path / "c")).to_dict()
+    lora, _ = finished_run_folder(tmp_path, options)
+    guided = run_identity({**options, "sample_guidance": 3.0}, tmp_path / "model.safetensors", "abc", None, 1)
+    assert find_finished_run(tmp_path, lora, guided, 4) is None
+    assert NOT_WEIGHT_OPTIONS and "sample_guidance" in NOT_WEIGHT_OPTIONS  # (without prior preservation it does not)
+
+
+def test_a_new_run_may_not_replace_a_lora_or_mix_with_old_checkpoints_silently(tmp_path):
     lora = tmp_path / "dog.safetensors"
+    check_run_can_start(tmp_path / "run", lora, resume=False, overwrite=False)  # nothing there
     lora.write_bytes(b"lora")
-    (tmp_path / RUN_IDENTITY).write_text(json.dumps(identity), encoding="utf-8")
-    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": 4}) + "\n", encoding="utf-8")
-    assert _finished_before(config, tmp_path, lora, identity)
-    assert not _finished_before(config, tmp_path, lora, {**identity, "dataset": "other"})
-    longer = dataclasses.replace(config, max_train_steps=6)  # resume with more steps: trains on
-    assert not _finished_before(longer, tmp_path, lora, identity)
+    with pytest.raises(ValueError, match="already exists.*overwrite on"):
+        check_run_can_start(tmp_path / "run", lora, resume=False, overwrite=False)
+    check_run_can_start(tmp_path / "run", lora, resume=False, overwrite=True)
+    check_run_can_start(tmp_path / "run", lora, resume=True, overwrite=False)
 
 
 @pytest.mark.comfyui
@@ -624,23 +739,6 @@ def test_sample_seeds_stay_in_the_seed_widgets_range(comfyui):
 
     assert [prompt_seed(1234, i) for i in range(3)] == [1234, 1235, 1236]
     assert prompt_seed(2**64 - 1, 1) == 0  # the widget's maximum: torch.manual_seed(2**64) overflowed
-
-
-@pytest.mark.comfyui
-def test_a_run_identity_from_before_an_option_existed_still_matches(comfyui):
-    from comfyui_dreambooth_lora.nodes.comfy_nodes import same_run_identity
-
-    # as _run_identity writes it: resume and overwrite left out
-    options = {k: v for k, v in TrainConfig(rank=8).to_dict().items() if k not in ("resume", "overwrite")}
-    identity = {"config": options, "base": ["m", 1, 2], "dataset": "abc", "class_images": None}
-    assert same_run_identity(json.loads(json.dumps(identity)), identity)
-    older = json.loads(json.dumps(identity))
-    del older["config"]["compile_unet"]  # written before the option was added
-    assert same_run_identity(older, identity)
-    assert not same_run_identity(older, {**identity, "config": {**identity["config"], "compile_unet": True}})
-    assert not same_run_identity(older, {**identity, "config": {**identity["config"], "rank": 4}})
-    assert not same_run_identity(older, {**identity, "dataset": "other"})
-    assert not same_run_identity(older, {**identity, "num_gpus": 2})
 
 
 # --- folder choices (ComfyUI's folder_paths, no server) ---------------------------------------------------------
@@ -693,24 +791,75 @@ def test_train_node_takes_num_gpus_from_the_settings_and_checks_it(comfyui, monk
     assert comfy_nodes.settings_num_gpus({"memory_preset": cb.PRESET_NONE, "options": {}, "num_gpus": 2}) == 2
 
 
-@pytest.mark.comfyui
-def test_progress_text_shows_what_the_run_says_until_its_next_event(comfyui, monkeypatch):
+class Shown:
+    """Stand-ins for ComfyUI's progress bar and node text, and a clock the test moves."""
+
+    def __init__(self):
+        self.texts, self.bar, self.logged, self.now = [], [], [], 100.0
+
+    def progress(self, total: int) -> RunProgress:
+        return RunProgress(total, update_bar=lambda step, steps, image: self.bar.append((step, steps, image)),
+                           send_text=self.texts.append, load_preview=lambda path: f"image of {path}",
+                           log=self.logged.append, clock=lambda: self.now)
+
+
+def test_progress_text_shows_what_the_run_says_until_its_next_event():
     # e.g. "compile_unet: step 1 compiles the UNet ...": minutes without a step would look like a hang.
-    import server
-
-    from comfyui_dreambooth_lora.nodes import comfy_nodes
-
-    shown = []
-    monkeypatch.setattr(server.PromptServer, "instance",  # set when a server runs
-                        type("Server", (), {"send_progress_text": lambda self, text, node: shown.append(text)})(),
-                        raising=False)
-    progress = comfy_nodes._Progress("7", total=10)
+    shown = Shown()
+    progress = shown.progress(total=10)
     progress.show({"event": "start", "total_steps": 10, "model": "sd1", "num_images": 4, "device": "cuda:0"})
     progress.show({"event": "log", "level": "info", "message": "compile_unet: step 1 compiles the UNet"})
-    assert shown[-1] == "compile_unet: step 1 compiles the UNet"
-    progress._last_text = 0.0  # minutes later (step texts are throttled to 4 a second)
+    assert shown.texts[-1] == "compile_unet: step 1 compiles the UNet" and shown.logged == [shown.texts[-1]]
     progress.show({"event": "step", "step": 1, "total_steps": 10, "loss": 0.1, "seconds_per_step": 2.0})
-    assert shown[-1].startswith("step 1/10")
+    assert shown.texts[-1].startswith("compile")  # step texts come at most 4 a second
+    shown.now += 1
+    progress.show({"event": "step", "step": 2, "total_steps": 10, "loss": 0.1, "seconds_per_step": 2.0})
+    assert shown.texts[-1] == "step 2/10  loss 0.1000  2.00 s/step  ~16s left" and shown.bar[-1] == (2, 10, None)
+
+
+def test_progress_text_names_every_phase_of_a_run():
+    shown = Shown()
+    progress = shown.progress(total=4)
+    events = [
+        ({"event": "loading", "model": "/models/checkpoints/v1-5.safetensors"}, "loading v1-5.safetensors ..."),
+        ({"event": "class_images", "done": 100, "total": 100}, "making class images: 100/100"),
+        ({"event": "start", "total_steps": 4, "start_step": 2, "model": "sd1", "num_images": 3, "device": "cpu"},
+         "training sd1 on 3 images (cpu), resumed at step 2"),
+        ({"event": "sampling", "step": 2, "count": 2}, "making 2 sample image(s) at step 2 ..."),
+        ({"event": "sample", "step": 2, "paths": ["s.png"]}, "samples at step 2 done"),
+        ({"event": "checkpoint", "step": 4, "path": "c"}, "checkpoint at step 4 written"),
+        ({"event": "exporting", "step": 4, "lora": "/loras/dog.safetensors"}, "writing the LoRA dog.safetensors ..."),
+        ({"event": "sampling", "step": 4, "count": 1}, "making 1 sample image(s) at the end ..."),
+        ({"event": "done", "step": 4, "lora": ["/loras/dog.safetensors"]}, "done: dog.safetensors"),
+    ]
+    for event, text in events:
+        progress.show(event)
+        assert shown.texts[-1] == text
+    assert ("image of s.png" in [image for _, _, image in shown.bar]) and shown.bar[-1] == (4, 4, None)
+
+
+def test_the_stop_text_names_the_partial_lora_the_checkpoint_and_how_to_continue():
+    shown = Shown()
+    shown.progress(total=100).show({"event": "stopped", "step": 7, "checkpoint": "/runs/dog/checkpoints/step_00000007",
+                                    "lora": ["/loras/dog_step000007.safetensors"]})
+    text = shown.texts[-1]
+    assert "step 7" in text and "dog_step000007.safetensors" in text and "step_00000007" in text
+    assert "resume on" in text and shown.logged == [text]
+    shown.progress(total=100).show({"event": "stopped", "step": 0, "checkpoint": None, "lora": []})
+    assert "nothing was written" in shown.texts[-1]
+
+
+def test_the_time_left_is_smoothed_not_the_last_steps():
+    clock = StepClock(smoothing=0.1)
+    clock.add(30.0)  # the first step: warm-up (CUDA graphs, compiling)
+    assert clock.seconds_left(10) == 300.0
+    for _ in range(20):
+        clock.add(1.0)
+    assert clock.seconds_left(10) == pytest.approx(10.0)
+    clock.add(11.0)  # one slow step (samples were made) moves the estimate a tenth of the way
+    assert clock.seconds_left(10) == pytest.approx(20.0)
+    clock.add(1.0)
+    assert clock.seconds_left(10) == pytest.approx(19.0)
 
 
 # --- the node classes on ComfyUI folders in tmp_path (no server) ------------------------------------------------
@@ -912,7 +1061,7 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
                                                              "sample_at_end": False}}
     steps = 2
     cancels = []
-    show = comfy_nodes._Progress.show
+    show = RunProgress.show
 
     def show_and_note_the_last_checkpoint(progress, event):
         show(progress, event)
@@ -924,10 +1073,10 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
             cancels.append("pressed")
             raise mm.InterruptProcessingException()
 
-    monkeypatch.setattr(comfy_nodes._Progress, "show", show_and_note_the_last_checkpoint)
+    monkeypatch.setattr(RunProgress, "show", show_and_note_the_last_checkpoint)
     monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", cancel_after_the_last_step)
 
-    def train():
+    def train(settings=settings):
         return comfy_nodes.DreamBoothTrainLoRA.execute(base, dataset, "disc", steps, 1e-4, 2, 2.0, 1, False, False,
                                                        settings)
 
@@ -939,6 +1088,9 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     log = (run / "worker.log").read_text()
     assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'
     assert (run / "worker.log").read_text() == log  # and not trained again
+    other_prompt = {**settings, "options": {**settings["options"], "validation_prompts": "a photo of sks disc"}}
+    assert train(other_prompt).args[0] == "disc.safetensors"  # a sample option alone: reused too
+    assert (run / "worker.log").read_text() == log
 
 
 @pytest.mark.comfyui
@@ -961,25 +1113,10 @@ def test_train_lora_refuses_a_run_folder_a_leftover_worker_still_runs_in(comfy_f
 
 
 @pytest.mark.comfyui
-def test_runs_from_before_the_hashed_folder_names_keep_their_folders(comfy_folders):
-    # Else a finished run was refused as 'already exists' on every queue, and a stopped one could not resume.
+def test_datasets_from_before_the_hashed_folder_names_keep_their_folders(comfy_folders):
     from comfyui_dreambooth_lora.nodes import comfy_nodes
 
-    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] tiny", "auto").args[0]
-    dataset = comfy_nodes.DreamBoothDataset.execute("photos", **_dataset_widgets()).args[0]
-    root, run = comfy_folders / "output" / "dreambooth_lora", comfy_folders / "output" / "dreambooth_lora" / "runs" / "a"
-    legacy = root / "class_images" / cb.legacy_class_images_folder_name(base, dataset)
-    assert comfy_nodes.generated_class_images_dir(run, base, dataset).name.startswith(legacy.name + "_")
-    legacy.mkdir(parents=True)
-    run.mkdir(parents=True)
-    used = {"class_dir": str(legacy), "pretrained_model": base["path"], "class_prompt": dataset["class_prompt"],
-            "resolution": 32}
-    (run / "run.json").write_text(json.dumps(used), encoding="utf-8")
-    assert comfy_nodes.generated_class_images_dir(run, base, dataset) == legacy  # the run that used it keeps it
-    (run / "run.json").write_text(json.dumps({**used, "resolution": 64}), encoding="utf-8")
-    assert comfy_nodes.generated_class_images_dir(run, base, dataset) != legacy  # its images were of another size
-    assert comfy_nodes.generated_class_images_dir(root / "runs" / "b", base, dataset) != legacy  # others: the new name
-
+    root = comfy_folders / "output" / "dreambooth_lora"
     import torch
 
     images = torch.rand(2, 16, 16, 3)
@@ -1033,8 +1170,8 @@ def test_train_outputs_do_not_keep_the_lora_file_mapped(comfy_folders):
     lora = comfy_folders / "models" / "loras" / "mapped.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.ones(4, 8)}, str(lora))
     (comfy_folders / "run").mkdir()
-    outputs = comfy_nodes._train_outputs(SimpleNamespace(output_dir=str(comfy_folders / "run")), [],
-                                         lora.parent, "mapped", comfy_nodes.DreamBoothTrainLoRA)
+    plan = SimpleNamespace(run_dir=comfy_folders / "run", lora_path=lora)
+    outputs = comfy_nodes._train_outputs(plan, [], comfy_nodes.DreamBoothTrainLoRA)
     assert torch.equal(outputs.args[1]["lora_unet_x.lora_down.weight"], torch.ones(4, 8))
     assert str(lora) not in Path("/proc/self/maps").read_text()
 
@@ -1072,3 +1209,29 @@ def test_sample_follows_the_base_model_nodes_prediction_type_both_ways(comfyui):
     assert isinstance(_sampled_as_predicted(e, "v_prediction").get_model_object("model_sampling"), ms.V_PREDICTION)
     # V_PREDICTION subclasses EPS: an isinstance check took a v-prediction model for an epsilon one
     assert not isinstance(_sampled_as_predicted(v, "epsilon").get_model_object("model_sampling"), ms.V_PREDICTION)
+
+
+@pytest.mark.comfyui
+def test_load_lora_reads_a_replaced_file_again_and_runs_again_when_it_changes(comfy_folders):
+    # ComfyUI's Load LoRA caches by path: a LoRA retrained under its name was not applied until a restart.
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+
+    lora = comfy_folders / "models" / "loras" / "dog.safetensors"
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(lora))
+    node = comfy_nodes.DreamBoothLoadLoRA
+    before = node.fingerprint_inputs(model=None, clip=None, lora_name="dog.safetensors")
+    assert comfy_nodes.read_lora_file(str(lora))["lora_unet_x.alpha"] == 1.0
+    save_file({"lora_unet_x.alpha": torch.tensor(2.0)}, str(lora))  # retrained: the same size
+    os.utime(lora, ns=(time.time_ns(), time.time_ns() + 10**9))  # (a coarse clock could give the same time)
+    assert node.fingerprint_inputs(model=None, clip=None, lora_name="dog.safetensors") != before
+    assert comfy_nodes.read_lora_file(str(lora))["lora_unet_x.alpha"] == 2.0
+    assert node.fingerprint_inputs(model=None, clip=None, lora_name=None) is None  # linked: Train LoRA decides
+    assert node.execute("model", "clip", "dog.safetensors", 0.0, 0.0).args == ("model", "clip")
+    for i in range(comfy_nodes.LORA_CACHE_SIZE + 2):  # a bounded cache
+        other = lora.with_name(f"other_{i}.safetensors")
+        save_file({"x": torch.zeros(1)}, str(other))
+        comfy_nodes.read_lora_file(str(other))
+    assert len(comfy_nodes.read_loras) == comfy_nodes.LORA_CACHE_SIZE and str(lora) not in comfy_nodes.read_loras

@@ -29,7 +29,7 @@ WORKFLOWS = REPO / "workflows"
 CACHE = REPO / ".cache" / "test_models"
 CATEGORY = "DreamBooth LoRA"
 OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", *SETTINGS_NODES,
-             "DreamBoothTrainLoRA", "DreamBoothSample"}
+             "DreamBoothTrainLoRA", "DreamBoothSample", "DreamBoothLoadLoRA"}
 NOT_LOADED = ("lora key not loaded", "NOT LOADED")
 # Node ids of the shipped SD1.5-based workflows (tests/workflow_builder.py); SETTINGS: DreamBooth Memory & Speed.
 BASE, DATASET, SETTINGS, TRAIN, CKPT, LORA_LOADER, KSAMPLER, LATENT, SAVE, SAMPLE = \
@@ -213,7 +213,7 @@ def test_every_workflow_converts_and_uses_only_core_nodes_and_ours(object_info, 
                 assert not value.startswith(("/", "~")) and not re.match(r"^[A-Za-z]:[\\/]", value), \
                     f"absolute path in {name}: {value!r}"
     trains = [n for n in prompt.values() if n["class_type"] == "DreamBoothTrainLoRA"]
-    loaders = [n for n in prompt.values() if n["class_type"] == "LoraLoader"]
+    loaders = [n for n in prompt.values() if n["class_type"] == "DreamBoothLoadLoRA"]
     assert len(trains) == 1 and loaders and loaders[0]["inputs"]["lora_name"] == [TRAIN, 0]
 
 
@@ -265,6 +265,9 @@ def test_training_shows_progress_loss_text_and_sample_previews(trained):
     texts = listener.texts(TRAIN)
     assert any(re.match(r"step \d+/6  loss \d+\.\d{4}  ", t) for t in texts), texts
     assert any(t.startswith("done: e2e_dog.safetensors") for t in texts), texts
+    for phase in ("starting the training worker", "loading small_sd15.safetensors", "training ",  # every phase
+                  "writing the LoRA e2e_dog.safetensors", "making 1 sample image(s) at the end"):
+        assert any(t.startswith(phase) for t in texts), (phase, texts)
     previews = [p for kind, p in listener.binary if kind == listener.PREVIEW_IMAGE]
     assert previews  # the validation sample, shown while the node runs
     assert Image.open(__import__("io").BytesIO(previews[0][4:])).size[0] > 0
@@ -323,6 +326,34 @@ def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object
     assert entry["outputs"][SETTINGS]["text"][0] == memory_node_text("8 GB")  # what the preset sets, on the node
     with safe_open(str(server.models_dir / "loras" / "preset_dog.safetensors"), "pt") as f:
         assert any(k.startswith("lora_te_") for k in f.keys())  # the text encoder was trained
+
+
+def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
+    # ComfyUI's Load LoRA keeps the file it read first by path: after a retrain under the same name it
+    # applied the old LoRA until ComfyUI restarted (a silent wrong picture).
+    name = "retrained_dog"
+    first = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False), SAVE)
+    entry = server.wait(server.queue(first), timeout=900)
+    assert_success(entry, server)
+    before = saved_image(server, entry, SAVE)
+    second = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False, overwrite=True), SAVE)
+    second[TRAIN]["inputs"]["seed"] = first[TRAIN]["inputs"]["seed"] + 1
+    second[DATASET]["inputs"]["flip_p"] = 1.0  # other data too: every image mirrored
+    log_before = len(server.log())
+    entry = server.wait(server.queue(second), timeout=900)
+    assert_success(entry, server)
+    log = server.log()[log_before:]
+    assert "in worker" in log and not any(text in log for text in NOT_LOADED)  # trained again, applied completely
+    after = saved_image(server, entry, SAVE)
+    assert np.abs(after - before).mean() > 0.5
+    # what a fresh ComfyUI gives: the same file under a name nothing has read yet
+    loras = server.models_dir / "loras"
+    shutil.copy(loras / f"{name}.safetensors", loras / f"{name}_fresh.safetensors")
+    fresh = json.loads(json.dumps(second))
+    fresh[LORA_LOADER]["inputs"]["lora_name"] = f"{name}_fresh.safetensors"
+    entry = server.wait(server.queue(only_ancestors(fresh, SAVE)), timeout=600)
+    assert_success(entry, server)
+    assert np.array_equal(saved_image(server, entry, SAVE), after)
 
 
 # --- cancel and resume -----------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ SD15_NOTE = """DreamBooth LoRA, SD1.5: teach the model your subject, then draw i
 4. Train LoRA: output_name names the file in models/loras. About 100 steps per photo; learning rate 1e-4.
 5. Queue. The progress bar shows loss and sample images. Cancel is safe: a checkpoint and a partial LoRA are written; turn resume on and queue again to continue.
 
-The LoRA goes to models/loras/<output_name>.safetensors; Load LoRA below applies it (prompt with the trigger word). DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in DreamBooth Memory & Speed. More settings nodes (optimizer, LoRA and text encoder, captions and class images) chain into the same settings input."""
+The LoRA goes to models/loras/<output_name>.safetensors; DreamBooth Load LoRA below applies it (prompt with the trigger word) and reads it again after a retrain under the same name. DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in DreamBooth Memory & Speed. More settings nodes (optimizer, LoRA and text encoder, captions and class images) chain into the same settings input."""
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
@@ -184,7 +184,7 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
         Node(16, "PreviewImage", (c3, 780), {}, {"images": (5, 2)}, size=(360, 300), title="Loss curve"),
         Node(6, "CheckpointLoaderSimple", (c4, 20), {"ckpt_name": checkpoint}, {"ckpt_name": (2, 1)},
              size=(320, 100)),
-        Node(7, "LoraLoader", (c4, 160), {"lora_name": f"{name}.safetensors"},
+        Node(7, "DreamBoothLoadLoRA", (c4, 160), {"lora_name": f"{name}.safetensors"},
              {"model": (6, 0), "clip": (6, 1), "lora_name": (5, 0)}, size=(320, 130)),
         Node(8, "CLIPTextEncode", (c5, 20), {"text": "a photo of sks dog on the beach"}, {"clip": (7, 1)},
              size=(360, 150), title="Positive prompt (use the trigger word)"),

@@ -5,6 +5,8 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
 `event` (its kind) and `time` (Unix seconds). The kinds and their fields:
 
 - `loading`: `model`: the base model is being loaded (the slow part of start-up).
+- `class_images`: `done`, `total`: class images for prior preservation being generated (after a
+  `log` saying how many); once per image.
 - `start`: `total_steps`, `start_step` (> 0 when resumed), `model` (architecture),
   `num_images`, `buckets` (list of [width, height]), `device`, `mixed_precision` (what
   'auto' chose: `no`, `fp16` or `bf16`), `summary` (the dataset in words).
@@ -12,8 +14,11 @@ event) and, from the CLI, to stdout when `--events stdout` is given. Every event
   a step's event comes once the next step is queued (loss_readout.py), and always before
   the `checkpoint`, `sample`, `stopped` or `done` of its step; its `seconds_per_step` is then
   the time since the previous step's loss was read (they add up to the training time).
+- `sampling`: `step`, `count`: validation images are being made (minutes on a slow card); a
+  `sample` event follows with those made.
 - `sample`: `step`, `paths` (PNG files of the validation images), `prompts`.
 - `checkpoint`: `step`, `path` (the checkpoint folder), `lora` (partial LoRA file).
+- `exporting`: `step`, `lora` (the file being written): the finished LoRA is being exported.
 - `done`: `step`, `lora` (list of written LoRA files), `samples` (PNG files).
 - `stopped`: `step`, `checkpoint`, `lora`: a graceful stop (signal or stop file); a stop before
   the first step also has `summary` (what it kept, in words: "stopped before training; nothing written").

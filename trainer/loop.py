@@ -315,6 +315,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         stopped_at_the_end = stop.requested()  # asked during the last step, which then finished
         written = []
         if main:  # the LoRA first: samples that fail must not cost it
+            events.emit("exporting", step=step, lora=str(lora_path))
             written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
                                   config, _metadata(config, base, step, instance_data))
             if config.sample_at_end and stopped_at_the_end:
@@ -942,6 +943,7 @@ def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, eve
                       accelerator, place, stop: StopRequest) -> list[Path]:
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
+    events.emit("sampling", step=step, count=len(prompts))
     for module in (unet, *base.text_encoders):
         module.eval()
     # A compiled UNet would compile again for sampling's shapes and eval mode (minutes on real models).
