@@ -929,6 +929,7 @@ WIDGETS = {
                             "control_after_generate", "resume", "prior_preservation"],
     "DreamBoothSample": ["lora_name", "strength_model", "strength_clip", "prompt", "negative_prompt", "seed",
                          "control_after_generate", "steps", "cfg", "width", "height", "sampler_name", "scheduler"],
+    "DreamBoothLoadLoRA": ["lora_name", "strength_model", "strength_clip"],
 }
 
 
