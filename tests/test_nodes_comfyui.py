@@ -432,7 +432,7 @@ def test_the_same_graph_after_a_cache_reset_reuses_the_finished_run(server, trai
     entry2 = server.wait(server.queue(only_ancestors(prompt, TRAIN)), timeout=600)
     assert_success(entry2, server)
     assert TRAIN not in cached_nodes(entry2)
-    assert "trained before with these inputs; reusing" in server.log()[log_before:]
+    assert "e2e_dog: reused the finished run: e2e_dog.safetensors" in server.log()[log_before:]
     assert time.monotonic() - started < 30
     assert entry2["outputs"][TRAIN]["images"]  # the samples of the finished run are shown again
 
