@@ -338,10 +338,6 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
         pil_images, lines = pictures.from_image_tensor(images), captions.splitlines()
         image_captions = [(image, lines[i].strip() if i < len(lines) else "") for i, image in enumerate(pil_images)]
         readable = cb.slug(cb.sanitize_output_name(name))
-        legacy = _output_root() / "datasets" / readable  # the name before the hash: runs trained on it stay valid
-        if _holds_exactly(legacy, image_captions):
-            return _scan_dataset(legacy, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
-                                 crop, flip_p)
         folder = _output_root() / "datasets" / f"{readable}_{_content_hash(image_captions)}"
         folder.mkdir(parents=True, exist_ok=True)
         # The folder's name is its content, so a file already there is this one: it is not written again,
@@ -354,27 +350,6 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
                 atomic_write_bytes(txt, caption.encode("utf-8"))
         return _scan_dataset(folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
                              crop, flip_p)
-
-
-def _holds_exactly(folder: Path, image_captions: list[tuple[Any, str]]) -> bool:
-    """Whether `folder` (as Dataset from Images wrote it) holds these images (pixel for pixel) and
-    captions, and no others."""
-    if not folder.is_dir():
-        return False
-    from PIL import Image
-
-    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # (hidden: our temporaries)
-    expected = {f"image_{i:04d}.png" for i in range(len(image_captions))}
-    expected |= {f"image_{i:04d}.txt" for i, (_, caption) in enumerate(image_captions) if caption}
-    if names != expected:
-        return False
-    for i, (image, caption) in enumerate(image_captions):
-        with Image.open(folder / f"image_{i:04d}.png") as saved:
-            if saved.mode != image.mode or saved.size != image.size or saved.tobytes() != image.tobytes():
-                return False
-        if caption and (folder / f"image_{i:04d}.txt").read_text(encoding="utf-8") != caption:
-            return False
-    return True
 
 
 def _content_hash(image_captions: list[tuple[Any, str]]) -> str:

@@ -260,11 +260,6 @@ def class_images_folder_name(base: dict[str, Any], dataset: dict[str, Any]) -> s
     return f"{readable}_{short_hash(model, prompt, train_resolution(base, dataset))}"
 
 
-def legacy_class_images_folder_name(base: dict[str, Any], dataset: dict[str, Any]) -> str:
-    """The class-images folder name before it carried a hash (a run that used it keeps it)."""
-    return slug(f"{Path(str(base['name'])).stem}_{dataset.get('class_prompt', '')}", 100)
-
-
 def widget_spec(widget: Widget) -> dict[str, Any]:
     """Everything needed to draw a widget: its TrainConfig option's type, default, help, choices and
     range, with what `widget` changes of them."""

@@ -1114,31 +1114,6 @@ def test_train_lora_refuses_a_run_folder_a_leftover_worker_still_runs_in(comfy_f
 
 
 @pytest.mark.comfyui
-def test_datasets_from_before_the_hashed_folder_names_keep_their_folders(comfy_folders):
-    from comfyui_dreambooth_lora.nodes import comfy_nodes
-
-    root = comfy_folders / "output" / "dreambooth_lora"
-    import torch
-
-    images = torch.rand(2, 16, 16, 3)
-    old = root / "datasets" / "subject"  # as Dataset from Images wrote it before
-    old.mkdir(parents=True)
-    for i, image in enumerate(pictures.from_image_tensor(images)):
-        image.save(old / f"image_{i:04d}.png")
-    (old / "image_0001.txt").write_text("red", encoding="utf-8")
-    stamps = sorted((p.name, p.stat().st_mtime_ns) for p in old.iterdir())
-
-    def from_images(images, captions):
-        return comfy_nodes.DreamBoothDatasetFromImages.execute(images, "subject", captions, "a photo of sks disc", "",
-                                                               "file_or_prompt", 1, 16, True, "center", 0.0).args[0]
-    assert Path(from_images(images, "\nred")["folder"]) == old  # the same images: the old folder, untouched
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in old.iterdir()) == stamps
-    assert Path(from_images(images, "\nblue")["folder"]).name.startswith("subject_")  # other captions: a new one
-    draw_subject_image((16, 16), seed=1).save(old / "extra.png")  # an image the node was not given
-    assert Path(from_images(images, "\nred")["folder"]) != old  # would train on it too: not that folder
-
-
-@pytest.mark.comfyui
 def test_sample_runs_again_when_its_lora_file_is_replaced(comfy_folders):
     import torch
     from safetensors.torch import save_file
