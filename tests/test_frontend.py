@@ -1,0 +1,109 @@
+"""Every shipped workflow through ComfyUI's real frontend, run on a real ComfyUI server.
+
+The server serves the `comfyui-frontend-package` ComfyUI's requirements name; headless
+Chromium (the system's `chromium`, driven by playwright) opens it. For each workflow, in a
+fresh browser context: the frontend loads the graph (`app.loadGraphData`), every combo value
+must be one the server offers, a few widgets are set by name to CPU sizes (as a user would),
+and the frontend's own `graphToPrompt()` is queued on the server. The run must succeed and
+leave the LoRA in models/loras and every image it reports.
+
+The server is given what the workflows name (a small checkpoint under each checkpoint name,
+demo photos under each folder name) by the demo's `provide_workflow_names`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from comfyui_demo import WORKFLOWS, prepare_demo, provide_workflow_names, write_frontend_settings
+from comfyui_frontend import chromium_path, frontend_prompt, launch_chromium, open_frontend
+from comfyui_server import ComfyUIServer, execution_error, frontend_static_dir
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(chromium_path() is None,
+                       reason="no chromium on PATH (Debian: apt-get install chromium); the real-frontend test needs it"),
+    pytest.mark.skipif(frontend_static_dir() is None,
+                       reason="comfyui-frontend-package is not installed (make setup installs requirements-dev.txt)"),
+]
+
+WORKFLOW_NAMES = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+# Widget values set by name on every node that has them: CPU sizes for a run of seconds.
+CPU_SIZES = {"resolution": 64, "max_train_steps": 1, "width": 64, "height": 64, "steps": 1, "sample_steps": 1,
+             "validation_prompts": "a photo of sks dog", "num_class_images": 1, "class_sample_steps": 1,
+             "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = ComfyUIServer(tmp_path_factory.mktemp("comfyui_frontend"), frontend_root=frontend_static_dir())
+    server.prepare()
+    write_frontend_settings(server.base)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+def test_the_demo_setup_offers_the_names_of_the_sd15_workflow(server):
+    """`make comfyui-demo`'s setup: ComfyUI lists the checkpoint and photo folder the SD1.5 template names."""
+    added = prepare_demo(server)
+    assert any(p.startswith("models/checkpoints/") for p in added) and any(p.startswith("input/") for p in added)
+    info = server.object_info()
+    checkpoints = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    for path in added:
+        kind, name = path.split("/", 1)
+        if kind == "models":
+            assert name.split("/", 1)[1] in checkpoints
+            assert (server.models_dir / "checkpoints" / name.split("/", 1)[1]).stat().st_size > 100 << 20
+        else:
+            assert (server.input_dir / name).is_dir() and len(list((server.input_dir / name).glob("*.png"))) >= 4
+    assert prepare_demo(server) == []  # a second start finds everything in place
+
+
+def test_the_frontend_serves_the_packs_workflows_as_templates(server):
+    templates = server.get("/workflow_templates")
+    pack = next(names for module, names in templates.items() if "dreambooth" in module)
+    assert sorted(f"{name}.json" for name in pack) == WORKFLOW_NAMES
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_the_workflow_runs_from_the_real_frontend(server, browser, name):
+    workflow = json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+    provide_workflow_names(server, workflow)
+    output_name = f"frontend_{Path(name).stem}"
+    page = open_frontend(browser, server.url)
+    try:
+        prompt, problems = frontend_prompt(page, workflow, {**CPU_SIZES, "output_name": output_name})
+        assert not problems, f"{name}: the frontend shows values the server does not offer: {problems}"
+        assert prompt, f"{name}: the frontend made an empty prompt"
+        started = time.monotonic()
+        entry = server.wait(server.queue(prompt), timeout=1500)
+        seconds = time.monotonic() - started
+    finally:
+        page.context.close()
+    error = execution_error(entry)
+    assert entry["status"]["status_str"] == "success" and error is None, (
+        f"{name}: {error and error.get('node_type')}: {error and error.get('exception_message')}\n"
+        + server.log_tail())
+    lora = server.models_dir / "loras" / f"{output_name}.safetensors"
+    assert lora.is_file() and lora.stat().st_size > 0, f"{name}: no {lora.name} in models/loras"
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    assert images, f"{name}: the run reported no images"
+    folders = {"output": server.output_dir, "temp": server.temp_dir}
+    for image in images:
+        path = folders[image["type"]] / image["subfolder"] / image["filename"]
+        assert path.is_file() and path.stat().st_size > 0, f"{name}: {path} is missing"
+    print(f"{name}: {seconds:.1f}s from the frontend's prompt to the finished run, {len(images)} images")
