@@ -125,6 +125,7 @@ def template_browser(page, target: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="training steps of the run pictured (CPU: ~10 s each)")
+    parser.add_argument("--skip-run", action="store_true", help="only the pictures of the graph and the templates")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 save_small_png(raw, IMAGES / "workflow_sd15.png")
             overrides = {"resolution": 64, "max_train_steps": args.steps, "width": 64, "height": 64, "steps": 12,
                          "sample_steps": 12, "output_name": "my_dog"}
-            entry = run_from_page(page, server, workflow, overrides)
-            samples_sheet(server, entry, workflow, IMAGES / "samples_sd15.png")
+            if not args.skip_run:
+                entry = run_from_page(page, server, workflow, overrides)
+                samples_sheet(server, entry, workflow, IMAGES / "samples_sd15.png")
             page.context.close()
             page = open_frontend(browser, server.url, viewport={"width": 1400, "height": 900})
             template_browser(page, IMAGES / "templates.png")
