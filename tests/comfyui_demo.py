@@ -92,6 +92,17 @@ def missing_names(workflow: dict[str, Any], object_info: dict[str, Any]) -> list
     return missing
 
 
+def is_sdxl_name(name: str) -> bool:
+    """Whether a checkpoint name is taken for an SDXL-family model (the small SDXL checkpoint stands in for it)."""
+    return "xl" in name.lower()
+
+
+def names_an_sdxl_checkpoint(workflow: dict[str, Any]) -> bool:
+    """Whether any widget of the workflow names an SDXL-family checkpoint (no server needed)."""
+    return any(isinstance(value, str) and value.lower().endswith(MODEL_EXTENSIONS) and is_sdxl_name(value)
+               for node in workflow["nodes"] for value in node.get("widgets_values") or [])
+
+
 def provide_workflow_names(server: ComfyUIServer, workflow: dict[str, Any]) -> list[str]:
     """Put in place what the workflow names and the server lacks; what was added, as relative paths.
 
@@ -107,7 +118,7 @@ def provide_workflow_names(server: ComfyUIServer, workflow: dict[str, Any]) -> l
             raise ValueError(f"{class_type}.{name} = {value!r}: not a name this script can provide")
         if value.lower().endswith(MODEL_EXTENSIONS):
             target = server.models_dir / "checkpoints" / value
-            source = small_sdxl_checkpoint() if "xl" in value.lower() else small_sd15_checkpoint()
+            source = small_sdxl_checkpoint() if is_sdxl_name(value) else small_sd15_checkpoint()
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link(source, target)

@@ -8,7 +8,10 @@ and the frontend's own `graphToPrompt()` is queued on the server. The run must s
 leave the LoRA in models/loras and every image it reports.
 
 The server is given what the workflows name (a small checkpoint under each checkpoint name,
-demo photos under each folder name) by the demo's `provide_workflow_names`.
+demo photos under each folder name) by the demo's `provide_workflow_names`. A workflow that
+names an SDXL-family checkpoint runs on the small SDXL-family checkpoint (about 10 GB of RAM,
+minutes): that run is marked slow; its graph is still loaded and converted by the frontend in
+CI (`test_the_frontend_makes_the_prompt_the_tests_make`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_demo import WORKFLOWS, prepare_demo, provide_workflow_names, write_frontend_settings
+from comfyui_demo import (WORKFLOWS, names_an_sdxl_checkpoint, prepare_demo, provide_workflow_names,
+                          write_frontend_settings)
 from comfyui_frontend import chromium_path, frontend_prompt, launch_chromium, open_frontend
-from comfyui_server import ComfyUIServer, execution_error, frontend_static_dir
+from comfyui_server import ComfyUIServer, execution_error, frontend_static_dir, workflow_to_api
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -37,6 +41,16 @@ pytestmark = [
 ]
 
 WORKFLOW_NAMES = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+def run_params() -> list:
+    """Every workflow; those on an SDXL-family checkpoint marked slow (RAM and minutes)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if names_an_sdxl_checkpoint(load_workflow(name)) else name
+            for name in WORKFLOW_NAMES]
 # Widget values set by name on every node that has them: CPU sizes for a run of seconds.
 CPU_SIZES = {"resolution": 64, "max_train_steps": 1, "width": 64, "height": 64, "steps": 1, "sample_steps": 1,
              "validation_prompts": "a photo of sks dog", "num_class_images": 1, "class_sample_steps": 1,
@@ -85,8 +99,25 @@ def test_the_frontend_serves_the_packs_workflows_as_templates(server):
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_the_frontend_makes_the_prompt_the_tests_make(server, browser, name):
+    """The frontend's prompt of a shipped workflow is the one `workflow_to_api` (used by the other tests) makes."""
+    workflow = load_workflow(name)
+    page = open_frontend(browser, server.url)
+    try:
+        prompt, _ = frontend_prompt(page, workflow)
+        errors = list(page.errors)
+    finally:
+        page.context.close()
+    ours = workflow_to_api(workflow, server.object_info())
+    assert {k: v["class_type"] for k, v in prompt.items()} == {k: v["class_type"] for k, v in ours.items()}
+    for node_id, node in ours.items():
+        assert prompt[node_id]["inputs"] == node["inputs"], f"{name}: node {node_id} ({node['class_type']})"
+    assert not errors, f"{name}: errors in the page: {errors}"
+
+
+@pytest.mark.parametrize("name", run_params())
 def test_the_workflow_runs_from_the_real_frontend(server, browser, name):
-    workflow = json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+    workflow = load_workflow(name)
     provide_workflow_names(server, workflow)
     output_name = f"frontend_{Path(name).stem}"
     page = open_frontend(browser, server.url)
