@@ -33,10 +33,10 @@ from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServe
                             write_small_sdxl_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = REPO / "workflows"
+# ComfyUI serves either folder as the pack's templates ("example_workflows" is the documented name).
+WORKFLOWS = next((REPO / d for d in ("example_workflows", "workflows") if (REPO / d).is_dir()), REPO / "workflows")
 MODEL_CACHE = REPO / ".cache" / "test_models"
 DEMO_BASE = REPO / ".cache" / "comfyui_demo"
-DEMO_WORKFLOW = "dreambooth_lora_sd15.json"
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
@@ -149,9 +149,17 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy(source, target)
 
 
-def prepare_demo(server: ComfyUIServer, workflow_name: str = DEMO_WORKFLOW) -> list[str]:
-    """On a started server: the checkpoint and photo folder the demo workflow names; what was added."""
-    workflow = json.loads((WORKFLOWS / workflow_name).read_text(encoding="utf-8"))
+def demo_workflow() -> Path:
+    """The shipped SD1.5 workflow (the file whose name says SD1.5), the one the demo is for."""
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        if "sd15" in "".join(c for c in path.stem.lower() if c.isalnum()):
+            return path
+    raise FileNotFoundError(f"no SD1.5 workflow (a name with 'sd15' or 'SD1.5') in {WORKFLOWS}")
+
+
+def prepare_demo(server: ComfyUIServer) -> list[str]:
+    """On a started server: the checkpoint and photo folder the SD1.5 workflow names; what was added."""
+    workflow = json.loads(demo_workflow().read_text(encoding="utf-8"))
     added = provide_workflow_names(server, workflow)
     still_missing = missing_names(workflow, server.object_info())
     if still_missing:

@@ -19,6 +19,8 @@ from typing import Any
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1600, "height": 1000}
+# The pack's entry in the template browser (locales/en/main.json names it).
+PACK_TEMPLATES_LABEL = "DreamBooth LoRA"
 
 
 def chromium_path() -> str | None:
@@ -89,3 +91,10 @@ def frontend_prompt(page: Any, workflow: dict[str, Any], overrides: dict[str, An
     """
     output, problems = page.evaluate(_LOAD_AND_CONVERT, [workflow, overrides or {}])
     return output, problems
+
+
+def open_pack_templates(page: Any, timeout: float = 30.0) -> None:
+    """Open the template browser (Workflow > Browse Templates) on the pack's entry."""
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text(PACK_TEMPLATES_LABEL, exact=True).first.click(timeout=timeout * 1000)
+    page.wait_for_timeout(1500)

@@ -25,12 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfyui_demo import DEMO_WORKFLOW, WORKFLOWS, prepare_demo, write_frontend_settings  # noqa: E402
-from comfyui_frontend import chromium_path, frontend_prompt, launch_chromium, open_frontend  # noqa: E402
+from comfyui_demo import demo_workflow, prepare_demo, write_frontend_settings  # noqa: E402
+from comfyui_frontend import (chromium_path, frontend_prompt, launch_chromium, open_frontend,  # noqa: E402
+                              open_pack_templates)
 from comfyui_server import ComfyUIServer, frontend_static_dir  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
-GRAPH_VIEWPORT = {"width": 1920, "height": 1080}
+GRAPH_VIEWPORT = {"width": 2400, "height": 1350}
+# Pictures without the canvas' debug corner and minimap, and with node text drawn at every zoom.
+PICTURE_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+                    "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Workflow.WorkflowTabsPosition": "Sidebar"}
 MAX_BYTES = 400 << 10
 
 
@@ -53,10 +57,40 @@ def save_small_png(source: Path, target: Path, width: int | None = None) -> Path
     return target
 
 
+# The graph's bounds fill the canvas right of the side bar and below the top bar (the
+# frontend's own "fit view" leaves a wide margin).
+_FIT_GRAPH = """
+([left, top, margin]) => {
+  const nodes = app.graph.nodes ?? app.graph._nodes;
+  const title = 30;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const width = window.innerWidth - left - 2 * margin, height = window.innerHeight - top - 2 * margin;
+  const scale = Math.min(width / (x1 - x0), height / (y1 - y0));
+  const ds = app.canvas.ds;
+  ds.scale = scale;
+  ds.offset = [(left + margin + (width - scale * (x1 - x0)) / 2) / scale - x0, (top + margin) / scale - y0];
+  app.canvas.setDirty(true, true);
+  return scale;
+}
+"""
+
+
 def fit_view(page) -> None:
-    page.evaluate("() => { app.canvas.deselectAll?.(); "
-                  "return app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+    page.evaluate("() => app.canvas.deselectAll?.()")
+    scale = page.evaluate(_FIT_GRAPH, [60, 90, 16])
     page.wait_for_timeout(800)
+    print(f"graph drawn at {scale:.0%}")
+
+
+def screenshot(page, target: Path, width: int | None = None) -> Path:
+    """The page without passing notifications, as a small PNG."""
+    page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach((toast) => toast.remove())")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "page.png"
+        page.screenshot(path=str(raw))
+        return save_small_png(raw, target, width)
 
 
 def run_from_page(page, server: ComfyUIServer, workflow: dict, overrides: dict, timeout: float = 1800) -> dict:
@@ -111,15 +145,8 @@ def samples_sheet(server: ComfyUIServer, entry: dict, workflow: dict, target: Pa
 
 def template_browser(page, target: Path) -> Path:
     """The template browser opened on the pack's entry."""
-    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.wait_for_timeout(2500)
-    entry = page.get_by_text("dreambooth", exact=False).first
-    entry.click()
-    page.wait_for_timeout(2500)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "templates.png"
-        page.screenshot(path=str(raw))
-        return save_small_png(raw, target, width=1400)
+    open_pack_templates(page)
+    return screenshot(page, target, width=1400)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,21 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     if chromium_path() is None or frontend_static_dir() is None:
         print("needs chromium on PATH and comfyui-frontend-package (make setup)", file=sys.stderr)
         return 2
-    workflow = json.loads((WORKFLOWS / DEMO_WORKFLOW).read_text(encoding="utf-8"))
+    workflow = json.loads(demo_workflow().read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as base:
         server = ComfyUIServer(Path(base), frontend_root=frontend_static_dir())
         server.prepare()
-        write_frontend_settings(server.base, **{"Comfy.Minimap.Visible": False})
+        write_frontend_settings(server.base, **PICTURE_SETTINGS)
         with server, sync_playwright() as playwright:
             prepare_demo(server)
             browser = launch_chromium(playwright)
             page = open_frontend(browser, server.url, viewport=GRAPH_VIEWPORT)
             page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
             fit_view(page)
-            with tempfile.TemporaryDirectory() as tmp:
-                raw = Path(tmp) / "graph.png"
-                page.screenshot(path=str(raw))
-                save_small_png(raw, IMAGES / "workflow_sd15.png")
+            screenshot(page, IMAGES / "workflow_sd15.png")
             overrides = {"resolution": 64, "max_train_steps": args.steps, "width": 64, "height": 64, "steps": 12,
                          "sample_steps": 12, "output_name": "my_dog"}
             if not args.skip_run:
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 samples_sheet(server, entry, workflow, IMAGES / "samples_sd15.png")
             page.context.close()
             page = open_frontend(browser, server.url, viewport={"width": 1400, "height": 900})
+            # behind the dialog, a graph whose models are present (the default graph's are not: an error panel)
+            page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
             template_browser(page, IMAGES / "templates.png")
             browser.close()
     return 0

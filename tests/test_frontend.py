@@ -25,7 +25,8 @@ import pytest
 
 from comfyui_demo import (WORKFLOWS, names_an_sdxl_checkpoint, prepare_demo, provide_workflow_names,
                           write_frontend_settings)
-from comfyui_frontend import chromium_path, frontend_prompt, launch_chromium, open_frontend
+from comfyui_frontend import (PACK_TEMPLATES_LABEL, chromium_path, frontend_prompt, launch_chromium, open_frontend,
+                              open_pack_templates)
 from comfyui_server import ComfyUIServer, execution_error, frontend_static_dir, workflow_to_api
 
 pytestmark = [
@@ -92,10 +93,22 @@ def test_the_demo_setup_offers_the_names_of_the_sd15_workflow(server):
     assert prepare_demo(server) == []  # a second start finds everything in place
 
 
-def test_the_frontend_serves_the_packs_workflows_as_templates(server):
+def test_the_template_browser_shows_the_packs_workflows_under_its_name(server, browser):
+    """The frontend titles a pack's template by its file name; the pack's entry is named by locales/en/main.json."""
     templates = server.get("/workflow_templates")
     pack = next(names for module, names in templates.items() if "dreambooth" in module)
     assert sorted(f"{name}.json" for name in pack) == WORKFLOW_NAMES
+    page = open_frontend(browser, server.url)
+    try:
+        open_pack_templates(page)  # fails when no entry is labelled PACK_TEMPLATES_LABEL
+        dialog = page.get_by_role("dialog")
+        assert dialog.get_by_text(PACK_TEMPLATES_LABEL, exact=True).count() >= 1
+        for name in pack:
+            card = dialog.get_by_text(name, exact=True).first
+            card.scroll_into_view_if_needed()
+            assert card.is_visible(), f"the template browser does not show {name}"
+    finally:
+        page.context.close()
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
