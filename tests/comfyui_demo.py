@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, _input_spec,  # noqa: E402
-                            frontend_static_dir, workflow_to_api, write_small_sd15_checkpoint,
+                            frontend_static_dir, widget_names, workflow_to_api, write_small_sd15_checkpoint,
                             write_small_sdxl_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = next((REPO / d for d in ("example_workflows", "workflows") if (REPO / d).is_dir()), REPO / "workflows")
 MODEL_CACHE = REPO / ".cache" / "test_models"
 DEMO_BASE = REPO / ".cache" / "comfyui_demo"
+# The SD1.5 workflow at sizes the CPU trains in minutes, saved beside the template as a user workflow.
+CPU_DEMO_NAME = "DreamBooth LoRA demo (CPU sizes)"
+CPU_DEMO_VALUES = {"resolution": 64, "max_train_steps": 60, "width": 64, "height": 64, "steps": 12,
+                   "sample_steps": 12, "checkpoint_every": 30}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
@@ -157,13 +161,34 @@ def demo_workflow() -> Path:
     raise FileNotFoundError(f"no SD1.5 workflow (a name with 'sd15' or 'SD1.5') in {WORKFLOWS}")
 
 
+def with_widget_values(workflow: dict[str, Any], object_info: dict[str, Any], values: dict[str, Any]) -> dict:
+    """A copy of a UI-format workflow with the named widgets set on every node that has them."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info or not isinstance(node.get("widgets_values"), list):
+            continue
+        position = 0
+        for name, has_control in widget_names(object_info[node["type"]]):
+            if name in values and position < len(node["widgets_values"]):
+                node["widgets_values"][position] = values[name]
+            position += 2 if has_control else 1
+    return workflow
+
+
 def prepare_demo(server: ComfyUIServer) -> list[str]:
-    """On a started server: the checkpoint and photo folder the SD1.5 workflow names; what was added."""
+    """On a started server: the checkpoint and photo folder the SD1.5 workflow names, and the
+    workflow at CPU sizes in the user's workflows; what was added."""
     workflow = json.loads(demo_workflow().read_text(encoding="utf-8"))
     added = provide_workflow_names(server, workflow)
-    still_missing = missing_names(workflow, server.object_info())
+    info = server.object_info()
+    still_missing = missing_names(workflow, info)
     if still_missing:
         raise RuntimeError(f"ComfyUI does not list {still_missing} after they were put in place")
+    saved = server.base / "user" / "default" / "workflows" / f"{CPU_DEMO_NAME}.json"
+    if not saved.exists():
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(with_widget_values(workflow, info, CPU_DEMO_VALUES), indent=1), encoding="utf-8")
+        added.append(f"user/default/workflows/{saved.name}")
     return added
 
 
@@ -190,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  base directory: {server.base}  (log: {server.log_path.name})")
         for path in added:
             print(f"  {path}")
-        print("Open it, choose Workflow > Browse Templates > comfyui-dreambooth-lora > the SD1.5 workflow, press Run.\n"
-              "On the CPU, set the Dataset's resolution to 64 and max_train_steps to about 50 for a run of "
-              "minutes (the template's 512 px and 800 steps are for a GPU). Ctrl+C stops the server.", flush=True)
+        print("Open it and choose Templates > DreamBooth LoRA > the SD1.5 workflow, press Run. The template's\n"
+              "512 px and 800 steps are for a GPU: on the CPU, open Workflows > "
+              f"'{CPU_DEMO_NAME}' (the same graph at 64 px, 60 steps;\n"
+              "a few minutes) and press Run. Ctrl+C stops the server.", flush=True)
         while server.alive:
             time.sleep(1)
         print("ComfyUI exited:\n" + server.log_tail(), file=sys.stderr)

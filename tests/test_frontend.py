@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_demo import (WORKFLOWS, names_an_sdxl_checkpoint, prepare_demo, provide_workflow_names,
-                          write_frontend_settings)
+from comfyui_demo import (CPU_DEMO_NAME, CPU_DEMO_VALUES, WORKFLOWS, names_an_sdxl_checkpoint, prepare_demo,
+                          provide_workflow_names, write_frontend_settings)
 from comfyui_frontend import (PACK_TEMPLATES_LABEL, chromium_path, frontend_prompt, launch_chromium, open_frontend,
                               open_pack_templates)
 from comfyui_server import ComfyUIServer, execution_error, frontend_static_dir, workflow_to_api
@@ -80,16 +80,21 @@ def browser():
 def test_the_demo_setup_offers_the_names_of_the_sd15_workflow(server):
     """`make comfyui-demo`'s setup: ComfyUI lists the checkpoint and photo folder the SD1.5 template names."""
     added = prepare_demo(server)
-    assert any(p.startswith("models/checkpoints/") for p in added) and any(p.startswith("input/") for p in added)
     info = server.object_info()
-    checkpoints = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-    for path in added:
-        kind, name = path.split("/", 1)
-        if kind == "models":
-            assert name.split("/", 1)[1] in checkpoints
-            assert (server.models_dir / "checkpoints" / name.split("/", 1)[1]).stat().st_size > 100 << 20
-        else:
-            assert (server.input_dir / name).is_dir() and len(list((server.input_dir / name).glob("*.png"))) >= 4
+    checkpoints = [p.split("/", 2)[2] for p in added if p.startswith("models/checkpoints/")]
+    folders = [p.split("/", 1)[1] for p in added if p.startswith("input/")]
+    assert checkpoints and folders, added
+    for name in checkpoints:
+        assert name in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        assert (server.models_dir / "checkpoints" / name).stat().st_size > 100 << 20
+    for name in folders:
+        assert len(list((server.input_dir / name).glob("*.png"))) >= 4
+    saved = server.base / "user" / "default" / "workflows" / f"{CPU_DEMO_NAME}.json"
+    assert saved.is_file()
+    cpu_prompt = workflow_to_api(json.loads(saved.read_text(encoding="utf-8")), info)
+    assert max(node["inputs"].get("max_train_steps", 0) for node in cpu_prompt.values()) == \
+        CPU_DEMO_VALUES["max_train_steps"]
+    assert all(node["inputs"].get("resolution", 64) == 64 for node in cpu_prompt.values())
     assert prepare_demo(server) == []  # a second start finds everything in place
 
 
