@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     print("building the small model on first use (about a minute) ...", flush=True)
     small_sd15_checkpoint()
     server = ComfyUIServer(args.base_directory, port=args.port, frontend_root=frontend)
+    # `kill` stops the demo as Ctrl+C does: ComfyUI runs in its own session and would outlive us.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server.prepare()
     write_frontend_settings(server.base)
     server.start()
