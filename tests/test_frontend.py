@@ -42,6 +42,10 @@ pytestmark = [
 ]
 
 WORKFLOW_NAMES = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+# Widget values set by name on every node that has them: CPU sizes for a short run (one step, one sample).
+CPU_SIZES = {"resolution": 64, "max_train_steps": 1, "width": 64, "height": 64, "steps": 1, "sample_steps": 1,
+             "validation_prompts": "a photo of sks dog", "num_class_images": 1, "class_sample_steps": 1,
+             "batch_size": 1}
 
 
 def load_workflow(name: str) -> dict:
@@ -52,10 +56,6 @@ def run_params() -> list:
     """Every workflow; those on an SDXL-family checkpoint marked slow (RAM and minutes)."""
     return [pytest.param(name, marks=pytest.mark.slow) if names_an_sdxl_checkpoint(load_workflow(name)) else name
             for name in WORKFLOW_NAMES]
-# Widget values set by name on every node that has them: CPU sizes for a run of seconds.
-CPU_SIZES = {"resolution": 64, "max_train_steps": 1, "width": 64, "height": 64, "steps": 1, "sample_steps": 1,
-             "validation_prompts": "a photo of sks dog", "num_class_images": 1, "class_sample_steps": 1,
-             "batch_size": 1}
 
 
 @pytest.fixture(scope="module")
