@@ -10,7 +10,7 @@ TORCH_FOR_TESTS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.*
 
 COMFYUI_REQUIREMENTS := .cache/ComfyUI/requirements.txt
 
-.PHONY: setup newest demo test test-oldest test-slow test-all comfyui bench gpu-wheels clean
+.PHONY: setup newest demo test test-oldest test-slow test-all comfyui comfyui-demo screenshots bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,16 @@ newest: comfyui
 ## demo: train a LoRA on a small local model and generated pictures (CPU, ~1 min)
 demo: setup
 	$(BIN)/python -m comfyui_dreambooth_lora.trainer demo --output demo_output
+
+## comfyui-demo: a real ComfyUI with this pack, a small model and demo photos on http://127.0.0.1:8188 (CPU,
+## offline); open it, choose the SD1.5 template, press Run. PORT=... to change the port; Ctrl+C stops it.
+PORT ?= 8188
+comfyui-demo: comfyui
+	$(BIN)/python tests/comfyui_demo.py --port $(PORT)
+
+## screenshots: the README's pictures (docs/images/), taken in ComfyUI's real frontend (needs chromium; ~5 min)
+screenshots: comfyui
+	$(BIN)/python tests/screenshots.py
 
 ## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the newest
 ## published version of every dependency and again at the oldest ones pyproject.toml allows

@@ -3,7 +3,8 @@
 `ComfyUIServer(base_dir).start()` runs ComfyUI's own `main.py` (the source from
 `comfyui_source.py`) with a temporary `--base-directory` that holds `custom_nodes/` with
 this pack linked in, `models/`, `input/` and `output/`; an in-memory database; and an
-empty front-end root, so nothing is fetched. `stop()` ends it. Also a helper to turn a
+empty front-end root, so nothing is fetched, or with `frontend_root=frontend_static_dir()`
+the real frontend (`comfyui-frontend-package`). `stop()` ends it. Also a helper to turn a
 UI-format workflow into the API format from the live `/object_info`.
 
     with ComfyUIServer(tmp_path) as server:
@@ -35,6 +36,16 @@ FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode", "Labe
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
+def frontend_static_dir() -> Path | None:
+    """The real frontend's files from the installed `comfyui-frontend-package`, or None when it is not installed."""
+    try:
+        import comfyui_frontend_package
+    except ImportError:
+        return None
+    static = Path(comfyui_frontend_package.__file__).parent / "static"
+    return static if (static / "index.html").is_file() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +58,8 @@ class ServerError(RuntimeError):
 
 class ComfyUIServer:
     def __init__(self, base_dir: Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, startup_timeout: float = 180.0):
+                 env: dict[str, str] | None = None, startup_timeout: float = 180.0,
+                 frontend_root: Path | None = None):
         from comfyui_source import comfyui_dir
 
         self.comfyui = comfyui_dir()
@@ -56,6 +68,7 @@ class ComfyUIServer:
         self.extra_args = extra_args
         self.env = env
         self.startup_timeout = startup_timeout
+        self.frontend_root = Path(frontend_root) if frontend_root else self.base / "frontend"
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
         self.client_id = uuid.uuid4().hex
@@ -70,6 +83,11 @@ class ComfyUIServer:
     @property
     def output_dir(self) -> Path:
         return self.base / "output"
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where "temp" images (previews) go: ComfyUI puts them into a `temp/` inside --temp-directory."""
+        return self.base / "temp" / "temp"
 
     @property
     def models_dir(self) -> Path:
@@ -98,7 +116,7 @@ class ComfyUIServer:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
         command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--base-directory", str(self.base),
-                   "--database-url", "sqlite:///:memory:", "--front-end-root", str(self.base / "frontend"),
+                   "--database-url", "sqlite:///:memory:", "--front-end-root", str(self.frontend_root),
                    "--temp-directory", str(self.base / "temp"), *self.extra_args]
         self._log = open(self.log_path, "ab")
         kwargs: dict[str, Any] = {"start_new_session": True} if os.name != "nt" else {}
