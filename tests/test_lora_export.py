@@ -18,6 +18,7 @@ from torch import nn
 
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.export import export_lora, kohya_state_dict, lora_metadata
+from comfyui_dreambooth_lora.trainer.fileio import DiskFullError
 from comfyui_dreambooth_lora.trainer.lora import (add_lora, load_lora_state, lora_parameters, lora_state,
                                                   skip_lora_input_casts)
 from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components, sd_noise_scheduler_config, write_char_tokenizer
@@ -452,7 +453,8 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     perturb([unet])
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=rf"out of disk space: writing the LoRA sks_dog.safetensors in {tmp_path} "
+                                            r"needs about 0.\d MB"):
         export_lora(path, unet, text_encoders, "sd1", config, {"ss_steps": "2"})
     assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sks_dog.safetensors"]
