@@ -73,7 +73,7 @@ test-slow: comfyui
 test-all: comfyui
 	$(BIN)/python -m pytest -q
 
-## bench: speed and memory of our trainer against the diffusers example (2 CPU cores: ~4 min; README "Performance")
+## bench: speed and memory of our trainer against the diffusers example (2 CPU cores: ~4 min; benchmarks/README.md)
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 

@@ -1,6 +1,6 @@
 """The ops and casts one UNet forward dispatches on the CUDA path, counted without a GPU.
 
-On a GPU the SD training step is bound by the host dispatching ops (README, Performance), and
+On a GPU the SD training step is bound by the host dispatching ops (benchmarks/README.md), and
 casts were a large share of them. This counts them on any machine: the UNet is built on the
 meta device, its weights become fake CUDA tensors (torch's FakeTensorMode: shapes and dtypes,
 no memory, no kernels), CUDA autocast is switched on as accelerate switches it on, and a

@@ -1,7 +1,7 @@
 """The oldest versions pyproject.toml allows, as pip constraints: `python tests/oldest_versions.py`.
 
 `make test-oldest` installs them into their own venv and runs the suite there, so every
-declared floor is one that works (README, Tests). Requirements whose marker does not hold
+declared floor is one that works (docs/development.md). Requirements whose marker does not hold
 on this Python (tomli on 3.11+) are left out.
 """
 

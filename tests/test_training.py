@@ -1044,7 +1044,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
 
 
 def test_cli_refusals_before_training_are_bad_input_too(tiny_sd1, photos, tmp_path):
-    # the trainer's own refusals (an existing LoRA, fp16 on the CPU) exit 2 as the README says, not 1
+    # the trainer's own refusals (an existing LoRA, fp16 on the CPU) exit 2 as docs/cli.md says, not 1
     config = make_config(tiny_sd1, photos, tmp_path / "run")
     (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "run" / "test_lora.safetensors").parent.mkdir(parents=True)

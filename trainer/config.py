@@ -3,7 +3,7 @@
 A config is read from TOML or JSON (`load_config`), checked once (`TrainConfig.validate`,
 called by `from_dict`), and then travels through the trainer as this object. Each field
 carries its help text, its allowed values and its range in the dataclass metadata; the
-README's option table and the error messages are both made from that metadata.
+docs/options.md and the error messages are both made from that metadata.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class TrainConfig:
     lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=10_000_000)
     mixed_precision: str = opt("auto", "'auto': bf16 where the GPU or CPU computes in bf16 (CPUs with AVX512-BF16/AMX), else fp16 on a GPU and 'no' (fp32) on a CPU. LoRA weights stay fp32.", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, about 25% slower.")
-    compile_unet: bool = opt(False, "Compile the UNet with torch.compile: minutes of compiling before the first step (samples are made uncompiled); later runs with the same model and resolution reuse inductor's disk cache and start ~10x sooner. It turns cuda_graphs off, and on a GPU the graphs did more: in one H200 run compile_unet took a step from 0.178 to 0.087 s, in another (a different host) CUDA graphs from 0.162 to 0.036 s. Keep it off unless it measures faster on your card. No gain on the CPU for real models (README, Performance).")
+    compile_unet: bool = opt(False, "Compile the UNet with torch.compile: minutes of compiling before the first step (samples are made uncompiled); later runs with the same model and resolution reuse inductor's disk cache and start ~10x sooner. It turns cuda_graphs off, and on a GPU the graphs did more: in one H200 run compile_unet took a step from 0.178 to 0.087 s, in another (a different host) CUDA graphs from 0.162 to 0.036 s. Keep it off unless it measures faster on your GPU. No gain on the CPU for real models (benchmarks/README.md).")
     cuda_graphs: str = opt("auto", "Replay the UNet's forward and backward as CUDA graphs, captured once per bucket shape, and again after each round of samples (1-3 s each): on a GPU the step is bound by the host launching thousands of kernels, and a graph launches them at once (H100: SD1.5 512 px 0.111 -> 0.032 s/step, SDXL 1024 px 0.433 -> 0.143; the same losses). The graphs keep their memory while training runs (SDXL 1024 px: 22.6 GB reserved against 17.9), so the SDXL memory presets turn them off. 'auto': on a CUDA GPU with one process, except in fp32 (mixed_precision 'no', not yet checked on a GPU); 'yes': also in fp32; 'no': never. Samples are made without graphs.", choices=("auto", "yes", "no"))
     snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=1000.0)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
@@ -335,7 +335,7 @@ def _section_list() -> str:
 
 
 def _flatten_sections(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept both a flat table and TOML sections ([data], [lora], ...) as the README shows."""
+    """Accept both a flat table and TOML sections ([data], [lora], ...) as docs/cli.md shows."""
     sections = _sections()
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -417,7 +417,7 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def option_table() -> str:
-    """The README's option reference, made from the field metadata."""
+    """The option reference (docs/options.md), made from the field metadata."""
     rows = ["| section | option | default | meaning |", "|---|---|---|---|"]
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):

@@ -1,7 +1,7 @@
 """The UNet's forward and backward as CUDA graphs: thousands of kernel launches replayed as two.
 
 On a GPU the LoRA step is bound by the host: Python and torch dispatch some 24,000 ops per
-SD1.5 step while the GPU finishes its kernels in a third of the time (README, Performance).
+SD1.5 step while the GPU finishes its kernels in a third of the time (benchmarks/README.md).
 A CUDA graph records the kernels of one forward and one backward once, and each step then
 replays them with a single launch each, so the GPU no longer waits for the host.
 

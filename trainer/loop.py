@@ -519,7 +519,7 @@ def _graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) -
     elif config.compile_unet:
         reason = "compile_unet is on"
     elif config.cuda_graphs == "auto" and accelerator.mixed_precision == "no":
-        # Every GPU check of graphs trained in bf16 or fp16; one capture of an fp32 UNet there failed (README).
+        # Every GPU check of graphs trained in bf16 or fp16; one capture of an fp32 UNet there failed (benchmarks/README.md).
         reason = "'auto' leaves them off in fp32 (mixed_precision 'no'), not yet checked on a GPU ('yes' turns them on)"
     else:
         return GraphedUNet(unet, log=events.log)
@@ -670,7 +670,7 @@ def _fill_cache_then_offload(instance_data: ImageDataset, class_data: ImageDatas
 
     Until then the UNet waits in CPU memory (`_place_models(unet_waits=True)`; class-image
     generation returns it there): SDXL's fp32 VAE encoding a 1024 px image beside the UNet was
-    a run's memory peak (9.8 GB, against 6.4 GB while stepping; README, Performance).
+    a run's memory peak (9.8 GB, against 6.4 GB while stepping; benchmarks/README.md).
     """
     _fill_cache(instance_data, class_data, base, base.text_encoders, cache, config, device)
     _move_frozen_models(base, torch.device("cpu"))
@@ -752,7 +752,7 @@ def resolve_mixed_precision(config: TrainConfig) -> str:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
 
-    There a bf16 step takes about half the fp32 time (README, Performance); without it
+    There a bf16 step takes about half the fp32 time (benchmarks/README.md); without it
     torch emulates bf16 and it is slower than fp32.
     """
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))

@@ -144,7 +144,7 @@ def skip_lora_input_casts(unet: nn.Module) -> None:
     images; not under DeepSpeed), and only for plain LoRA without dropout: autocast casts
     that input straight back to the compute dtype, so the maths is the same with two casts
     fewer per layer each way. That is 442 of the 8,018 ops one SD1.5 step dispatches, and on
-    a GPU the step is bound by dispatching ops (README, Performance). Not so for DoRA (its
+    a GPU the step is bound by dispatching ops (benchmarks/README.md). Not so for DoRA (its
     weight norm would be taken in bf16) or dropout (its 1/(1-p) scale rounded to bf16); and
     without autocast a bf16 input would meet the fp32 LoRA weights: an error.
     """

@@ -4,8 +4,8 @@ CUDA autocast runs every GroupNorm and LayerNorm in fp32: it casts the bf16 acti
 norm's weight and bias up, returns fp32, and the next convolution or linear layer casts the
 result back down (each of the q, k and v projections separately). In an SD UNet that is most of
 the casts one forward dispatches, and nearly all of their memory traffic: for one SD1.5 512 px
-forward, 796 casts moving 2.8 GB; for SDXL 1024 px, 2,572 casts moving 19 GB (README,
-Performance; `benchmarks/cuda_ops.py` counts them without a GPU). The backward casts the
+forward, 796 casts moving 2.8 GB; for SDXL 1024 px, 2,572 casts moving 19 GB (benchmarks/README.md;
+`benchmarks/cuda_ops.py` counts them without a GPU). The backward casts the
 gradients the same way.
 
 Computing the norm in bf16 is what CPU autocast already does, and torch's bf16/fp16 norm kernels
