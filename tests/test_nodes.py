@@ -1211,3 +1211,23 @@ def test_load_lora_reads_a_replaced_file_again_and_runs_again_when_it_changes(co
         save_file({"x": torch.zeros(1)}, str(other))
         comfy_nodes.read_lora_file(str(other))
     assert len(comfy_nodes.read_loras) == comfy_nodes.LORA_CACHE_SIZE and str(lora) not in comfy_nodes.read_loras
+
+
+@pytest.mark.comfyui
+def test_train_lora_trains_a_diffusers_folder_saved_by_transformers_5(comfy_folders):
+    # transformers 5 saves a tokenizer as tokenizer.json alone; such a folder was refused as "a single-file
+    # checkpoint" with no tokenizer
+    from test_models import keep_only_tokenizer_json
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+    from comfyui_dreambooth_lora.trainer.tiny import save_tiny_diffusers_model
+
+    folder = save_tiny_diffusers_model(comfy_folders / "models" / "diffusers" / "today", "sd1")
+    keep_only_tokenizer_json(folder / "tokenizer")
+    assert not (folder / "tokenizer" / "vocab.json").exists()
+    base = comfy_nodes.DreamBoothBaseModel.execute("[diffusers] today", "auto").args[0]
+    dataset = comfy_nodes.DreamBoothDataset.execute("photos", **_dataset_widgets()).args[0]
+    settings = {"memory_preset": cb.PRESET_NONE, "options": {"bucket_step": 16, "sample_at_end": False}}
+    out = comfy_nodes.DreamBoothTrainLoRA.execute(base, dataset, "today", 2, 1e-4, 2, 2.0, 1, False, False, settings)
+    assert out.args[0] == "today.safetensors"
+    assert (comfy_folders / "models" / "loras" / "today.safetensors").is_file()
