@@ -180,7 +180,8 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
         Node(5, "DreamBoothTrainLoRA", (c3, 20),
              {"output_name": name, "max_train_steps": steps, "resume": resume,
               "prior_preservation": prior_preservation},
-             {"base_model": (2, 0), "dataset": (3, 0), "settings": (18, 0)}, size=(360, 700)),
+             {"base_model": (2, 0), "dataset": (3, 0), "settings": (19 if prior_preservation else 18, 0)},
+             size=(360, 700)),
         Node(16, "PreviewImage", (c3, 780), {}, {"images": (5, 2)}, size=(360, 300), title="Loss curve"),
         Node(6, "CheckpointLoaderSimple", (c4, 20), {"ckpt_name": checkpoint}, {"ckpt_name": (2, 1)},
              size=(320, 100)),
@@ -204,6 +205,8 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
         Node(15, "PreviewImage", (c5, 540), {}, {"images": (14, 0)}, size=(360, 400),
              title="Preview: DreamBooth Sample"),
     ]
+    if prior_preservation:  # how many class images, and their weight, belong in view here
+        items.append(Node(19, "DreamBoothDataSettings", (c2, 1180), {}, {"settings": (18, 0)}, size=(340, 300)))
     if class_folder is not None:
         items.append(Node(17, "DreamBoothDataset", (c1, 620), {"folder": class_folder, "caption_mode": "prompt",
                                                                "instance_prompt": "a photo of dog",
@@ -219,7 +222,7 @@ SDXL_NOTE = SD15_NOTE.replace("SD1.5", "SDXL").replace(
 
 PRIOR_NOTE = """DreamBooth LoRA with prior preservation: the subject is learnt while the class keeps its meaning.
 
-As the SD1.5 workflow, plus: prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (100 by default; add a DreamBooth Captions & Class Images node to the settings chain to change it) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
+As the SD1.5 workflow, plus: prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (set in DreamBooth Captions & Class Images, 100 by default) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
 
 Optional: your own class photos. Put them into a folder in ComfyUI/input/ (e.g. ComfyUI/input/dogs/), choose it in the 'Class images' Dataset node and connect its dataset output to Train LoRA's class_images input."""
 
