@@ -156,4 +156,4 @@ def test_a_failure_read_late_still_reports_the_steps_before_it(tiny_sd1, photos,
         run_events(config, True, monkeypatch)
     events = read_events(Path(config.output_dir) / "events.jsonl")
     assert [(e["event"], e.get("step")) for e in events if e["event"] in ("step", "error")] == [
-        ("step", 1), ("step", 2), ("step", 3), ("error", 3)]
+        ("step", 1), ("step", 2), ("step", 3), ("error", 4)]  # the error names the step that failed

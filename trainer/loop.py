@@ -451,7 +451,7 @@ def _after_failed_step(failure: Exception, steps_done: TrainingState, base: Base
                     f"{last_checkpoint or 'none'}, is kept")
     advice = ""
     if out_of_memory:
-        advice = (" The GPU ran out of memory: choose a smaller memory_preset (DreamBooth Training Settings), or turn "
+        advice = (" The GPU ran out of memory: choose a smaller memory_preset (DreamBooth Memory & Speed), or turn "
                   "on gradient_checkpointing, lower batch_size (or resolution), or cache the latents (cache_latents "
                   "'auto' without augmentation) with offload_frozen_models on; then resume.")
     return StepFailed(f"{what}. {kept}.{advice}", step=step + 1, out_of_memory=out_of_memory)
