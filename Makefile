@@ -59,7 +59,9 @@ test-oldest: comfyui $(OLDEST)/.installed
 	DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
 
 $(OLDEST)/.installed: pyproject.toml requirements-dev.txt tests/oldest_versions.py $(VENV)/.installed
-	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	# A copy of .venv made of hard links: torch (about 5 GB with its CUDA libraries) is stored on disk
+	# once, and pip replaces files rather than writing into them, so downgrading here leaves .venv whole.
+	test -x $(OLDEST)/bin/python || cp -al $(VENV) $(OLDEST) || { rm -rf $(OLDEST); $(PYTHON) -m venv $(OLDEST); }
 	$(OLDEST)/bin/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
 		$(OLDEST)/bin/python -m pip install --quiet $(TORCH_FOR_TESTS)
 	$(BIN)/python tests/oldest_versions.py > $(OLDEST)/constraints.txt
