@@ -35,7 +35,9 @@ from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServe
 
 REPO = Path(__file__).resolve().parent.parent
 # ComfyUI serves either folder as the pack's templates ("example_workflows" is the documented name).
-WORKFLOWS = next((REPO / d for d in ("example_workflows", "workflows") if (REPO / d).is_dir()), REPO / "workflows")
+WORKFLOWS = REPO / "example_workflows"  # the folder name ComfyUI serves templates from
+# The workflow `make comfyui-demo` and the README are about.
+SD15_WORKFLOW = WORKFLOWS / "SD1.5 LoRA from your photos.json"
 MODEL_CACHE = REPO / ".cache" / "test_models"
 DEMO_BASE = REPO / ".cache" / "comfyui_demo"
 # The SD1.5 workflow at sizes the CPU trains in minutes, saved beside the template as a user workflow.
@@ -154,14 +156,6 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy(source, target)
 
 
-def demo_workflow() -> Path:
-    """The shipped SD1.5 workflow (the file whose name says SD1.5), the one the demo is for."""
-    for path in sorted(WORKFLOWS.glob("*.json")):
-        if "sd15" in "".join(c for c in path.stem.lower() if c.isalnum()):
-            return path
-    raise FileNotFoundError(f"no SD1.5 workflow (a name with 'sd15' or 'SD1.5') in {WORKFLOWS}")
-
-
 def with_widget_values(workflow: dict[str, Any], object_info: dict[str, Any], values: dict[str, Any]) -> dict:
     """A copy of a UI-format workflow with the named widgets set on every node that has them."""
     workflow = json.loads(json.dumps(workflow))
@@ -179,7 +173,7 @@ def with_widget_values(workflow: dict[str, Any], object_info: dict[str, Any], va
 def prepare_demo(server: ComfyUIServer) -> list[str]:
     """On a started server: the checkpoint and photo folder the SD1.5 workflow names, and the
     workflow at CPU sizes in the user's workflows; what was added."""
-    workflow = json.loads(demo_workflow().read_text(encoding="utf-8"))
+    workflow = json.loads(SD15_WORKFLOW.read_text(encoding="utf-8"))
     added = provide_workflow_names(server, workflow)
     info = server.object_info()
     still_missing = missing_names(workflow, info)

@@ -212,8 +212,18 @@ class ComfyUIServer:
         """Collect what the server sends this client over /ws (progress, text, previews) until closed."""
         return WebSocketListener(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}").start()
 
-    def interrupt(self) -> None:
-        self.post("/interrupt", {})
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Cancel what runs now; with `prompt_id`, only when that prompt is the one running."""
+        self.post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def running_prompt(self) -> str | None:
+        """The id of the prompt being executed, or None."""
+        running = self.get("/queue").get("queue_running") or []
+        return running[0][1] if running else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def running(self) -> bool:
         queue = self.get("/queue")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfyui_demo import demo_workflow, prepare_demo, write_frontend_settings  # noqa: E402
+from comfyui_demo import SD15_WORKFLOW, prepare_demo, write_frontend_settings  # noqa: E402
 from comfyui_frontend import (chromium_path, frontend_prompt, launch_chromium, open_frontend,  # noqa: E402
                               open_pack_templates)
 from comfyui_server import ComfyUIServer, frontend_static_dir  # noqa: E402
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if chromium_path() is None or frontend_static_dir() is None:
         print("needs chromium on PATH and comfyui-frontend-package (make setup)", file=sys.stderr)
         return 2
-    workflow = json.loads(demo_workflow().read_text(encoding="utf-8"))
+    workflow = json.loads(SD15_WORKFLOW.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as base:
         server = ComfyUIServer(Path(base), frontend_root=frontend_static_dir())
         server.prepare()

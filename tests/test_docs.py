@@ -20,7 +20,10 @@ def _anchors(path: Path) -> set[str]:
 def test_relative_links_and_anchors_resolve():
     broken = []
     for doc in DOCS:
-        for target in re.findall(r"\]\(([^)\s]+)\)", _without_code_blocks(doc.read_text(encoding="utf-8"))):
+        text = _without_code_blocks(doc.read_text(encoding="utf-8"))
+        # [text](path) and [text](<path with spaces>), as CommonMark writes them
+        for angled, plain in re.findall(r"\]\((?:<([^>]+)>|([^)\s]+))\)", text):
+            target = angled or plain
             if re.match(r"[a-z]+:", target):
                 continue
             path, _, anchor = target.partition("#")

@@ -25,7 +25,7 @@ from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServe
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 CACHE = REPO / ".cache" / "test_models"
 CATEGORY = "DreamBooth LoRA"
 OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", *SETTINGS_NODES,
@@ -91,7 +91,7 @@ def load_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
 
 
-def sd15_prompt(object_info: dict, name: str, *, workflow: str = "dreambooth_lora_sd15.json", steps: int = 6,
+def sd15_prompt(object_info: dict, name: str, *, workflow: str = "SD1.5 LoRA from your photos.json", steps: int = 6,
                 checkpoint: str = "small_sd15.safetensors", **settings) -> dict:
     """A shipped workflow as an API prompt, pointed at a small checkpoint and sized for a CPU test."""
     prompt = workflow_to_api(load_workflow(workflow), object_info)
@@ -382,7 +382,7 @@ def test_interrupt_leaves_a_resumable_checkpoint_and_the_resume_workflow_finishe
     assert server.get("/system_stats")  # the server keeps serving
 
     # The shipped resume workflow, same options, a few more steps: it continues from the checkpoint.
-    resume = only_ancestors(sd15_prompt(object_info, name, workflow="dreambooth_lora_resume.json",
+    resume = only_ancestors(sd15_prompt(object_info, name, workflow="Resume a cancelled training run.json",
                                         steps=stopped["step"] + 2, sample_at_end=False), TRAIN)
     assert resume[TRAIN]["inputs"]["resume"] is True
     entry = server.wait(server.queue(resume), timeout=600)
@@ -390,6 +390,59 @@ def test_interrupt_leaves_a_resumable_checkpoint_and_the_resume_workflow_finishe
     starts = [e for e in read_events(run) if e["event"] == "start"]
     assert starts[-1]["start_step"] == stopped["step"]
     assert (server.models_dir / "loras" / f"{name}.safetensors").is_file()
+
+
+def test_a_busy_queue_of_runs_cancelled_and_failing_leaves_no_worker_and_no_memory_behind(server, object_info):
+    """Five training prompts queued back to back: two cancelled at random moments, one failing on a corrupt
+    image. The others finish with their LoRA, no worker process is left, the server's memory is as before."""
+    import random
+
+    import psutil
+
+    seed = random.randrange(1 << 16)
+    rng = random.Random(seed)  # the seed is in the failure message, to replay the same moments
+    server_process = psutil.Process(server.pid)
+
+    def workers() -> list[str]:
+        return [" ".join(child.cmdline()) for child in server_process.children(recursive=True)
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+
+    def run(name: str, steps: int, folder: str = "my_dog") -> dict:
+        prompt = only_ancestors(sd15_prompt(object_info, name, steps=steps, sample_at_end=False), TRAIN)
+        prompt[DATASET]["inputs"]["folder"] = folder
+        return prompt
+
+    # warm-up: the first run loads what every run needs into the server (imports, the dataset node's cache)
+    assert_success(server.wait(server.queue(run("queue_warmup", 1)), timeout=600), server)
+    memory_before = server_process.memory_info().rss
+    plan = [("queue_a", run("queue_a", 2)), ("queue_cancel_1", run("queue_cancel_1", 100000)),
+            ("queue_bad", run("queue_bad", 2, folder="bad_photos")), ("queue_cancel_2", run("queue_cancel_2", 100000)),
+            ("queue_b", run("queue_b", 2))]
+    ids = {name: server.queue(prompt) for name, prompt in plan}  # all queued before the first one ends
+    for name in ("queue_cancel_1", "queue_cancel_2"):
+        deadline = time.monotonic() + 600
+        while server.running_prompt() != ids[name]:
+            assert time.monotonic() < deadline and server.alive, f"seed {seed}: {name} never ran\n" + server.log_tail()
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 8.0))  # loading, class images or steps: any moment of the run
+        server.interrupt(ids[name])
+    entries = {name: server.wait(prompt_id, timeout=600) for name, prompt_id in ids.items()}
+
+    for name in ("queue_a", "queue_b"):
+        assert_success(entries[name], server)
+        assert (server.models_dir / "loras" / f"{name}.safetensors").is_file(), f"seed {seed}: no LoRA for {name}"
+    for name in ("queue_cancel_1", "queue_cancel_2"):
+        kinds = [kind for kind, _ in status_messages(entries[name])]
+        assert "execution_interrupted" in kinds, f"seed {seed}: {name} was not cancelled: {kinds}"
+    error = execution_error(entries["queue_bad"])
+    assert error is not None and "broken.png" in error["exception_message"], f"seed {seed}"
+
+    deadline = time.monotonic() + 30  # a cancelled worker is given a few seconds to save and go
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not workers(), f"seed {seed}: processes left behind: {workers()}"
+    grown = (server_process.memory_info().rss - memory_before) / 2**20
+    assert grown < 200, f"seed {seed}: the server grew by {grown:.0f} MiB over the queue"
 
 
 # --- failures ------------------------------------------------------------------------------------------------------
@@ -530,7 +583,7 @@ def test_dataset_folders_outside_the_input_folder_are_refused(server, object_inf
 
 
 def test_the_prior_preservation_workflow_generates_class_images_once(server, object_info):
-    prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="dreambooth_lora_prior_preservation.json",
+    prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="SD1.5 LoRA with prior preservation.json",
                                         steps=2, sample_at_end=False, num_class_images=2, class_sample_steps=2,
                                         train_text_encoder=False), TRAIN)
     assert prompt[TRAIN]["inputs"]["prior_preservation"] is True
@@ -553,7 +606,7 @@ def test_the_workflows_are_offered_as_the_packs_templates(server):
 def test_the_sdxl_workflow_trains_an_sdxl_family_lora_that_load_lora_applies(server, object_info, small_sdxl):
     """Slow (minutes, ~10 GB of RAM): the SDXL workflow on an SDXL-family checkpoint ComfyUI detects as Segmind Vega."""
     _link(small_sdxl, server.models_dir / "checkpoints" / "small_sdxl.safetensors")
-    prompt = sd15_prompt(object_info, "sdxl_dog", workflow="dreambooth_lora_sdxl.json", steps=3,
+    prompt = sd15_prompt(object_info, "sdxl_dog", workflow="SDXL LoRA from your photos.json", steps=3,
                          checkpoint="small_sdxl.safetensors", sample_steps=2, train_text_encoder=False)
     assert prompt[SETTINGS]["inputs"]["memory_preset"] == "12 GB"
     log_before = len(server.log())

@@ -1,10 +1,10 @@
-"""Writes the shipped UI-format workflows (`workflows/*.json`) from short graph descriptions.
+"""Writes the shipped UI-format workflows (`example_workflows/*.json`) from short graph descriptions.
 
 Widget values are given by name and placed in the positional `widgets_values` order of the
 live `/object_info` (with the extra value of `control_after_generate` widgets), so the
 files match the nodes exactly. Run it after changing a node's widgets:
 
-    .venv/bin/python tests/workflow_builder.py        # starts a headless ComfyUI, rewrites workflows/
+    .venv/bin/python tests/workflow_builder.py        # starts a headless ComfyUI, rewrites example_workflows/
 
 The tests convert the written files back to the API format and run them; they never read
 this module's descriptions, so a hand edit of a workflow file is tested the same way.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfyui_server import ComfyUIServer, _input_spec, is_widget, widget_names  # noqa: E402
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 
 
@@ -237,13 +237,13 @@ Cancel during training writes a checkpoint (output/dreambooth_lora/runs/<output_
 
 def all_workflows(object_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        "dreambooth_lora_sd15.json": sd15_workflow(object_info),
-        "dreambooth_lora_sdxl.json": sd15_workflow(object_info, resolution=1024,
+        "SD1.5 LoRA from your photos.json": sd15_workflow(object_info),
+        "SDXL LoRA from your photos.json": sd15_workflow(object_info, resolution=1024,
                                                    checkpoint="sd_xl_base_1.0.safetensors", note=SDXL_NOTE,
                                                    preset="12 GB"),
-        "dreambooth_lora_prior_preservation.json": sd15_workflow(object_info, note=PRIOR_NOTE,
+        "SD1.5 LoRA with prior preservation.json": sd15_workflow(object_info, note=PRIOR_NOTE,
                                                                  prior_preservation=True, class_folder="dogs"),
-        "dreambooth_lora_resume.json": sd15_workflow(object_info, note=RESUME_NOTE, resume=True),
+        "Resume a cancelled training run.json": sd15_workflow(object_info, note=RESUME_NOTE, resume=True),
     }
 
 
@@ -348,7 +348,7 @@ def main() -> None:
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
         picture = WORKFLOWS / name.replace(".json", ".jpg")
         render_workflow(workflow, info).save(picture, quality=85)
-        print(f"wrote workflows/{name} and {picture.name}")
+        print(f"wrote example_workflows/{name} and {picture.name}")
 
 
 if __name__ == "__main__":
