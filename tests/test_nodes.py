@@ -23,7 +23,8 @@ import pytest
 
 from comfyui_dreambooth_lora.nodes import config_build as cb
 from comfyui_dreambooth_lora.nodes import pictures
-from comfyui_dreambooth_lora.nodes.progress import RunProgress, StepClock
+from comfyui_dreambooth_lora.nodes.progress import RunProgress
+from comfyui_dreambooth_lora.trainer.step_clock import StepClock
 from comfyui_dreambooth_lora.nodes.run_reuse import (NOT_WEIGHT_OPTIONS, check_run_can_start, find_finished_run,
                                                      forget_finished_run, record_finished_run, run_identity)
 from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,

@@ -437,3 +437,15 @@ def test_resume_finds_a_moved_base_model_by_its_file_and_refuses_another(tiny_sd
     with pytest.raises(ResumeError, match=rf"the base model changed: it trained on {tiny_sd1} \(SHA-256 [0-9a-f]{{12}}"
                                           rf"\.\.\.\); pretrained_model {moved} is another file"):
         loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))
+
+
+def test_the_cli_time_left_is_smoothed_so_one_slow_step_does_not_swing_it(capsys):
+    from comfyui_dreambooth_lora.trainer.cli import ProgressPrinter
+
+    printer = ProgressPrinter()
+    for step in range(1, 21):
+        printer({"event": "step", "step": step, "total_steps": 100, "loss": 0.1, "lr": 1e-4, "seconds_per_step": 1.0})
+    printer({"event": "step", "step": 21, "total_steps": 100, "loss": 0.1, "lr": 1e-4, "seconds_per_step": 31.0})
+    last = capsys.readouterr().err.split("\r")[-1]
+    # 79 steps left at the smoothed 4 s/step: about 5 minutes, not the 41 minutes of the slow step alone
+    assert "4.00 s/step" in last and "~5min left" in last, last

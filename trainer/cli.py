@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config, option_table
+from .step_clock import StepClock, duration
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +117,17 @@ class ProgressPrinter:
 
     def __init__(self):
         self.started = time.perf_counter()
+        self.step_clock = StepClock()
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "step":
             done, total = event["step"], event["total_steps"]
             bar = "#" * int(30 * done / total)
-            eta = event["seconds_per_step"] * (total - done)
+            self.step_clock.add(event["seconds_per_step"])
+            left = duration(self.step_clock.seconds_left(total - done))
             print(f"\r[{bar:<30}] {done}/{total} loss {event['loss']:.4f} lr {event['lr']:.2e} "
-                  f"{event['seconds_per_step']:.2f} s/step eta {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+                  f"{self.step_clock.seconds_per_step:.2f} s/step ~{left} left ", end="", file=sys.stderr, flush=True)
         elif kind == "start":
             print(f"training {event['model']} on {event['num_images']} images ({event['summary']}), "
                   f"device {event['device']}, precision {event['mixed_precision']}", file=sys.stderr)
