@@ -143,7 +143,7 @@ def assert_success(entry: dict, server: ComfyUIServer) -> None:
 
 def saved_image(server: ComfyUIServer, entry: dict, node_id: str) -> np.ndarray:
     image = entry["outputs"][node_id]["images"][0]
-    folder = {"output": server.output_dir, "temp": server.base / "temp"}[image["type"]]
+    folder = {"output": server.output_dir, "temp": server.temp_dir}[image["type"]]
     return np.asarray(Image.open(folder / image["subfolder"] / image["filename"]).convert("RGB"), dtype=np.int16)
 
 
