@@ -17,7 +17,6 @@ CI (`test_the_frontend_makes_the_prompt_the_tests_make`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,8 +34,7 @@ pytestmark = [
                        reason="no chromium on PATH (Debian: apt-get install chromium); the real-frontend test needs it"),
     # The frontend, the workflows and the server do not depend on the pack's dependency floors (the
     # workflows run at the floors in test_nodes_comfyui.py): `make test-oldest` skips this module.
-    pytest.mark.skipif(bool(os.environ.get("DREAMBOOTH_LORA_OLDEST")),
-                       reason="the real-frontend test runs once, in the main environment"),
+    pytest.mark.newest_only,
     pytest.mark.skipif(frontend_static_dir() is None,
                        reason="comfyui-frontend-package is not installed (make setup installs requirements-dev.txt)"),
 ]

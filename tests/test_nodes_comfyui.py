@@ -305,6 +305,7 @@ def test_the_lora_model_output_applies_with_load_lora_model(server, object_info,
     assert saved_image(server, entry2, "103").shape == saved_image(server, entry, SAVE).shape
 
 
+@pytest.mark.newest_only
 def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object_info):
     # With the SDXL workflow's preset, switching train_text_encoder on did nothing and said nothing.
     from safetensors import safe_open
@@ -328,6 +329,7 @@ def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object
         assert any(k.startswith("lora_te_") for k in f.keys())  # the text encoder was trained
 
 
+@pytest.mark.newest_only
 def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
     # ComfyUI's Load LoRA keeps the file it read first by path: after a retrain under the same name it
     # applied the old LoRA until ComfyUI restarted (a silent wrong picture).
@@ -392,6 +394,7 @@ def test_interrupt_leaves_a_resumable_checkpoint_and_the_resume_workflow_finishe
     assert (server.models_dir / "loras" / f"{name}.safetensors").is_file()
 
 
+@pytest.mark.newest_only
 def test_a_busy_queue_of_runs_cancelled_and_failing_leaves_no_worker_and_no_memory_behind(server, object_info):
     """Five training prompts queued back to back: two cancelled at random moments, one failing on a corrupt
     image. The others finish with their LoRA, no worker process is left, the server's memory is as before."""
@@ -447,6 +450,7 @@ def test_a_busy_queue_of_runs_cancelled_and_failing_leaves_no_worker_and_no_memo
 
 # --- failures ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.newest_only
 def test_a_worker_failure_is_a_node_error_with_the_cause(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "broken_run", steps=2, sample_at_end=False), TRAIN)
     prompt[BASE]["inputs"]["model"] = "broken_download.safetensors"  # header fine, data cut short
@@ -459,6 +463,7 @@ def test_a_worker_failure_is_a_node_error_with_the_cause(server, object_info):
     assert server.alive and server.get("/system_stats")
 
 
+@pytest.mark.newest_only
 def test_a_corrupt_image_is_a_node_error_naming_the_file(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "bad_photos", steps=2), TRAIN)
     prompt[DATASET]["inputs"]["folder"] = "bad_photos"
@@ -469,6 +474,7 @@ def test_a_corrupt_image_is_a_node_error_naming_the_file(server, object_info):
     assert server.alive
 
 
+@pytest.mark.newest_only
 def test_unsafe_output_names_stay_inside_models_loras(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "../../escape", steps=1, sample_at_end=False), TRAIN)
     entry = server.wait(server.queue(prompt), timeout=600)
@@ -477,6 +483,7 @@ def test_unsafe_output_names_stay_inside_models_loras(server, object_info):
     assert not (server.base / "escape.safetensors").exists()
 
 
+@pytest.mark.newest_only
 def test_the_same_graph_after_a_cache_reset_reuses_the_finished_run(server, trained):
     prompt, entry, _, _ = trained
     server.post("/free", {"free_memory": True})  # ComfyUI forgets its cached outputs, as after a restart
@@ -492,6 +499,7 @@ def test_the_same_graph_after_a_cache_reset_reuses_the_finished_run(server, trai
 
 # --- the other nodes ------------------------------------------------------------------------------------------------
 
+@pytest.mark.newest_only
 def test_the_dataset_node_runs_again_when_a_file_changes(server, object_info):
     from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
 
@@ -510,6 +518,7 @@ def test_the_dataset_node_runs_again_when_a_file_changes(server, object_info):
     assert "1" not in cached_nodes(third) and third["outputs"]["1"]["text"][0].startswith("3 images")
 
 
+@pytest.mark.newest_only
 def test_dataset_from_images_writes_the_images_and_captions(server, object_info):
     inputs = {**widget_defaults(object_info, "DreamBoothDatasetFromImages"), "name": "from images",
               "captions": "first caption\n\nthird caption"}
@@ -527,6 +536,7 @@ def test_dataset_from_images_writes_the_images_and_captions(server, object_info)
     assert entry["outputs"]["2"]["text"][0].startswith("3 images (2 captioned)")
 
 
+@pytest.mark.newest_only
 def test_an_unsupported_checkpoint_is_refused_by_the_base_model_node(server, object_info):
     import torch
     from safetensors.torch import save_file
@@ -574,6 +584,7 @@ def test_sample_samples_as_the_base_model_node_says_the_model_predicts(server, o
     assert np.abs(images["epsilon"] - images["v_prediction"]).mean() > 0.5
 
 
+@pytest.mark.newest_only
 def test_dataset_folders_outside_the_input_folder_are_refused(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "outside", steps=1), TRAIN)
     for folder in ("../models", "/etc", "my_dog/../../models"):
@@ -582,6 +593,7 @@ def test_dataset_folders_outside_the_input_folder_are_refused(server, object_inf
             server.queue(prompt)
 
 
+@pytest.mark.newest_only
 def test_the_prior_preservation_workflow_generates_class_images_once(server, object_info):
     prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="SD1.5 LoRA with prior preservation.json",
                                         steps=2, sample_at_end=False, num_class_images=2, class_sample_steps=2,
@@ -597,6 +609,7 @@ def test_the_prior_preservation_workflow_generates_class_images_once(server, obj
         assert float(f.metadata()["ss_prior_loss_weight"]) == 1.0
 
 
+@pytest.mark.newest_only
 def test_the_workflows_are_offered_as_the_packs_templates(server):
     templates = server.get("/workflow_templates")
     assert sorted(templates["comfyui-dreambooth-lora"]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
