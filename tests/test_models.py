@@ -14,6 +14,8 @@ import torch
 from comfyui_dreambooth_lora.trainer import models
 from comfyui_dreambooth_lora.trainer.models import (ModelError, ModelInfo, detect_architecture, inspect_model,
                                                     load_base_model, resolve_tokenizer_dirs)
+from comfyui_dreambooth_lora.trainer.models.single_file import load_weights
+from comfyui_dreambooth_lora.trainer.models.tokenizers import check_tokenizers, load_tokenizers
 from comfyui_dreambooth_lora.trainer.tiny import write_char_tokenizer
 
 TOLERANCE = 1e-5
@@ -63,7 +65,7 @@ def test_diffusers_folder_sd1(tiny_sd1):
     assert out.shape == (1, 4, 8, 8)
 
     assert base.sha256() == file_sha256(tiny_sd1 / "unet" / "diffusion_pytorch_model.safetensors")
-    assert base._sha256 is not None  # cached
+    assert base.sha256() is base.sha256()  # computed once: the same string, not one made again
 
 
 def test_diffusers_folder_sdxl(tiny_sdxl):
@@ -590,8 +592,8 @@ def test_no_tokenizer_fails_before_loading_weights(tmp_path, monkeypatch):
 def test_comfyui_tokenizer_is_found_and_capped(comfyui):
     folder = models.comfyui_tokenizer_dir()
     assert folder is not None and folder.name == "sd1_tokenizer" and folder.parent.name == "comfy"
-    tokenizer = models._load_tokenizers([folder])[0]
-    models._check_tokenizers([tokenizer], [(49408, 77)], [folder], "model.safetensors")
+    tokenizer = load_tokenizers([folder])[0]
+    check_tokenizers([tokenizer], [(49408, 77)], [folder], "model.safetensors")
     assert tokenizer.model_max_length == 77  # ComfyUI's tokenizer_config says 8192
     assert tokenize(tokenizer, "a photo of sks dog").shape == (1, 77)
 
@@ -618,16 +620,16 @@ def test_text_model_prefix_either_way():
     for weights in (plain, {"text_model." + k: v for k, v in plain.items()}):
         with init_empty_weights():
             model = CLIPTextModel(tiny_text_encoder_config())
-        models._load_weights(model, dict(weights, **{"text_model.embeddings.position_ids": torch.arange(77)}),
-                             "text encoder", "x.safetensors")
+        load_weights(model, dict(weights, **{"text_model.embeddings.position_ids": torch.arange(77)}),
+                     "text encoder", "x.safetensors")
         assert same_weights(model, reference)
 
     # CLIPTextModelWithProjection keeps the prefix: files without it load too.
     reference = CLIPTextModelWithProjection(tiny_text_encoder_config())
     with init_empty_weights():
         model = CLIPTextModelWithProjection(tiny_text_encoder_config())
-    models._load_weights(model, {k.removeprefix("text_model."): v for k, v in reference.state_dict().items()},
-                         "text encoder 2", "x.safetensors")
+    load_weights(model, {k.removeprefix("text_model."): v for k, v in reference.state_dict().items()},
+                 "text encoder 2", "x.safetensors")
     assert same_weights(model, reference)
 
     with init_empty_weights():
@@ -636,7 +638,7 @@ def test_text_model_prefix_either_way():
     del broken["final_layer_norm.weight"]
     with pytest.raises(ModelError, match=r"x\.safetensors: the text encoder weights.*1 missing.*final_layer_norm"
                                          r".*1 unexpected.*extra_weight"):
-        models._load_weights(model, broken, "text encoder", "x.safetensors")
+        load_weights(model, broken, "text encoder", "x.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
