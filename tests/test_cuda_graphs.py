@@ -174,10 +174,10 @@ def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampli
     def graphed_unet(unet, config, accelerator, events):  # as on a GPU
         return GraphedUNet(unet, log=events.log, capture=capture) if config.cuda_graphs == "yes" else None
 
-    real_release, real_sample = GraphedUNet.release, loop._sample_on_device
-    monkeypatch.setattr(loop, "_graphed_unet", graphed_unet)
+    real_release, real_sample = GraphedUNet.release, loop.sample_on_device
+    monkeypatch.setattr(loop, "graphed_unet", graphed_unet)
     monkeypatch.setattr(GraphedUNet, "release", lambda self: (order.append("release"), real_release(self)))
-    monkeypatch.setattr(loop, "_sample_on_device",
+    monkeypatch.setattr(loop, "sample_on_device",
                         lambda *a, **k: (order.append(f"sample {a[3]}"), real_sample(*a, **k))[1])
     loop.train(eager)
     order.clear()
@@ -218,7 +218,7 @@ def test_when_the_trainer_uses_cuda_graphs(option, device, distributed, precisio
                                   mixed_precision=precision)
     logged = []
     events = SimpleNamespace(log=lambda message, level="warning": logged.append(message))
-    graphs = loop._graphed_unet(torch.nn.Linear(1, 1), config, accelerator, events)
+    graphs = loop.graphed_unet(torch.nn.Linear(1, 1), config, accelerator, events)
     assert isinstance(graphs, GraphedUNet) == used
     assert (said is None and not logged) or (len(logged) == 1 and said in logged[0]), logged
 

@@ -11,7 +11,7 @@ from comfyui_dreambooth_lora.trainer import loop
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.loss_readout import LossReadout
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
-from test_training import StopAtStep, make_config, photos  # noqa: F401 (photos is a fixture)
+from test_training import StopAtStep, make_config
 
 
 def test_late_readout_hands_back_the_previous_step_and_flush_the_rest():

@@ -533,7 +533,7 @@ def test_the_prior_preservation_workflow_generates_class_images_once(server, obj
     prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="dreambooth_lora_prior_preservation.json",
                                         steps=2, sample_at_end=False, num_class_images=2, class_sample_steps=2,
                                         train_text_encoder=False), TRAIN)
-    assert prompt[TRAIN]["inputs"]["prior_preservation"] is True
+    assert prompt[TRAIN]["inputs"]["with_prior_preservation"] is True
     entry = server.wait(server.queue(prompt), timeout=900)
     assert_success(entry, server)
     [class_dir] = (server.output_dir / "dreambooth_lora" / "class_images").glob("small_sd15_a_photo_of_dog_*")

@@ -18,7 +18,7 @@ import torch
 
 from comfyui_dreambooth_lora.trainer import checkpoints, fileio, loop
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
-from test_training import assert_same_lora, checkpoint_names, make_config, photos  # noqa: F401 (photos: a fixture)
+from test_training import assert_same_lora, checkpoint_names, make_config
 
 
 def no_temp_files(folder: Path) -> bool:
@@ -338,7 +338,7 @@ def test_a_stop_while_the_model_loads_ends_the_run_before_training_saying_nothin
 
 # --- portable names ---------------------------------------------------------------------------------
 
-def train_config(**options) -> "TrainConfig":
+def train_config(**options):
     from comfyui_dreambooth_lora.trainer.config import TrainConfig
 
     return TrainConfig.from_dict({"pretrained_model": "model.safetensors", "instance_dir": "photos",

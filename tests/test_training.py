@@ -27,11 +27,6 @@ from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("photos"), count=4, size=32, captions=False)
-
-
 def make_config(model: Path, photos: Path, out: Path, **overrides) -> TrainConfig:
     # fp32 unless a test asks: 'auto' picks bf16 on CPUs that have it, and results should not depend on the CPU.
     values = dict(pretrained_model=str(model), instance_dir=str(photos), instance_prompt="a photo of sks disc",
@@ -203,7 +198,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
                          sample_at_end=True, sample_steps=2, with_prior_preservation=True, class_prompt=CLASS_PROMPT,
                          class_dir=str(tmp_path / "class"), num_class_images=2, class_sample_steps=2)
     dtypes = []
-    real_place, real_generate = loop._place_models, loop.ensure_class_images
+    real_place, real_generate = loop.place_models, loop.ensure_class_images
 
     autocast = {"unet": set(), "vae decoder": set()}
     casts = set()  # peft's input casts in the UNet's LoRA layers: off (every UNet call is under autocast)
@@ -220,7 +215,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
         dtypes.append(("class images", base.unet.conv_in.weight.dtype))
         return real_generate(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     monkeypatch.setattr(loop, "ensure_class_images", generate)
     result = loop.train(config)
     # frozen weights bf16, trained weights fp32; the class images come from the placed model (on the device)
@@ -235,13 +230,13 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
 def test_dora_and_lora_dropout_keep_peft_input_cast(tiny_sd1, photos, tmp_path, monkeypatch, variant):
     # Without the cast, DoRA would take its weight norm in bf16 and dropout would scale by a bf16 1/(1-p).
     casts = set()
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, *args, **kwargs):
         casts.update(m.cast_input_dtype_enabled for m in base.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
         return real_place(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     loop.train(make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, mixed_precision="bf16", **variant))
     assert casts == {True}
 
@@ -251,14 +246,14 @@ def test_unet_norms_compute_in_the_input_dtype_only_under_mixed_precision(tiny_s
     from comfyui_dreambooth_lora.trainer.precision import GroupNormInInputDtype, LayerNormInInputDtype
 
     seen = {}
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, *args, **kwargs):
         norms = [m for m in base.unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
         seen[precision] = {type(m) for m in norms}
         return real_place(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     for precision in ("no", "bf16"):
         loop.train(make_config(tiny_sd1, photos, tmp_path / precision, max_train_steps=1, mixed_precision=precision))
     assert seen == {"no": {torch.nn.GroupNorm, torch.nn.LayerNorm},
@@ -396,7 +391,7 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     calls = {"vae encoder": 0, "text encoder": 0}
     at = {}
     order = []
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, device, weight_dtype, unet_waits):
         order.append(f"placed, unet waits: {unet_waits}")
@@ -411,14 +406,14 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     # The UNet waits in CPU memory until the VAE has encoded everything (on a GPU, encoding beside it
     # was the run's memory peak). On a CPU machine every device is the CPU: what this can check is
     # the order of the moves; benchmarks/gpu_smoke.py and `bench.py --gpu-session` check it on a GPU.
-    real_fill = loop._fill_cache
+    real_fill = loop.fill_cache
 
     def fill(*args, **kwargs):
         order.append("fill cache")
         return real_fill(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
-    monkeypatch.setattr(loop, "_fill_cache", fill)
+    monkeypatch.setattr(loop, "place_models", place)
+    monkeypatch.setattr(loop, "fill_cache", fill)
     record_unet_moves(monkeypatch, order)
     events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
     events.listeners.append(note)
@@ -500,14 +495,14 @@ def test_offloading_run_makes_the_same_class_images_and_samples_with_the_models_
     # On a CPU machine every move is to the CPU: this checks that the stages run in order and change
     # nothing; test_offloaded_models_take_turns_on_the_gpu checks where each stage puts the models.
     stages = []
-    real_placement = loop._placement
+    real_placement = loop.model_placement
 
     @contextlib.contextmanager
     def placement(base, unet, device, take_turns, **kwargs):
         with real_placement(base, unet, device, take_turns, **kwargs) as place:
             yield lambda stage: (stages.append(stage if take_turns else f"{stage} (all stay)"), place(stage))
 
-    monkeypatch.setattr(loop, "_placement", placement)
+    monkeypatch.setattr(loop, "model_placement", placement)
     runs = {}
     for offload in (False, True):
         config = make_config(tiny_sd1, photos, tmp_path / f"run_{offload}", with_prior_preservation=True,
@@ -559,7 +554,7 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     move_unet = case != "samples, several processes"
     resident = set() if move_unet else {"unet"}  # a wrapped UNet stays on the GPU throughout
     on_gpu = {}
-    with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
+    with loop.model_placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
         for stage in ("encode", "denoise", "decode"):
             place(stage)
             on_gpu[stage] = {n for n, d in where.items() if d == "cuda"}
@@ -572,12 +567,12 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     if case == "samples":  # the training UNet leaves for the encoding and the decoding
         assert [m for m in moved if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cuda")] * 2
     with pytest.raises(RuntimeError):  # a stage that fails still puts every model back
-        with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
+        with loop.model_placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
             place("encode")
             place("denoise")
             raise RuntimeError("out of memory")
     assert where == home
-    with loop._placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
+    with loop.model_placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
         moves = len(together)
         for stage in ("encode", "denoise", "decode"):
             place(stage)
@@ -755,6 +750,26 @@ def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos
     assert f"added: new.png; removed: {names[0]}; changed (size, repeats or caption): {names[1]}" in str(e.value)
 
 
+# What every checkpoint records beside the weights and optimizer (made up here: nothing resumes from them).
+RECORDED = dict(mixed_precision="no", dataset=[["a.png", 1, 2]], base_model_sha256="0" * 64)
+
+
+def test_a_checkpoint_without_what_every_checkpoint_records_is_refused_as_from_before_the_release(tmp_path):
+    from comfyui_dreambooth_lora.trainer import checkpoints
+
+    state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
+                                      lr_scheduler={}, config=TrainConfig().to_dict(), path=tmp_path, **RECORDED)
+    path = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
+    assert checkpoints.load_checkpoint(path, TrainConfig()).base_model_sha256 == "0" * 64
+    meta = json.loads((path / "trainer_state.json").read_text())
+    del meta["base_model_sha256"]
+    meta["dataset"] = None
+    (path / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(ResumeError, match="development version of the pack before 0.1.0 .*lacks dataset, "
+                                          "base_model_sha256\); start a new run"):
+        checkpoints.load_checkpoint(path, TrainConfig())
+
+
 def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
     # Only the optimizer and scheduler were kept: a resumed fp16 run restarted at scale 65536 and skipped steps.
     from comfyui_dreambooth_lora.trainer import checkpoints
@@ -764,7 +779,7 @@ def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
     scaler.update(new_scale=512.0)
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
                                       lr_scheduler={}, config=TrainConfig().to_dict(), path=tmp_path,
-                                      scaler=scaler.state_dict())
+                                      scaler=scaler.state_dict(), **RECORDED)
     path = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(checkpoints.load_checkpoint(path, TrainConfig()).scaler)
@@ -821,7 +836,7 @@ def test_checkpoint_files_are_fsynced_through_handles_windows_accepts(tmp_path, 
         fsync(fd)
     monkeypatch.setattr(os, "fsync", windows_like_fsync)
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
-                                      lr_scheduler={}, config={}, path=tmp_path)
+                                      lr_scheduler={}, config={}, path=tmp_path, **RECORDED)
     assert checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {}).is_dir()
 
 
@@ -836,7 +851,7 @@ def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_
                                                  fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda src, dst: (happened.append(("replace", str(dst))), replace(src, dst)))
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
-                                      lr_scheduler={}, config={}, path=tmp_path)
+                                      lr_scheduler={}, config={}, path=tmp_path, **RECORDED)
     final = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
     renamed = happened.index(("replace", str(final)))
     synced_before = {Path(p).name for kind, p in happened[:renamed] if kind == "fsync"}
@@ -1170,13 +1185,13 @@ def test_class_images_are_used_evenly_when_a_batch_is_partial(tiny_sd1, tmp_path
     class_dir.mkdir()
     for i in range(6):
         draw_subject_image((32, 32), seed=50 + i, subject=False).save(class_dir / f"c{i}.png")
-    used, encode = [], loop._encode_image
+    used, encode = [], loop.encode_image
 
     def record(dataset, index, *args, **kwargs):
         if dataset.scan.folder == class_dir:
             used.append(index)
         return encode(dataset, index, *args, **kwargs)
-    monkeypatch.setattr(loop, "_encode_image", record)
+    monkeypatch.setattr(loop, "encode_image", record)
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, batch_size=2, cache_latents="no",
                          with_prior_preservation=True, class_prompt="a photo of disc", class_dir=str(class_dir),
                          num_class_images=6)
