@@ -15,6 +15,7 @@ from comfyui_dreambooth_lora.trainer import models
 from comfyui_dreambooth_lora.trainer.models import (ModelError, ModelInfo, detect_architecture, inspect_model,
                                                     load_base_model, resolve_tokenizer_dirs)
 from comfyui_dreambooth_lora.trainer.models.single_file import load_weights
+from comfyui_dreambooth_lora.trainer.models import tokenizers
 from comfyui_dreambooth_lora.trainer.models.tokenizers import check_tokenizers, load_tokenizers
 from comfyui_dreambooth_lora.trainer.tiny import write_char_tokenizer
 
@@ -464,7 +465,7 @@ def test_folder_with_sd3_pipeline(tmp_path):
 
 def test_tokenizer_resolution_order(tiny_sd1, tiny_sdxl, char_tokenizer, tmp_path, monkeypatch):
     fake_comfy = write_char_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: fake_comfy)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: fake_comfy)
 
     # 1. the tokenizer option, for both SDXL encoders
     assert resolve_tokenizer_dirs("sdxl", char_tokenizer, tiny_sdxl) == [char_tokenizer, char_tokenizer]
@@ -476,7 +477,7 @@ def test_tokenizer_resolution_order(tiny_sd1, tiny_sdxl, char_tokenizer, tmp_pat
     assert resolve_tokenizer_dirs("sdxl", None, tmp_path) == [fake_comfy, fake_comfy]
 
     # none at all: each case says which it is and what to set
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     with pytest.raises(ModelError, match=r"model\.safetensors: a single-file checkpoint does not include a CLIP "
                                          r"tokenizer.*`tokenizer` option.*tokenizer\.json, or vocab\.json"):
         resolve_tokenizer_dirs("sd1", source="model.safetensors")
@@ -527,7 +528,7 @@ def test_diffusers_folder_with_only_tokenizer_json_trains_from_the_cli(saved_tod
     from comfyui_dreambooth_lora.trainer import cli
     from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)  # no fallback: the folder's own is used
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)  # no fallback: the folder's own is used
     folder, original = saved_today[arch], {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
     base, reference = load_base_model(folder), load_base_model(original)
     for tokenizer, expected in zip(base.tokenizers, reference.tokenizers, strict=True):
@@ -545,7 +546,7 @@ def test_diffusers_folder_with_only_tokenizer_json_trains_from_the_cli(saved_tod
 
 
 def test_tokenizer_option_takes_a_tokenizer_json_folder(saved_today, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     bare = tmp_path / "bare"
     shutil.copytree(saved_today["sd1"], bare, ignore=shutil.ignore_patterns("tokenizer"))
     base = load_base_model(bare, tokenizer_dir=saved_today["sd1"] / "tokenizer")
@@ -580,7 +581,7 @@ def tiny_sd1_shapes() -> dict:
 def test_no_tokenizer_fails_before_loading_weights(tmp_path, monkeypatch):
     from ldm_checkpoints import write_safetensors_header
 
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     # A header without tensor data: reaching the weights would fail with another message.
     path = write_safetensors_header(tmp_path / "model.safetensors", tiny_sd1_shapes())
     assert inspect_model(path).variant == "SD1.x-like (custom size)"
