@@ -30,7 +30,7 @@ from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, 
                                                   check_num_processes, supervise, worker_command, worker_environment)
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
-from comfyui_dreambooth_lora.trainer.run_folder import pid_path
+from comfyui_dreambooth_lora.trainer.run_folder import events_path, pid_path, stop_path
 from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -345,7 +345,7 @@ def test_cancel_stops_then_kills_but_a_double_click_is_one_cancel(tmp_path):
     worker = fake_worker(tmp_path, "import time; time.sleep(600)")
     worker.start()
     try:
-        assert worker.cancel() == "stop" and (tmp_path / "run" / "STOP").is_file()
+        assert worker.cancel() == "stop" and stop_path(tmp_path / "run").is_file()
         assert worker.cancel() == "ignored" and worker.returncode is None  # at once: the same click twice
         worker.stop_requested_at -= KILL_GRACE_SECONDS  # the first Cancel was seconds ago
         assert worker.cancel() == "kill"  # a deliberate second Cancel
@@ -411,7 +411,7 @@ def test_supervise_maps_a_finish_a_failure_and_a_stop_from_outside(tmp_path):
 
     stopped = fake_worker(tmp_path, STOPPABLE_WORKER)
     stopped.start()
-    (tmp_path / "run" / "STOP").touch()  # a STOP file written by hand
+    stop_path(tmp_path / "run").touch()  # a STOP file written by hand
     with pytest.raises(RuntimeError, match="stopped from outside.*p.safetensors.*resume on"):
         supervise(stopped, lambda e: None, lambda: None, print).events_or_raise(print)
 
@@ -519,12 +519,12 @@ def test_worker_main_asks_for_a_stop_when_comfyui_is_gone(tmp_path):
     env = {**os.environ, "DREAMBOOTH_LORA_PARENT_PID": str(gone.pid)}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and (tmp_path / "STOP").is_file()
+    assert out.returncode == 0 and stop_path(tmp_path).is_file()
     assert out.stdout == ""  # our output goes to /dev/null from then on
     env["DREAMBOOTH_LORA_PARENT_PID"] = str(os.getpid())  # alive: no stop
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "alive")], env=env, capture_output=True,
                          text=True, timeout=60)
-    assert out.stdout == "after\n" and not (tmp_path / "alive" / "STOP").exists()
+    assert out.stdout == "after\n" and not stop_path(tmp_path / "alive").exists()
 
 
 def test_worker_main_names_the_stop_file_as_the_run_folder_does():
@@ -601,7 +601,7 @@ def test_real_worker_trains_on_two_processes_through_accelerate_launch(tiny_run)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4] and kinds[-1] == "done"
     assert (root / "loras" / "two_processes.safetensors").is_file()
-    assert len([e for e in read_events(run / "events.jsonl") if e["event"] == "step"]) == 4
+    assert len([e for e in read_events(events_path(run)) if e["event"] == "step"]) == 4
 
 
 def test_worker_command_checks_the_number_of_processes(tmp_path):
@@ -677,7 +677,7 @@ def finished_run_folder(tmp_path: Path, options: dict, steps: int = 4) -> tuple[
     identity = run_identity(options, tmp_path / "model.safetensors", "abc", None, num_gpus=1)
     (tmp_path / "dog.safetensors").write_bytes(b"lora")
     record_finished_run(tmp_path, identity)
-    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": steps}) + "\n", encoding="utf-8")
+    events_path(tmp_path).write_text(json.dumps({"event": "done", "step": steps}) + "\n", encoding="utf-8")
     return tmp_path / "dog.safetensors", identity
 
 
@@ -1106,7 +1106,7 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     with pytest.raises(mm.InterruptProcessingException):  # the queue item stops, as Cancel asks
         train()
     run = comfy_folders / "output" / "dreambooth_lora" / "runs" / "disc"
-    assert cancels == ["due", "pressed"] and [e["event"] for e in read_events(run / "events.jsonl")][-1] == "done"
+    assert cancels == ["due", "pressed"] and [e["event"] for e in read_events(events_path(run))][-1] == "done"
     assert (run / "node_run.json").is_file()
     log = (run / "worker.log").read_text()
     assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'

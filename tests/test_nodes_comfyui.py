@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from comfyui_dreambooth_lora.nodes.config_build import SETTINGS_NODES
+from comfyui_dreambooth_lora.trainer.run_folder import events_path
 from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, execution_error, status_messages,
                             truncate_copy, workflow_to_api, write_small_sd15_checkpoint, write_small_sdxl_checkpoint)
 
@@ -163,7 +164,7 @@ def widget_defaults(object_info: dict, class_type: str) -> dict:
 
 
 def read_events(run: Path) -> list[dict]:
-    path = run / "events.jsonl"
+    path = events_path(run)
     if not path.is_file():
         return []
     events = []

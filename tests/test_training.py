@@ -25,6 +25,7 @@ from comfyui_dreambooth_lora.trainer.data import DatasetError
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+from comfyui_dreambooth_lora.trainer.run_folder import checkpoints_dir, events_path, stop_path
 
 
 def make_config(model: Path, photos: Path, out: Path, **overrides) -> TrainConfig:
@@ -44,7 +45,7 @@ def lora_file(config: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def losses(config: TrainConfig) -> list[float]:
-    return [e["loss"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+    return [e["loss"] for e in read_events(events_path(config.output_dir)) if e["event"] == "step"]
 
 
 def record_unet_moves(monkeypatch, order: list[str]) -> None:
@@ -290,7 +291,7 @@ def test_samples_out_of_gpu_memory_are_skipped_with_a_warning_and_the_lora_is_wr
     result = loop.train(config)
     assert result.status == "done" and result.samples == [] and lora.exists()
     assert written_before == [False, True]  # step 1's samples, then the end's, after the LoRA
-    events = read_events(Path(config.output_dir) / "events.jsonl")
+    events = read_events(events_path(config.output_dir))
     skipped = [e["message"] for e in events if e["event"] == "log" and "ran out of memory" in e["message"]]
     assert len(skipped) == 2 and "sample_resolution" in skipped[0]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]  # training went on after step 1's
@@ -332,7 +333,7 @@ def test_compile_unet_says_before_step_1_that_the_first_step_compiles(tiny_sd1, 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, compile_unet=True)
     loop.train(config)
-    events = read_events(tmp_path / "run" / "events.jsonl")
+    events = read_events(events_path(tmp_path / "run"))
     names = [e["event"] for e in events]
     said = next(i for i, e in enumerate(events) if e["event"] == "log" and "compiles the UNet" in e["message"])
     assert compiled == ["UNet2DConditionModel"] and names.index("start") < said < names.index("step")
@@ -368,7 +369,7 @@ def test_a_forced_cache_with_augmentation_warns_that_the_first_draw_is_reused(ti
                                                                               warned):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, flip_p=0.5, cache_latents=cache)
     loop.train(config)
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("first draw is cached and reused" in m for m in logs) == warned
 
 
@@ -415,10 +416,10 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     monkeypatch.setattr(loop, "place_models", place)
     monkeypatch.setattr(loop, "fill_cache", fill)
     record_unet_moves(monkeypatch, order)
-    events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(offloaded.output_dir))
     events.listeners.append(note)
     result = loop.train(offloaded, events=events)
-    start = next(e for e in read_events(Path(offloaded.output_dir) / "events.jsonl") if e["event"] == "start")
+    start = next(e for e in read_events(events_path(offloaded.output_dir)) if e["event"] == "start")
     device = torch.device(start["device"]).type
     assert order[0] == "placed, unet waits: True"  # in CPU memory (the device on a GPU machine would be cuda)
     assert order[order.index("fill cache") - 1:order.index("fill cache") + 2] == [
@@ -585,8 +586,8 @@ def test_a_stop_while_making_class_images_keeps_every_image_already_made(tiny_sd
     config = make_config(tiny_sd1, photos, tmp_path / "run", with_prior_preservation=True, max_train_steps=2,
                          class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=6,
                          class_sample_steps=2, offload_frozen_models=True)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
-    events.listeners.append(lambda e: e["event"] == "class_images" and (Path(config.output_dir) / "STOP").touch())
+    events = EventWriter(events_path(config.output_dir))
+    events.listeners.append(lambda e: e["event"] == "class_images" and stop_path(config.output_dir).touch())
     result = loop.train(config, events=events)
     assert result.status == "stopped" and result.step == 0
     assert len(list((tmp_path / "class").glob("*.png"))) == loop.CLASS_IMAGES_PER_MOVE == 4
@@ -642,13 +643,13 @@ class StopAtStep:
 def test_a_stop_asked_at_the_last_step_finishes_the_run(tiny_sd1, photos, tmp_path):
     # It ended "stopped" with a partial LoRA instead of the finished one (a Cancel in ComfyUI at the end).
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3, sample_at_end=True, sample_steps=1)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 3))
     result = loop.train(config, events=events, stop=stop)
     assert result.status == "done" and result.lora_files[0].name == "test_lora.safetensors"
     assert result.samples == []  # the end samples, which the stop asked not to wait for, are skipped, saying so
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("end-of-run samples are skipped" in m for m in logs)
 
 
@@ -659,7 +660,7 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     loop.train(whole)
 
     parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
-    events = EventWriter(Path(parts.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(parts.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 4))
     first = loop.train(parts, events=events, stop=stop)
@@ -672,12 +673,12 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     assert losses(parts)[4:] == pytest.approx(losses(whole)[4:], rel=1e-5)
     for key, value in lora_file(whole).items():
         torch.testing.assert_close(lora_file(parts)[key], value, rtol=0, atol=1e-6)
-    kept = sorted(p.name for p in (Path(parts.output_dir) / "checkpoints").iterdir())
+    kept = sorted(p.name for p in checkpoints_dir(parts.output_dir).iterdir())
     assert kept == ["step_00000006", "step_00000007"]  # keep_checkpoints = 2
 
 
 def checkpoint_names(config: TrainConfig) -> list[str]:
-    return sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+    return sorted(p.name for p in checkpoints_dir(config.output_dir).iterdir())
 
 
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
@@ -693,14 +694,14 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_t
     assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
 
     # Before, the earlier run's step 4 outlived this run's stop at step 2, and 'latest' resumed from it.
-    events = EventWriter(Path(fresh.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(fresh.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 2))
     assert loop.train(dataclasses.replace(fresh, overwrite=True), events=events, stop=stop).step == 2
     assert checkpoint_names(fresh) == ["step_00000002"]
     resumed = loop.train(dataclasses.replace(fresh, resume="latest"))
     assert resumed.status == "done" and resumed.step == 8
-    starts = [e for e in read_events(Path(fresh.output_dir) / "events.jsonl") if e["event"] == "start"]
+    starts = [e for e in read_events(events_path(fresh.output_dir)) if e["event"] == "start"]
     assert starts[-1]["start_step"] == 2
 
 
@@ -715,14 +716,14 @@ def test_a_checkpoint_overwrite_cannot_delete_fails_the_run(tiny_sd1, photos, tm
     monkeypatch.setattr(loop.shutil, "rmtree", locked)
     with pytest.raises(PermissionError):
         loop.train(dataclasses.replace(config, overwrite=True, seed=8))
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert not any("deleted the checkpoints" in m for m in logs)
 
 
 def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2, keep_checkpoints=5)
     loop.train(config)
-    older = Path(config.output_dir) / "checkpoints" / "step_00000002"
+    older = checkpoints_dir(config.output_dir) / "step_00000002"
     again = dataclasses.replace(config, resume=str(older), keep_checkpoints=1)
     with pytest.raises(loop.TrainingError, match=r"checkpoints after step_00000002, which this run resumes from "
                                                  r"\(step_00000004, step_00000006\)"):
@@ -730,7 +731,7 @@ def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_delet
     result = loop.train(dataclasses.replace(again, overwrite=True))
     assert result.step == 6 and result.checkpoint.name == "step_00000006" and result.checkpoint.is_dir()
     assert checkpoint_names(config) == ["step_00000006"]  # written by this run, pruned to 1 by it
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("deleted the checkpoints this run did not write (step_00000004, step_00000006)" in m for m in logs)
 
 
@@ -792,7 +793,7 @@ def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
 def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path, damaged, message):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)
-    path = Path(config.output_dir) / "checkpoints" / "step_00000002" / damaged
+    path = checkpoints_dir(config.output_dir) / "step_00000002" / damaged
     path.write_bytes(path.read_bytes()[:10])  # cut short, as by a power loss
     with pytest.raises(ResumeError, match=rf"step_00000002: {message}.*Delete the folder"):
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
@@ -803,7 +804,7 @@ def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(tiny_sd1, photos, tm
 
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     loop.train(config)
-    root = Path(config.output_dir) / "checkpoints"
+    root = checkpoints_dir(config.output_dir)
     shutil.copytree(root / "step_00000002", root / "step_00000002 - Copy")  # a backup, as Explorer names it
     result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))  # was a ValueError
     assert result.status == "done" and result.step == 3
@@ -843,7 +844,7 @@ def test_checkpoint_files_are_fsynced_through_handles_windows_accepts(tmp_path, 
 def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_halves_go(tmp_path, monkeypatch):
     from comfyui_dreambooth_lora.trainer import checkpoints
 
-    stale = tmp_path / "checkpoints" / ".tmp_step_00000001_99999"  # a process killed while writing
+    stale = checkpoints_dir(tmp_path) / ".tmp_step_00000001_99999"  # a process killed while writing
     stale.mkdir(parents=True)
     happened = []
     fsync, replace = os.fsync, os.replace
@@ -872,7 +873,7 @@ def test_a_longer_resumed_run_warns_that_a_decaying_schedule_jumps(tiny_sd1, pho
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, lr_scheduler=schedule)
     loop.train(config)
     loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("max_train_steps changed from 2 to 4 on resume" in m for m in logs) == warned
 
 
@@ -882,7 +883,7 @@ def test_resume_refuses_another_precision_and_accepts_options_added_since(tiny_s
     with pytest.raises(Exception, match="precision: checkpoint trained in 'no', this run would compute in 'bf16'"):
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3, mixed_precision="bf16"))
     # A checkpoint written before an option existed resumes with that option at its default.
-    state_file = Path(config.output_dir) / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state_file = checkpoints_dir(config.output_dir) / "step_00000002" / "trainer_state.json"
     meta = json.loads(state_file.read_text())
     del meta["config"]["snr_gamma"]
     state_file.write_text(json.dumps(meta))
@@ -899,13 +900,13 @@ def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stdout:
         if line.startswith('{"event": "step"'):
-            (out / "STOP").touch()
+            stop_path(out).touch()
             break
     proc.stdout.read()
     assert proc.wait(timeout=120) == 0
-    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    kinds = [e["event"] for e in read_events(events_path(out))]
     assert kinds[:2] == ["loading", "start"] and kinds[-1] == "stopped"
-    stopped = read_events(out / "events.jsonl")[-1]
+    stopped = read_events(events_path(out))[-1]
     assert Path(stopped["checkpoint"]).is_dir() and Path(stopped["lora"][0]).is_file()
 
 
@@ -918,7 +919,7 @@ def test_fp16_on_the_cpu_is_refused_before_the_model_loads(tiny_sd1, photos, tmp
     config = make_config(tiny_sd1, photos, tmp_path / "run", mixed_precision="fp16")
     with pytest.raises(loop.TrainingError, match="'fp16' needs a GPU.*'auto', 'bf16' or 'no'"):
         loop.train(config)
-    errors = [e for e in map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines())
+    errors = [e for e in map(json.loads, (events_path(tmp_path / "run")).read_text().splitlines())
               if e["event"] == "error"]
     assert len(errors) == 1 and "needs a GPU" in errors[0]["message"]
 
@@ -947,9 +948,9 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_s
     with pytest.raises(loop.TrainingError, match="at step 5") as e:
         loop.train(config)
     assert "step_00000004" in str(e.value) and "Lower learning_rate" in str(e.value)  # after 4 updates
-    checkpoints = sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in checkpoints_dir(config.output_dir).iterdir())
     assert checkpoints == ["step_00000002", "step_00000004"]
-    assert read_events(Path(config.output_dir) / "events.jsonl")[-1]["event"] == "error"
+    assert read_events(events_path(config.output_dir))[-1]["event"] == "error"
 
 
 def test_nan_loss_before_any_update_blames_the_model_or_data_not_the_learning_rate(tiny_sd1, photos, tmp_path,
@@ -1097,14 +1098,14 @@ def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     out = Path(config.output_dir)
     out.mkdir()
-    (out / "STOP").touch()
-    os.utime(out / "STOP", (1, 1))  # from long ago
+    stop_path(out).touch()
+    os.utime(stop_path(out), (1, 1))  # from long ago
     assert loop.train(config).status == "done"
 
-    (out / "STOP").touch()  # a request made after this process started: honoured at once
+    stop_path(out).touch()  # a request made after this process started: honoured at once
     result = loop.train(dataclasses.replace(config, output_name="second", overwrite=True))
     assert result.status == "stopped" and result.step == 0
-    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    kinds = [e["event"] for e in read_events(events_path(out))]
     assert kinds[-2:] == ["loading", "stopped"]
 
 
@@ -1112,9 +1113,9 @@ def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
     from comfyui_dreambooth_lora.trainer.checkpoints import resolve_resume
 
     for step in (2, 4):
-        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
-    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+        (checkpoints_dir(tmp_path / "run") / f"step_{step:08d}").mkdir(parents=True)
+        (checkpoints_dir(tmp_path / "run") / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    newest = checkpoints_dir(tmp_path / "run") / "step_00000004"
     for named in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # the run, or its checkpoints folder
         with pytest.raises(ResumeError, match=rf"not a checkpoint folder.*the newest {re.escape(str(newest))}"):
             resolve_resume(TrainConfig(resume=str(named)))
@@ -1125,7 +1126,7 @@ def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
 
 def stopped_then_resumed(config: TrainConfig, at: int, **on_resume) -> TrainConfig:
     """Train `config` to a stop after step `at`, then resume it to the end with `on_resume` changed."""
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, at))
     assert loop.train(config, events=events, stop=stop).status == "stopped"
@@ -1209,20 +1210,20 @@ def test_step_events_report_the_learning_rate_the_step_used(tiny_sd1, photos, tm
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, lr_warmup_steps=2)
     loop.train(config)
-    reported = [e["lr"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+    reported = [e["lr"] for e in read_events(events_path(config.output_dir)) if e["event"] == "step"]
     assert reported == pytest.approx(used) and used[0] == 0  # warm-up starts at 0 (was shown as the next step's)
 
 
 def test_a_resumed_run_stopped_while_loading_names_its_step_and_checkpoint(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 3))
     first = loop.train(config, events=events, stop=stop)
     stop = StopRequest(handle_signals=False)
     stop.request("Cancel while loading")
     result = loop.train(dataclasses.replace(config, resume="latest"), stop=stop)
-    stopped = [e for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "stopped"][-1]
+    stopped = [e for e in read_events(events_path(config.output_dir)) if e["event"] == "stopped"][-1]
     assert result.step == stopped["step"] == 3  # was 0
     assert result.checkpoint == first.checkpoint and stopped["checkpoint"] == str(first.checkpoint)
 
@@ -1254,5 +1255,5 @@ def test_a_stop_during_the_end_samples_skips_them_and_the_run_is_done(tiny_sd1, 
     monkeypatch.setattr(loop, "generate_images", cancelled_meanwhile)
     result = loop.train(config, stop=stop)
     assert result.status == "done" and result.lora_files and result.samples == []
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("2 of 2 skipped" in m for m in logs), logs

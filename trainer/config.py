@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .run_folder import checkpoints_dir
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -315,7 +317,7 @@ def _check_path_lengths(config: TrainConfig) -> list[str]:
     suffix = "_step000000.diffusers.safetensors.abcdefgh.tmp"  # a partial LoRA's temporary file, the longest name
     run_dir = os.path.abspath(config.output_dir)
     longest = {"output_dir": [os.path.join(run_dir, f".{config.output_name}{suffix}"),
-                              os.path.join(run_dir, "checkpoints", ".tmp_step_00000000_4194304", "lora_state.safetensors")]}
+                              str(checkpoints_dir(run_dir) / ".tmp_step_00000000_4194304" / "lora_state.safetensors")]}
     if config.lora_dir:
         longest["lora_dir"] = [os.path.join(os.path.abspath(config.lora_dir), f".{config.output_name}{suffix}")]
     problems = []
