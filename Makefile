@@ -51,6 +51,7 @@ screenshots: comfyui
 ## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the newest
 ## published version of every dependency and again at the oldest ones pyproject.toml allows
 test: newest
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 	$(MAKE) test-oldest
 

@@ -134,7 +134,7 @@ def apply_levers(levers: set[str]) -> None:
     """Monkeypatch the loop for the levers that are not config fields."""
     from comfyui_dreambooth_lora.trainer import loop
 
-    place, build = loop._place_models, loop.build_optimizer
+    place, build = loop.place_models, loop.build_optimizer
 
     def place_models(base, device, weight_dtype, **kwargs):
         place(base, device, weight_dtype, **kwargs)
@@ -165,7 +165,7 @@ def apply_levers(levers: set[str]) -> None:
                                      foreach=False, fused=fused or None)
         return build(config, param_groups, device)
 
-    loop._place_models = place_models
+    loop.place_models = place_models
     loop.build_optimizer = build_optimizer
     if "loss_read_every_step" in levers:
         loop.read_loss_late = lambda device: False

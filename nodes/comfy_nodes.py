@@ -29,12 +29,13 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..trainer.fileio import atomic_write_bytes
+from ..trainer.run_folder import config_path, log_path
 from . import config_build as cb
 from . import pictures
 from .progress import RunProgress
 from .run_reuse import (check_run_can_start, file_state, find_finished_run, forget_finished_run, read_run_events,
                         record_finished_run, run_identity)
-from .worker import MAX_PROCESSES, WorkerProcess, check_num_processes, supervise, worker_command, worker_environment
+from .worker import WorkerProcess, check_num_processes, supervise, worker_command, worker_environment
 
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
@@ -105,7 +106,9 @@ def resolve_dataset_folder(choice: str) -> Path:
                      f"{folder_paths.get_input_directory()} (or a registered datasets folder) and refresh")
 
 
-def _allowed_dataset_folder(folder: str | os.PathLike) -> bool:
+def allowed_dataset_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is one a Dataset node may read: inside ComfyUI's input folder (not that folder
+    itself), the configured dataset roots, or the pack's own output folders."""
     roots = [folder_paths.get_input_directory(), *_dataset_roots(), str(_output_root() / "datasets"),
              str(_output_root() / "class_images")]
     return any(_inside(root, folder) for root in roots)
@@ -135,7 +138,8 @@ def resolve_base_model(choice: str) -> tuple[Path, str]:
     return Path(folder_paths.get_full_path_or_raise("checkpoints", choice)), "checkpoint"
 
 
-def _allowed_base_model(path: str | os.PathLike) -> bool:
+def allowed_base_model(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in ComfyUI's checkpoints or diffusers folders (what the Base Model node lists)."""
     roots = folder_paths.get_folder_paths("checkpoints") + folder_paths.get_folder_paths("diffusers")
     return any(_inside(root, path) for root in roots)
 
@@ -493,7 +497,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue the run of this output_name from its newest checkpoint (after a "
                                          "Cancel, or with more steps). Off starts a new run."),
-                io.Boolean.Input("prior_preservation", default=False,
+                io.Boolean.Input("with_prior_preservation", default=False,
                                  tooltip="Also train on class images with the dataset's class prompt, so the class "
                                          "('dog') keeps its meaning. Images come from class_images, else they are "
                                          "generated once with the base model and reused."),
@@ -521,9 +525,9 @@ class DreamBoothTrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model, dataset, output_name, max_train_steps, learning_rate, rank, alpha, seed, resume,
-                prior_preservation, settings=None, class_images=None) -> io.NodeOutput:
-        train = dict(output_name=output_name, steps=max_train_steps, learning_rate=learning_rate, rank=rank,
-                     alpha=alpha, seed=seed, resume=resume, prior_preservation=prior_preservation)
+                with_prior_preservation, settings=None, class_images=None) -> io.NodeOutput:
+        train = dict(output_name=output_name, max_train_steps=max_train_steps, learning_rate=learning_rate, rank=rank,
+                     alpha=alpha, seed=seed, resume=resume, with_prior_preservation=with_prior_preservation)
         plan = plan_run(base_model, dataset, train, settings, class_images)
         progress = _run_progress(cls.hidden.unique_id, plan.config.max_train_steps)
 
@@ -533,16 +537,17 @@ class DreamBoothTrainLoRA(io.ComfyNode):
 
         if plan.preset_report:
             say(plan.preset_report)
+            progress.keep(plan.preset_report)  # else the next line would replace it at once
         reused = find_finished_run(plan.run_dir, plan.lora_path, plan.identity, plan.config.max_train_steps)
         if reused is not None:
             say(reused.message())
-            return _train_outputs(plan, read_run_events(plan.run_dir), cls)
+            return train_outputs(plan, read_run_events(plan.run_dir), cls)
         check_run_can_start(plan.run_dir, plan.lora_path, bool(plan.config.resume), plan.config.overwrite)
         say("starting the training worker ...")
         outcome = supervise(_start_worker(plan), progress.show, _cancel_pressed, say)
         if outcome.finished:  # also when Cancel came after the last step: the LoRA is complete, a re-queue reuses it
             record_finished_run(plan.run_dir, plan.identity)
-        return _train_outputs(plan, outcome.events_or_raise(say), cls)
+        return train_outputs(plan, outcome.events_or_raise(say), cls)
 
 
 def _comfy_on_cpu() -> bool:
@@ -572,15 +577,15 @@ def plan_run(base_model: dict, dataset: dict, train: dict, settings: dict | None
     """Train LoRA's inputs, checked, as a TrainConfig with where its run and LoRA go."""
     from ..trainer.config import ConfigError
 
-    if not _allowed_base_model(base_model.get("path", "")):
+    if not allowed_base_model(base_model.get("path", "")):
         raise ValueError("base_model must come from the DreamBooth Base Model node")
-    if not _allowed_dataset_folder(dataset.get("folder", "")):
+    if not allowed_dataset_folder(dataset.get("folder", "")):
         raise ValueError("dataset must come from a DreamBooth Dataset node")
     name = cb.sanitize_output_name(train["output_name"])
     num_gpus = settings_num_gpus(settings)
     lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
     run_dir = _output_root() / "runs" / name
-    class_dir, class_count = _class_images_folder(train["prior_preservation"], class_images, base_model, dataset)
+    class_dir, class_count = _class_images_folder(train["with_prior_preservation"], class_images, base_model, dataset)
     try:
         config = cb.build_train_config(base=base_model, dataset=dataset, settings=settings,
                                        train={**train, "output_name": name}, run_dir=run_dir, lora_dir=lora_dir,
@@ -594,17 +599,17 @@ def plan_run(base_model: dict, dataset: dict, train: dict, settings: dict | None
     return RunPlan(name, config, run_dir, lora_dir / f"{name}.safetensors", identity, num_gpus, preset_report)
 
 
-def _class_images_folder(prior_preservation: bool, class_images: dict | None, base_model: dict,
+def _class_images_folder(with_prior_preservation: bool, class_images: dict | None, base_model: dict,
                          dataset: dict) -> tuple[Path | None, int | None]:
     """(folder, images in it) of the class images: a connected Dataset's folder (read, never written
     to), else the folder they are generated into (count unknown); (None, None) without prior preservation."""
-    if not prior_preservation:
+    if not with_prior_preservation:
         return None, None
     if class_images is None:
         return _output_root() / "class_images" / cb.class_images_folder_name(base_model, dataset), None
     from ..trainer.data import count_images
 
-    if not _allowed_dataset_folder(class_images.get("folder", "")):
+    if not allowed_dataset_folder(class_images.get("folder", "")):
         raise ValueError("class_images must come from a DreamBooth Dataset node")
     class_dir = Path(class_images["folder"])
     class_count = count_images(class_dir)
@@ -620,12 +625,12 @@ def _start_worker(plan: RunPlan) -> WorkerProcess:
     from ..trainer.config import save_config
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = plan.run_dir / "run.json"
-    save_config(plan.config, config_path)
+    config = config_path(plan.run_dir)
+    save_config(plan.config, config)
     forget_finished_run(plan.run_dir)  # its LoRA is about to change
     mm.unload_all_models()
     mm.soft_empty_cache(True)
-    worker = WorkerProcess(worker_command(config_path, plan.run_dir, num_processes=plan.num_gpus), plan.run_dir,
+    worker = WorkerProcess(worker_command(config, plan.run_dir, num_processes=plan.num_gpus), plan.run_dir,
                            worker_environment(force_cpu=_comfy_on_cpu()))
     worker.start()
     LOG.info("[DreamBooth LoRA] training %s in worker %s%s (log: %s)", plan.name, worker.pid,
@@ -666,13 +671,13 @@ def _run_progress(node_id: str | None, total: int) -> RunProgress:
                        log=lambda text: LOG.info("[DreamBooth LoRA] %s", text))
 
 
-def _train_outputs(plan: RunPlan, events: list[dict], cls) -> io.NodeOutput:
+def train_outputs(plan: RunPlan, events: list[dict], cls) -> io.NodeOutput:
     """The Train LoRA outputs of a finished run: file name, LORA_MODEL, loss curve, last samples."""
     from safetensors.torch import load
 
     if not plan.lora_path.is_file():
         raise RuntimeError(f"the worker finished but {plan.lora_path} was not written; see "
-                           f"{plan.run_dir / 'worker.log'}")
+                           f"{log_path(plan.run_dir)}")
     # Read, not memory-mapped (load_file): ComfyUI's cache keeps this output, and Windows refuses to
     # replace a mapped file, so the next run under this name would fail at its very end.
     lora = {k: v for k, v in load(plan.lora_path.read_bytes()).items() if k.startswith("lora_unet_")}
@@ -750,7 +755,7 @@ class DreamBoothSample(io.ComfyNode):
         import torch
 
         path = base_model.get("path", "")
-        if not _allowed_base_model(path):
+        if not allowed_base_model(path):
             raise ValueError("base_model must come from the DreamBooth Base Model node")
         embeddings = folder_paths.get_folder_paths("embeddings")
         if base_model.get("kind") == "diffusers":
@@ -761,7 +766,7 @@ class DreamBoothSample(io.ComfyNode):
         else:
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
                                                                      embedding_directory=embeddings)[:3]
-        model = _sampled_as_predicted(model, base_model.get("prediction_type", ""))
+        model = sampled_as_predicted(model, base_model.get("prediction_type", ""))
         if lora_name and lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             lora_sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
@@ -781,7 +786,7 @@ class DreamBoothSample(io.ComfyNode):
         return io.NodeOutput(torch.cat(images, dim=0))
 
 
-def _sampled_as_predicted(model, prediction_type: str):
+def sampled_as_predicted(model, prediction_type: str):
     """`model` sampled as what it predicts: ComfyUI reads v-prediction from a checkpoint's `v_pred`
     key, and the Base Model node may say v_prediction for one without it (as training then does)."""
     import comfy.model_sampling

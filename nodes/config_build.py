@@ -362,8 +362,9 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
     """The validated TrainConfig of a Train LoRA node run (raises the trainer's ConfigError).
 
     `base` comes from the Base model node, `dataset` from a Dataset node, `settings` from the
-    chain of settings nodes (or None), `train` holds the Train LoRA widgets: output_name, steps,
-    learning_rate, rank, alpha, seed, resume, prior_preservation. `class_images_available`: the
+    chain of settings nodes (or None), `train` holds the Train LoRA widgets, by their TrainConfig
+    names: output_name, max_train_steps, learning_rate, rank, alpha, seed, with_prior_preservation, and
+    resume (on: 'latest'). `class_images_available`: the
     number of images in a class folder the user chose, which is read and never written to, so
     at most that many class images are used (none are generated into it).
     """
@@ -376,7 +377,7 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
         instance_prompt=dataset.get("instance_prompt", ""),
         resolution=train_resolution(base, dataset),
         prediction_type=base.get("prediction_type_choice", "auto"),  # 'auto': the trainer detects it
-        max_train_steps=int(train["steps"]),
+        max_train_steps=int(train["max_train_steps"]),
         learning_rate=float(train["learning_rate"]),
         rank=int(train["rank"]),
         alpha=float(train["alpha"]),
@@ -386,7 +387,7 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
         lora_dir=str(lora_dir),
         resume="latest" if train.get("resume") else "",
     )
-    if train.get("prior_preservation"):
+    if train.get("with_prior_preservation"):
         values.update(with_prior_preservation=True, class_prompt=dataset.get("class_prompt", ""),
                       class_dir=str(class_dir) if class_dir else "")
         if class_images_available is not None:

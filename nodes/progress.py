@@ -45,6 +45,11 @@ class RunProgress:
         self.clock = clock
         self.step_clock = StepClock()
         self._last_text: float | None = None
+        self._kept = ""
+
+    def keep(self, note: str) -> None:
+        """Show `note` above every later line of text, for the whole run (what the memory preset set)."""
+        self._kept = note
 
     def text(self, message: str, force: bool = False) -> None:
         """Show `message` on the node; a step text only if the last text is TEXT_INTERVAL_SECONDS old."""
@@ -52,7 +57,7 @@ class RunProgress:
         if not force and self._last_text is not None and now - self._last_text < TEXT_INTERVAL_SECONDS:
             return
         self._last_text = now
-        self.send_text(message)
+        self.send_text(f"{self._kept}\n{message}" if self._kept else message)
 
     def show(self, event: dict[str, Any]) -> None:
         """Show what one worker event says."""

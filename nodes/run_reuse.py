@@ -1,6 +1,6 @@
 """Whether Train LoRA may reuse a finished run instead of training again, and the checks before a new one.
 
-A run that finished records what its LoRA was trained from (`RUN_IDENTITY` in its run folder:
+A run that finished records what its LoRA was trained from (`run_folder.identity_path`:
 the options that shape the weights, the base model file, the image files, the GPU count). The
 same graph queued again (after a restart of ComfyUI, or with only a validation prompt changed)
 then returns that LoRA at once instead of loading the model and training for minutes.
@@ -18,10 +18,9 @@ from typing import Any
 
 from ..trainer.events import read_events
 from ..trainer.fileio import atomic_write_bytes
-from .worker import PID_FILE_NAME, running_worker
+from ..trainer.run_folder import events_path, identity_path, pid_path
+from .worker import running_worker
 
-RUN_IDENTITY = "node_run.json"  # what a finished run was trained from
-EVENTS_FILE = "events.jsonl"  # trainer/loop.py's event log in the run folder
 
 # Options that cannot change the trained weights nor the LoRA file; a change to them alone reuses a
 # finished run:
@@ -88,7 +87,7 @@ def find_finished_run(run_dir: Path, lora_path: Path, identity: dict[str, Any],
     """The finished run in `run_dir` that trained `lora_path` from the same weight-shaping inputs as
     `identity`, or None (its LoRA gone, never finished, or trained from other inputs)."""
     try:
-        saved = json.loads((run_dir / RUN_IDENTITY).read_text(encoding="utf-8"))
+        saved = json.loads(identity_path(run_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not lora_path.is_file() or not isinstance(saved, dict):
@@ -105,17 +104,17 @@ def find_finished_run(run_dir: Path, lora_path: Path, identity: dict[str, Any],
 
 def record_finished_run(run_dir: Path, identity: dict[str, Any]) -> None:
     """Note that the run in `run_dir` finished with `identity` (see `find_finished_run`)."""
-    atomic_write_bytes(run_dir / RUN_IDENTITY, json.dumps(identity, sort_keys=True).encode("utf-8"))
+    atomic_write_bytes(identity_path(run_dir), json.dumps(identity, sort_keys=True).encode("utf-8"))
 
 
 def forget_finished_run(run_dir: Path) -> None:
     """Before a new run starts in `run_dir`: its LoRA is about to change."""
-    (run_dir / RUN_IDENTITY).unlink(missing_ok=True)
+    identity_path(run_dir).unlink(missing_ok=True)
 
 
 def read_run_events(run_dir: Path) -> list[dict[str, Any]]:
     """The events of the runs in `run_dir` so far (none when it has no event log)."""
-    path = run_dir / EVENTS_FILE
+    path = events_path(run_dir)
     return read_events(path) if path.is_file() else []
 
 
@@ -128,7 +127,7 @@ def check_run_can_start(run_dir: Path, lora_path: Path, resume: bool, overwrite:
                          f"ComfyUI restarted stops by itself after its step and a checkpoint, then queue again "
                          f"(with resume on, to continue from that checkpoint); one of another ComfyUI using this "
                          f"output folder trains there. If no such process is yours, delete "
-                         f"{run_dir / PID_FILE_NAME}.")
+                         f"{pid_path(run_dir)}.")
     if resume or overwrite:  # (with overwrite the trainer deletes the old checkpoints)
         return
     from ..trainer.checkpoints import checkpoints_after  # (torch: only when a run starts)

@@ -40,15 +40,13 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..trainer.run_folder import launch_config_path, log_path, pid_path, stop_path
 from .progress import stopped_text
 from .worker_main import PARENT_PID_ENV, process_alive
 
 PACKAGE_NAME = "comfyui_dreambooth_lora"
 PACK_DIR = Path(__file__).resolve().parent.parent
 WORKER_MAIN = Path(__file__).resolve().with_name("worker_main.py")
-STOP_FILE_NAME = "STOP"  # trainer/stop.py STOP_FILE_NAME (not imported: this module stays import-light)
-LOG_NAME = "worker.log"
-PID_FILE_NAME = "worker.pid"  # the running worker's pid, while a node waits for it
 MAX_PROCESSES = 16
 # A second Cancel sooner than this after the first is a double-click, not a request to kill the worker
 # (which would lose the step and the checkpoint the first Cancel asked for).
@@ -105,7 +103,7 @@ def write_launch_config(run_dir: Path, num_processes: int) -> Path:
                 "machine_rank": 0, "gpu_ids": "all", "rdzv_backend": "static", "same_network": True,
                 "main_training_function": "main", "enable_cpu_affinity": False, "downcast_bf16": False,
                 "dynamo_config": {}}
-    path = run_dir / "accelerate_launch.json"
+    path = launch_config_path(run_dir)
     path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
     return path
 
@@ -168,7 +166,7 @@ class WorkerProcess:
         self.command = command
         self.run_dir = Path(run_dir)
         self.env = env
-        self.log_path = self.run_dir / LOG_NAME
+        self.log_path = log_path(self.run_dir)
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
@@ -193,7 +191,7 @@ class WorkerProcess:
             kwargs["start_new_session"] = True  # a Ctrl+C in ComfyUI's terminal is not the worker's to handle
         self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, env=self.env, cwd=str(self.run_dir), **kwargs)
-        (self.run_dir / PID_FILE_NAME).write_text(str(self._process.pid), encoding="utf-8")
+        pid_path(self.run_dir).write_text(str(self._process.pid), encoding="utf-8")
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for thread in self._threads:
@@ -285,7 +283,7 @@ class WorkerProcess:
         for thread in self._threads:
             thread.join(timeout=5)
         if self._process is not None and running_worker(self.run_dir) is None:
-            (self.run_dir / PID_FILE_NAME).unlink(missing_ok=True)
+            pid_path(self.run_dir).unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -370,7 +368,7 @@ class WorkerProcess:
 
     def _touch_stop_file(self) -> None:
         try:
-            (self.run_dir / STOP_FILE_NAME).touch()
+            stop_path(self.run_dir).touch()
         except OSError:
             pass
 
@@ -451,7 +449,7 @@ def running_worker(run_dir: Path) -> int | None:
     as psutil (ComfyUI's dependency) or /proc tell. Where neither can, its running is all there is.
     """
     try:
-        pid = int((Path(run_dir) / PID_FILE_NAME).read_text(encoding="utf-8"))
+        pid = int(pid_path(run_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not process_alive(pid):

@@ -26,7 +26,7 @@ import time
 
 PACKAGE_NAME = "comfyui_dreambooth_lora"
 PARENT_PID_ENV = "DREAMBOOTH_LORA_PARENT_PID"  # ComfyUI's pid (worker.worker_environment sets it)
-STOP_FILE_NAME = "STOP"  # trainer/stop.py STOP_FILE_NAME
+STOP_FILE_NAME = "STOP"  # a copy of trainer/run_folder.py STOP_FILE: the pack is not importable yet
 WATCH_SECONDS = 2.0
 
 

@@ -35,6 +35,14 @@ def tiny_sd1(tmp_path_factory) -> Path:
     return save_tiny_diffusers_model(tmp_path_factory.mktemp("tiny_sd1"), "sd1")
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Four small generated pictures of the demo subject, without captions."""
+    from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("photos"), count=4, size=32, captions=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL model as a diffusers folder."""

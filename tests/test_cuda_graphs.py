@@ -20,6 +20,7 @@ from comfyui_dreambooth_lora.trainer.cuda_graphs import GraphedUNet
 from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.lora import add_lora, lora_parameters
 from comfyui_dreambooth_lora.trainer.tiny import build_tiny_components, make_demo_dataset
+from comfyui_dreambooth_lora.trainer.run_folder import events_path
 
 from test_training import lora_file, losses, make_config
 
@@ -155,7 +156,7 @@ def test_cuda_graphs_on_the_cpu_say_they_have_no_effect_and_change_nothing(tiny_
     asked = dataclasses.replace(plain, output_dir=str(tmp_path / "asked"), cuda_graphs="yes")
     loop.train(plain)
     loop.train(asked)
-    messages = [e["message"] for e in read_events(tmp_path / "asked" / "events.jsonl") if e["event"] == "log"]
+    messages = [e["message"] for e in read_events(events_path(tmp_path / "asked")) if e["event"] == "log"]
     assert any("cuda_graphs = 'yes', but they are not used: they need a CUDA GPU" in m for m in messages), messages
     assert losses(asked) == losses(plain)
     for key, value in lora_file(plain).items():
@@ -174,10 +175,10 @@ def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampli
     def graphed_unet(unet, config, accelerator, events):  # as on a GPU
         return GraphedUNet(unet, log=events.log, capture=capture) if config.cuda_graphs == "yes" else None
 
-    real_release, real_sample = GraphedUNet.release, loop._sample_on_device
-    monkeypatch.setattr(loop, "_graphed_unet", graphed_unet)
+    real_release, real_sample = GraphedUNet.release, loop.sample_on_device
+    monkeypatch.setattr(loop, "graphed_unet", graphed_unet)
     monkeypatch.setattr(GraphedUNet, "release", lambda self: (order.append("release"), real_release(self)))
-    monkeypatch.setattr(loop, "_sample_on_device",
+    monkeypatch.setattr(loop, "sample_on_device",
                         lambda *a, **k: (order.append(f"sample {a[3]}"), real_sample(*a, **k))[1])
     loop.train(eager)
     order.clear()
@@ -186,7 +187,7 @@ def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampli
 
     assert order == ["release", "sample 2", "release", "sample 4", "release"]  # the last when train() ends
     assert capture.shapes and capture.autocast_cache == [False] * len(capture.shapes)
-    events = read_events(tmp_path / "graphed" / "events.jsonl")
+    events = read_events(events_path(tmp_path / "graphed"))
     kinds = ["capture" if e["event"] == "log" and "captured" in e["message"] else e["event"] for e in events]
     # captured before step 1, and again after the samples of step 2 (which released the graphs)
     assert kinds.index("capture") < kinds.index("step")
@@ -218,7 +219,7 @@ def test_when_the_trainer_uses_cuda_graphs(option, device, distributed, precisio
                                   mixed_precision=precision)
     logged = []
     events = SimpleNamespace(log=lambda message, level="warning": logged.append(message))
-    graphs = loop._graphed_unet(torch.nn.Linear(1, 1), config, accelerator, events)
+    graphs = loop.graphed_unet(torch.nn.Linear(1, 1), config, accelerator, events)
     assert isinstance(graphs, GraphedUNet) == used
     assert (said is None and not logged) or (len(logged) == 1 and said in logged[0]), logged
 

@@ -39,9 +39,10 @@ def test_installed_versions_are_inside_the_declared_ranges():
 def test_torch_is_never_a_dependency_and_requirements_txt_agrees():
     names = {r.name.lower() for r in declared()}
     assert not names & {"torch", "torchvision", "torchaudio"}
-    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     # markers included: on Python 3.10 the pack imports tomli, and ComfyUI users install requirements.txt
-    assert {str(Requirement(l)) for l in lines} == {str(r) for r in declared()}
+    assert {str(Requirement(line)) for line in lines} == {str(r) for r in declared()}
 
 
 def test_peft_adapters_work_on_transformers_and_diffusers_models():

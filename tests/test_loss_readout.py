@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ import torch
 from comfyui_dreambooth_lora.trainer import loop
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.loss_readout import LossReadout
+from comfyui_dreambooth_lora.trainer.run_folder import checkpoints_dir, events_path
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
-from test_training import StopAtStep, make_config, photos  # noqa: F401 (photos is a fixture)
+from test_training import StopAtStep, make_config
 
 
 def test_late_readout_hands_back_the_previous_step_and_flush_the_rest():
@@ -90,7 +90,7 @@ def test_seconds_per_step_is_the_time_between_reads_once_reads_lag_behind_the_st
 def run_events(config, late: bool, monkeypatch, **train_args) -> list[dict]:
     monkeypatch.setattr(loop, "read_loss_late", lambda device: late)
     loop.train(config, **train_args)
-    return read_events(Path(config.output_dir) / "events.jsonl")
+    return read_events(events_path(config.output_dir))
 
 
 def what_happened(events: list[dict]) -> list[tuple]:
@@ -124,15 +124,15 @@ def test_a_nan_loss_at_a_checkpoint_step_is_caught_before_the_checkpoint(tiny_sd
     monkeypatch.setattr(loop, "diffusion_loss", poisoned)
     with pytest.raises(loop.TrainingError, match="at step 4.*step_00000002"):
         run_events(config, late, monkeypatch)
-    assert sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir()) == ["step_00000002"]
-    events = read_events(Path(config.output_dir) / "events.jsonl")
+    assert sorted(p.name for p in checkpoints_dir(config.output_dir).iterdir()) == ["step_00000002"]
+    events = read_events(events_path(config.output_dir))
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     assert [e["step"] for e in events if e["event"] == "error"] == [4]  # the step whose loss it was
 
 
 def test_a_stop_with_losses_read_late_reports_every_step_before_it_saves(tiny_sd1, photos, tmp_path, monkeypatch):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=8)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 2))  # step 2's event comes once step 3 is queued
     happened = what_happened(run_events(config, True, monkeypatch, events=events, stop=stop))
@@ -154,6 +154,6 @@ def test_a_failure_read_late_still_reports_the_steps_before_it(tiny_sd1, photos,
     monkeypatch.setattr(loop, "diffusion_loss", failing)
     with pytest.raises(RuntimeError, match="stand-in"):
         run_events(config, True, monkeypatch)
-    events = read_events(Path(config.output_dir) / "events.jsonl")
+    events = read_events(events_path(config.output_dir))
     assert [(e["event"], e.get("step")) for e in events if e["event"] in ("step", "error")] == [
         ("step", 1), ("step", 2), ("step", 3), ("error", 4)]  # the error names the step that failed

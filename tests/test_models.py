@@ -14,6 +14,9 @@ import torch
 from comfyui_dreambooth_lora.trainer import models
 from comfyui_dreambooth_lora.trainer.models import (ModelError, ModelInfo, detect_architecture, inspect_model,
                                                     load_base_model, resolve_tokenizer_dirs)
+from comfyui_dreambooth_lora.trainer.models.single_file import load_weights
+from comfyui_dreambooth_lora.trainer.models import tokenizers
+from comfyui_dreambooth_lora.trainer.models.tokenizers import check_tokenizers, load_tokenizers
 from comfyui_dreambooth_lora.trainer.tiny import write_char_tokenizer
 
 TOLERANCE = 1e-5
@@ -63,7 +66,7 @@ def test_diffusers_folder_sd1(tiny_sd1):
     assert out.shape == (1, 4, 8, 8)
 
     assert base.sha256() == file_sha256(tiny_sd1 / "unet" / "diffusion_pytorch_model.safetensors")
-    assert base._sha256 is not None  # cached
+    assert base.sha256() is base.sha256()  # computed once: the same string, not one made again
 
 
 def test_diffusers_folder_sdxl(tiny_sdxl):
@@ -462,7 +465,7 @@ def test_folder_with_sd3_pipeline(tmp_path):
 
 def test_tokenizer_resolution_order(tiny_sd1, tiny_sdxl, char_tokenizer, tmp_path, monkeypatch):
     fake_comfy = write_char_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: fake_comfy)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: fake_comfy)
 
     # 1. the tokenizer option, for both SDXL encoders
     assert resolve_tokenizer_dirs("sdxl", char_tokenizer, tiny_sdxl) == [char_tokenizer, char_tokenizer]
@@ -474,7 +477,7 @@ def test_tokenizer_resolution_order(tiny_sd1, tiny_sdxl, char_tokenizer, tmp_pat
     assert resolve_tokenizer_dirs("sdxl", None, tmp_path) == [fake_comfy, fake_comfy]
 
     # none at all: each case says which it is and what to set
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     with pytest.raises(ModelError, match=r"model\.safetensors: a single-file checkpoint does not include a CLIP "
                                          r"tokenizer.*`tokenizer` option.*tokenizer\.json, or vocab\.json"):
         resolve_tokenizer_dirs("sd1", source="model.safetensors")
@@ -525,7 +528,7 @@ def test_diffusers_folder_with_only_tokenizer_json_trains_from_the_cli(saved_tod
     from comfyui_dreambooth_lora.trainer import cli
     from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)  # no fallback: the folder's own is used
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)  # no fallback: the folder's own is used
     folder, original = saved_today[arch], {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
     base, reference = load_base_model(folder), load_base_model(original)
     for tokenizer, expected in zip(base.tokenizers, reference.tokenizers, strict=True):
@@ -543,7 +546,7 @@ def test_diffusers_folder_with_only_tokenizer_json_trains_from_the_cli(saved_tod
 
 
 def test_tokenizer_option_takes_a_tokenizer_json_folder(saved_today, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     bare = tmp_path / "bare"
     shutil.copytree(saved_today["sd1"], bare, ignore=shutil.ignore_patterns("tokenizer"))
     base = load_base_model(bare, tokenizer_dir=saved_today["sd1"] / "tokenizer")
@@ -578,7 +581,7 @@ def tiny_sd1_shapes() -> dict:
 def test_no_tokenizer_fails_before_loading_weights(tmp_path, monkeypatch):
     from ldm_checkpoints import write_safetensors_header
 
-    monkeypatch.setattr(models, "comfyui_tokenizer_dir", lambda: None)
+    monkeypatch.setattr(tokenizers, "comfyui_tokenizer_dir", lambda: None)
     # A header without tensor data: reaching the weights would fail with another message.
     path = write_safetensors_header(tmp_path / "model.safetensors", tiny_sd1_shapes())
     assert inspect_model(path).variant == "SD1.x-like (custom size)"
@@ -590,8 +593,8 @@ def test_no_tokenizer_fails_before_loading_weights(tmp_path, monkeypatch):
 def test_comfyui_tokenizer_is_found_and_capped(comfyui):
     folder = models.comfyui_tokenizer_dir()
     assert folder is not None and folder.name == "sd1_tokenizer" and folder.parent.name == "comfy"
-    tokenizer = models._load_tokenizers([folder])[0]
-    models._check_tokenizers([tokenizer], [(49408, 77)], [folder], "model.safetensors")
+    tokenizer = load_tokenizers([folder])[0]
+    check_tokenizers([tokenizer], [(49408, 77)], [folder], "model.safetensors")
     assert tokenizer.model_max_length == 77  # ComfyUI's tokenizer_config says 8192
     assert tokenize(tokenizer, "a photo of sks dog").shape == (1, 77)
 
@@ -618,16 +621,16 @@ def test_text_model_prefix_either_way():
     for weights in (plain, {"text_model." + k: v for k, v in plain.items()}):
         with init_empty_weights():
             model = CLIPTextModel(tiny_text_encoder_config())
-        models._load_weights(model, dict(weights, **{"text_model.embeddings.position_ids": torch.arange(77)}),
-                             "text encoder", "x.safetensors")
+        load_weights(model, dict(weights, **{"text_model.embeddings.position_ids": torch.arange(77)}),
+                     "text encoder", "x.safetensors")
         assert same_weights(model, reference)
 
     # CLIPTextModelWithProjection keeps the prefix: files without it load too.
     reference = CLIPTextModelWithProjection(tiny_text_encoder_config())
     with init_empty_weights():
         model = CLIPTextModelWithProjection(tiny_text_encoder_config())
-    models._load_weights(model, {k.removeprefix("text_model."): v for k, v in reference.state_dict().items()},
-                         "text encoder 2", "x.safetensors")
+    load_weights(model, {k.removeprefix("text_model."): v for k, v in reference.state_dict().items()},
+                 "text encoder 2", "x.safetensors")
     assert same_weights(model, reference)
 
     with init_empty_weights():
@@ -636,7 +639,7 @@ def test_text_model_prefix_either_way():
     del broken["final_layer_norm.weight"]
     with pytest.raises(ModelError, match=r"x\.safetensors: the text encoder weights.*1 missing.*final_layer_norm"
                                          r".*1 unexpected.*extra_weight"):
-        models._load_weights(model, broken, "text encoder", "x.safetensors")
+        load_weights(model, broken, "text encoder", "x.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------

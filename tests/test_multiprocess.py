@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from comfyui_dreambooth_lora.trainer import loop
 from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+from comfyui_dreambooth_lora.trainer.run_folder import events_path, stop_path
 
 from test_training import make_config
 
@@ -57,8 +58,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=2e-3)  # fp16 file
         changed += int("lora_up" in key and a[key].abs().max() > 0)
     assert changed > 0
-    steps_one = [e["loss"] for e in read_events(Path(one.output_dir) / "events.jsonl") if e["event"] == "step"]
-    steps_two = [e["loss"] for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "step"]
+    steps_one = [e["loss"] for e in read_events(events_path(one.output_dir)) if e["event"] == "step"]
+    steps_two = [e["loss"] for e in read_events(events_path(two.output_dir)) if e["event"] == "step"]
     assert len(steps_two) == 4  # only the main process writes events
     for x, y in zip(steps_one, steps_two):
         assert abs(x - y) < 1e-4
@@ -66,7 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
     # The checkpoint written by 2 processes resumes in 1 process.
     resumed = loop.train(dataclasses.replace(two, resume="latest", max_train_steps=6))
     assert resumed.status == "done" and resumed.step == 6
-    start = [e for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "start"][-1]
+    start = [e for e in read_events(events_path(two.output_dir)) if e["event"] == "start"][-1]
     assert start["start_step"] == 4
 
 
@@ -84,8 +85,8 @@ def test_two_processes_offloading_with_class_images_made_on_the_way_match_one_pr
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     one = make_config(tiny_sd1, photos, tmp_path / "one", gradient_accumulation_steps=2, **common)
     loop.train(one)
-    steps_one = [e["loss"] for e in read_events(Path(one.output_dir) / "events.jsonl") if e["event"] == "step"]
-    steps_two = [e["loss"] for e in read_events(Path(two.output_dir) / "events.jsonl") if e["event"] == "step"]
+    steps_one = [e["loss"] for e in read_events(events_path(one.output_dir)) if e["event"] == "step"]
+    steps_two = [e["loss"] for e in read_events(events_path(two.output_dir)) if e["event"] == "step"]
     assert len(steps_two) == len(steps_one) == 4
     for x, y in zip(steps_one, steps_two):
         assert abs(x - y) < 1e-4
@@ -99,12 +100,12 @@ def test_a_stop_while_the_main_process_makes_class_images_stops_every_process(ti
                          class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=500,
                          class_sample_steps=1)
     process = launch(config, tmp_path, processes=2, wait=False)
-    events = Path(config.output_dir) / "events.jsonl"
+    events = events_path(config.output_dir)
     deadline = time.monotonic() + 240
     while not (events.exists() and any(e["event"] == "class_images" for e in read_events(events))):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.2)
-    (Path(config.output_dir) / "STOP").touch()
+    stop_path(config.output_dir).touch()
     try:
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -163,5 +164,5 @@ def test_a_nan_loss_read_late_stops_every_process_at_the_same_step(tiny_sd1, tmp
     result = launch(config, tmp_path, processes=2, script=script)
     assert result.returncode != 0
     assert sorted(re.findall(r"rank (\d) left after loss call (\d+)", result.stderr)) == [("0", "3"), ("1", "3")]
-    errors = [e for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "error"]
+    errors = [e for e in read_events(events_path(config.output_dir)) if e["event"] == "error"]
     assert len(errors) == 1 and errors[0]["step"] == 3 and "at step 3" in errors[0]["message"]

@@ -29,9 +29,10 @@ from comfyui_dreambooth_lora.nodes.run_reuse import (NOT_WEIGHT_OPTIONS, check_r
                                                      forget_finished_run, record_finished_run, run_identity)
 from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, WORKER_MAIN, WorkerError, WorkerProcess,
                                                   check_num_processes, supervise, worker_command, worker_environment)
-from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, _check_output_name, save_config
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
-from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
+from comfyui_dreambooth_lora.trainer.run_folder import events_path, pid_path, stop_path
+from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def test_output_names_are_sanitised(name, expected):
             cb.sanitize_output_name(name)
     else:
         assert cb.sanitize_output_name(name) == expected
-        assert not _check_output_name(expected)  # and the trainer accepts it
+        assert not check_output_name(expected)  # and the trainer accepts it
 
 
 def _inputs(tmp_path: Path, arch: str = "sd1", **train):
@@ -73,8 +74,8 @@ def _inputs(tmp_path: Path, arch: str = "sd1", **train):
     dataset = {"folder": str(tmp_path / "photos"), "instance_prompt": "a photo of sks dog",
                "class_prompt": "a photo of dog", "caption_mode": "file_or_prompt", "repeats": 2, "resolution": 0,
                "buckets": True, "crop": "center", "flip_p": 0.5}
-    widgets = dict(output_name="my_dog", steps=120, learning_rate=2e-4, rank=8, alpha=4.0, seed=3, resume=False,
-                   prior_preservation=False)
+    widgets = dict(output_name="my_dog", max_train_steps=120, learning_rate=2e-4, rank=8, alpha=4.0, seed=3,
+                   resume=False, with_prior_preservation=False)
     widgets.update(train)
     return base, dataset, widgets
 
@@ -97,7 +98,7 @@ def test_build_train_config_maps_every_node_input(tmp_path):
 
 
 def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
-    base, dataset, widgets = _inputs(tmp_path, "sdxl", resume=True, prior_preservation=True)
+    base, dataset, widgets = _inputs(tmp_path, "sdxl", resume=True, with_prior_preservation=True)
     base["kind"] = "diffusers"
     config = cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path / "r",
                                    lora_dir=tmp_path / "l", tokenizer="/tok", class_dir=tmp_path / "class",
@@ -345,7 +346,7 @@ def test_cancel_stops_then_kills_but_a_double_click_is_one_cancel(tmp_path):
     worker = fake_worker(tmp_path, "import time; time.sleep(600)")
     worker.start()
     try:
-        assert worker.cancel() == "stop" and (tmp_path / "run" / "STOP").is_file()
+        assert worker.cancel() == "stop" and stop_path(tmp_path / "run").is_file()
         assert worker.cancel() == "ignored" and worker.returncode is None  # at once: the same click twice
         worker.stop_requested_at -= KILL_GRACE_SECONDS  # the first Cancel was seconds ago
         assert worker.cancel() == "kill"  # a deliberate second Cancel
@@ -411,7 +412,7 @@ def test_supervise_maps_a_finish_a_failure_and_a_stop_from_outside(tmp_path):
 
     stopped = fake_worker(tmp_path, STOPPABLE_WORKER)
     stopped.start()
-    (tmp_path / "run" / "STOP").touch()  # a STOP file written by hand
+    stop_path(tmp_path / "run").touch()  # a STOP file written by hand
     with pytest.raises(RuntimeError, match="stopped from outside.*p.safetensors.*resume on"):
         supervise(stopped, lambda e: None, lambda: None, print).events_or_raise(print)
 
@@ -445,7 +446,7 @@ def test_a_process_left_holding_the_workers_output_neither_blocks_the_node_nor_o
 @pytest.mark.parametrize("psutil_there", [True, False], ids=["psutil", "/proc"])
 def test_a_worker_running_in_a_run_folder_is_found_and_a_stale_pid_file_is_not(tmp_path, monkeypatch, psutil_there):
     # A worker a restarted ComfyUI left behind kept writing STOP files: a new run in its folder stopped at once.
-    from comfyui_dreambooth_lora.nodes.worker import PID_FILE_NAME, running_worker
+    from comfyui_dreambooth_lora.nodes.worker import running_worker
     from comfyui_dreambooth_lora.nodes.worker_main import process_alive
 
     if not psutil_there:
@@ -457,9 +458,9 @@ def test_a_worker_running_in_a_run_folder_is_found_and_a_stale_pid_file_is_not(t
     finally:
         worker.kill()
         worker.close()
-    assert running_worker(tmp_path / "run") is None and not (tmp_path / "run" / PID_FILE_NAME).exists()
+    assert running_worker(tmp_path / "run") is None and not pid_path(tmp_path / "run").exists()
     assert not process_alive(worker.pid)
-    (tmp_path / "run" / PID_FILE_NAME).write_text(str(os.getpid()))  # a pid that runs, but is no worker of it
+    pid_path(tmp_path / "run").write_text(str(os.getpid()))  # a pid that runs, but is no worker of it
     assert running_worker(tmp_path / "run") is None
 
 
@@ -519,12 +520,20 @@ def test_worker_main_asks_for_a_stop_when_comfyui_is_gone(tmp_path):
     env = {**os.environ, "DREAMBOOTH_LORA_PARENT_PID": str(gone.pid)}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and (tmp_path / "STOP").is_file()
+    assert out.returncode == 0 and stop_path(tmp_path).is_file()
     assert out.stdout == ""  # our output goes to /dev/null from then on
     env["DREAMBOOTH_LORA_PARENT_PID"] = str(os.getpid())  # alive: no stop
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "alive")], env=env, capture_output=True,
                          text=True, timeout=60)
-    assert out.stdout == "after\n" and not (tmp_path / "alive" / "STOP").exists()
+    assert out.stdout == "after\n" and not stop_path(tmp_path / "alive").exists()
+
+
+def test_worker_main_names_the_stop_file_as_the_run_folder_does():
+    """worker_main.py runs before the pack can be imported, so it holds a copy of the STOP file's name."""
+    from comfyui_dreambooth_lora.nodes import worker_main
+    from comfyui_dreambooth_lora.trainer import run_folder
+
+    assert worker_main.STOP_FILE_NAME == run_folder.STOP_FILE
 
 
 # --- the real worker: worker_main.py + trainer CLI on a tiny model --------------------------------------------------
@@ -593,7 +602,7 @@ def test_real_worker_trains_on_two_processes_through_accelerate_launch(tiny_run)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4] and kinds[-1] == "done"
     assert (root / "loras" / "two_processes.safetensors").is_file()
-    assert len([e for e in read_events(run / "events.jsonl") if e["event"] == "step"]) == 4
+    assert len([e for e in read_events(events_path(run)) if e["event"] == "step"]) == 4
 
 
 def test_worker_command_checks_the_number_of_processes(tmp_path):
@@ -669,7 +678,7 @@ def finished_run_folder(tmp_path: Path, options: dict, steps: int = 4) -> tuple[
     identity = run_identity(options, tmp_path / "model.safetensors", "abc", None, num_gpus=1)
     (tmp_path / "dog.safetensors").write_bytes(b"lora")
     record_finished_run(tmp_path, identity)
-    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "done", "step": steps}) + "\n", encoding="utf-8")
+    events_path(tmp_path).write_text(json.dumps({"event": "done", "step": steps}) + "\n", encoding="utf-8")
     return tmp_path / "dog.safetensors", identity
 
 
@@ -767,10 +776,10 @@ def test_dataset_and_model_choices_stay_inside_their_folders(comfyui, tmp_path):
         for bad in ("../secret", str(tmp_path / "secret"), "my_dog/../../secret", "", "C:/x", "missing"):
             with pytest.raises(ValueError):
                 comfy_nodes.resolve_dataset_folder(bad)
-        assert comfy_nodes._allowed_dataset_folder(tmp_path / "input" / "my_dog")
-        assert not comfy_nodes._allowed_dataset_folder(tmp_path / "secret")
-        assert not comfy_nodes._allowed_dataset_folder(tmp_path / "input")  # the input folder itself
-        assert not comfy_nodes._allowed_base_model("/etc/passwd")
+        assert comfy_nodes.allowed_dataset_folder(tmp_path / "input" / "my_dog")
+        assert not comfy_nodes.allowed_dataset_folder(tmp_path / "secret")
+        assert not comfy_nodes.allowed_dataset_folder(tmp_path / "input")  # the input folder itself
+        assert not comfy_nodes.allowed_base_model("/etc/passwd")
         for bad in ("[diffusers] ../x", "[diffusers] ", "../../etc/passwd"):
             with pytest.raises(Exception):
                 comfy_nodes.resolve_base_model(bad)
@@ -816,6 +825,19 @@ def test_progress_text_shows_what_the_run_says_until_its_next_event():
     shown.now += 1
     progress.show({"event": "step", "step": 2, "total_steps": 10, "loss": 0.1, "seconds_per_step": 2.0})
     assert shown.texts[-1] == "step 2/10  loss 0.1000  2.00 s/step  ~16s left" and shown.bar[-1] == (2, 10, None)
+
+
+def test_a_kept_note_stays_above_every_later_text():
+    # What the memory preset set was replaced at once by "starting the training worker ...".
+    shown = Shown()
+    progress = shown.progress(total=10)
+    progress.text("memory preset 12 GB: gradient checkpointing on", force=True)
+    progress.keep("memory preset 12 GB: gradient checkpointing on")
+    progress.text("starting the training worker ...", force=True)
+    progress.show({"event": "start", "total_steps": 10, "model": "sd1", "num_images": 4, "device": "cpu"})
+    assert shown.texts == ["memory preset 12 GB: gradient checkpointing on",
+                           "memory preset 12 GB: gradient checkpointing on\nstarting the training worker ...",
+                           "memory preset 12 GB: gradient checkpointing on\ntraining sd1 on 4 images (cpu)"]
 
 
 def test_progress_text_names_every_phase_of_a_run():
@@ -927,7 +949,7 @@ WIDGETS = {
                                  "sample_guidance", "sample_seed", "sample_resolution", "checkpoint_every",
                                  "keep_checkpoints", "save_dtype", "export_format", "overwrite"],
     "DreamBoothTrainLoRA": ["output_name", "max_train_steps", "learning_rate", "rank", "alpha", "seed",
-                            "control_after_generate", "resume", "prior_preservation"],
+                            "control_after_generate", "resume", "with_prior_preservation"],
     "DreamBoothSample": ["lora_name", "strength_model", "strength_clip", "prompt", "negative_prompt", "seed",
                          "control_after_generate", "steps", "cfg", "width", "height", "sampler_name", "scheduler"],
     "DreamBoothLoadLoRA": ["lora_name", "strength_model", "strength_clip"],
@@ -1085,7 +1107,7 @@ def test_cancel_after_the_last_step_records_the_finished_run(comfy_folders, monk
     with pytest.raises(mm.InterruptProcessingException):  # the queue item stops, as Cancel asks
         train()
     run = comfy_folders / "output" / "dreambooth_lora" / "runs" / "disc"
-    assert cancels == ["due", "pressed"] and [e["event"] for e in read_events(run / "events.jsonl")][-1] == "done"
+    assert cancels == ["due", "pressed"] and [e["event"] for e in read_events(events_path(run))][-1] == "done"
     assert (run / "node_run.json").is_file()
     log = (run / "worker.log").read_text()
     assert train().args[0] == "disc.safetensors"  # queued again: reused, not refused as 'already exists'
@@ -1148,7 +1170,7 @@ def test_train_outputs_do_not_keep_the_lora_file_mapped(comfy_folders):
     save_file({"lora_unet_x.lora_down.weight": torch.ones(4, 8)}, str(lora))
     (comfy_folders / "run").mkdir()
     plan = SimpleNamespace(run_dir=comfy_folders / "run", lora_path=lora)
-    outputs = comfy_nodes._train_outputs(plan, [], comfy_nodes.DreamBoothTrainLoRA)
+    outputs = comfy_nodes.train_outputs(plan, [], comfy_nodes.DreamBoothTrainLoRA)
     assert torch.equal(outputs.args[1]["lora_unet_x.lora_down.weight"], torch.ones(4, 8))
     assert str(lora) not in Path("/proc/self/maps").read_text()
 
@@ -1159,7 +1181,7 @@ def test_sample_follows_the_base_model_nodes_prediction_type_both_ways(comfyui):
 
     import comfy.model_sampling as ms
 
-    from comfyui_dreambooth_lora.nodes.comfy_nodes import _sampled_as_predicted
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import sampled_as_predicted
 
     class VPred(ms.ModelSamplingDiscrete, ms.V_PREDICTION):
         pass
@@ -1181,11 +1203,11 @@ def test_sample_follows_the_base_model_nodes_prediction_type_both_ways(comfyui):
             self.patches[name] = obj
 
     v, e = Model(VPred(None)), Model(Eps(None))
-    assert _sampled_as_predicted(v, "v_prediction") is v and _sampled_as_predicted(e, "epsilon") is e
-    assert _sampled_as_predicted(v, "") is v  # nothing said: as ComfyUI loaded it
-    assert isinstance(_sampled_as_predicted(e, "v_prediction").get_model_object("model_sampling"), ms.V_PREDICTION)
+    assert sampled_as_predicted(v, "v_prediction") is v and sampled_as_predicted(e, "epsilon") is e
+    assert sampled_as_predicted(v, "") is v  # nothing said: as ComfyUI loaded it
+    assert isinstance(sampled_as_predicted(e, "v_prediction").get_model_object("model_sampling"), ms.V_PREDICTION)
     # V_PREDICTION subclasses EPS: an isinstance check took a v-prediction model for an epsilon one
-    assert not isinstance(_sampled_as_predicted(v, "epsilon").get_model_object("model_sampling"), ms.V_PREDICTION)
+    assert not isinstance(sampled_as_predicted(v, "epsilon").get_model_object("model_sampling"), ms.V_PREDICTION)
 
 
 @pytest.mark.comfyui

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from comfyui_dreambooth_lora.nodes.config_build import SETTINGS_NODES
+from comfyui_dreambooth_lora.trainer.run_folder import events_path
 from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, execution_error, status_messages,
                             truncate_copy, workflow_to_api, write_small_sd15_checkpoint, write_small_sdxl_checkpoint)
 
@@ -163,7 +164,7 @@ def widget_defaults(object_info: dict, class_type: str) -> dict:
 
 
 def read_events(run: Path) -> list[dict]:
-    path = run / "events.jsonl"
+    path = events_path(run)
     if not path.is_file():
         return []
     events = []
@@ -598,7 +599,7 @@ def test_the_prior_preservation_workflow_generates_class_images_once(server, obj
     prompt = only_ancestors(sd15_prompt(object_info, "prior_dog", workflow="SD1.5 LoRA with prior preservation.json",
                                         steps=2, sample_at_end=False, num_class_images=2, class_sample_steps=2,
                                         train_text_encoder=False), TRAIN)
-    assert prompt[TRAIN]["inputs"]["prior_preservation"] is True
+    assert prompt[TRAIN]["inputs"]["with_prior_preservation"] is True
     entry = server.wait(server.queue(prompt), timeout=900)
     assert_success(entry, server)
     [class_dir] = (server.output_dir / "dreambooth_lora" / "class_images").glob("small_sd15_a_photo_of_dog_*")

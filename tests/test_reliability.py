@@ -18,7 +18,8 @@ import torch
 
 from comfyui_dreambooth_lora.trainer import checkpoints, fileio, loop
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
-from test_training import assert_same_lora, checkpoint_names, make_config, photos  # noqa: F401 (photos: a fixture)
+from comfyui_dreambooth_lora.trainer.run_folder import checkpoints_dir, events_path
+from test_training import assert_same_lora, checkpoint_names, make_config
 
 
 def no_temp_files(folder: Path) -> bool:
@@ -30,7 +31,7 @@ def no_temp_files(folder: Path) -> bool:
 def test_a_checkpoint_that_does_not_fit_stops_the_run_naming_folder_sizes_and_last_checkpoint(tiny_sd1, photos,
                                                                                              tmp_path, monkeypatch):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     real_free = fileio.free_bytes
 
     def disk_fills_after_the_first_checkpoint(event):
@@ -41,12 +42,12 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_naming_folder_sizes_and_la
     with pytest.raises(loop.OutOfDiskSpace) as e:
         loop.train(config, events=events)
     message = str(e.value)
-    root = Path(config.output_dir) / "checkpoints"
+    root = checkpoints_dir(config.output_dir)
     assert f"writing checkpoint step_00000004 in {root} needs about" in message and "0.0 MB free" in message
     assert f"resume = 'latest' continues from the last good checkpoint, {root / 'step_00000002'}" in message
     assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
     assert real_free(tmp_path) > 0
-    error = read_events(Path(config.output_dir) / "events.jsonl")[-1]
+    error = read_events(events_path(config.output_dir))[-1]
     assert error["event"] == "error" and error["kind"] == "OutOfDiskSpace"
 
 
@@ -141,7 +142,7 @@ def test_a_write_that_fills_a_real_disk_is_reported_and_leaves_no_half_file(tiny
     monkeypatch.setattr(checkpoints, "ensure_free_space", lambda *args: None)
     with pytest.raises(loop.OutOfDiskSpace, match=r"out of disk space: writing checkpoint step_00000001"):
         loop.train(config)
-    assert no_temp_files(small_disk) and not list((small_disk / "run" / "checkpoints").iterdir())
+    assert no_temp_files(small_disk) and not list(checkpoints_dir(small_disk / "run").iterdir())
 
 
 # --- a step that fails ---------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_a_step_that_raises_leaves_a_checkpoint_of_the_step_before_that_resumes_
         fail_at(patch, 6, RuntimeError("a CUDA kernel failed"), micro_batches=2, micro=1)
         with pytest.raises(loop.StepFailed) as e:
             loop.train(parts)
-    root = Path(parts.output_dir) / "checkpoints"
+    root = checkpoints_dir(parts.output_dir)
     assert str(e.value).startswith("step 6 failed (RuntimeError: a CUDA kernel failed). The 5 steps done are saved in "
                                    f"{root / 'step_00000005'}; resume = 'latest' continues from there.")
     assert not e.value.out_of_memory and isinstance(e.value.__cause__, RuntimeError)
@@ -202,7 +203,7 @@ def test_a_failure_right_after_a_checkpoint_or_before_any_step_writes_nothing_ne
     fail_at(monkeypatch, 1, RuntimeError("boom"))
     with pytest.raises(loop.StepFailed, match="No step was done; nothing was written"):
         loop.train(make_config(tiny_sd1, photos, tmp_path / "fresh", max_train_steps=4))
-    assert not (tmp_path / "fresh" / "checkpoints").exists()
+    assert not checkpoints_dir(tmp_path / "fresh").exists()
 
 
 def test_an_emergency_checkpoint_that_fails_too_says_so_and_keeps_the_previous_one(tiny_sd1, photos, tmp_path,
@@ -249,7 +250,7 @@ def test_start_up_removes_the_temp_files_a_killed_run_left_and_only_those(tiny_s
     for path in ours[1:] + foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a LoRA")
-    half_checkpoint = run / "checkpoints" / ".tmp_step_00000003_4242"
+    half_checkpoint = checkpoints_dir(run) / ".tmp_step_00000003_4242"
     half_checkpoint.mkdir()
     (half_checkpoint / "optimizer.pt").write_bytes(b"half")
 
@@ -257,7 +258,7 @@ def test_start_up_removes_the_temp_files_a_killed_run_left_and_only_those(tiny_s
     assert result.status == "done"
     assert [p for p in ours if p.exists()] == [] and not half_checkpoint.exists()
     assert [p for p in foreign if not p.exists()] == []
-    logs = [e["message"] for e in read_events(run / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(run)) if e["event"] == "log"]
     assert any(m.startswith("removed 5 temporary file(s) an interrupted run left") for m in logs)
 
 
@@ -319,7 +320,7 @@ def test_a_second_sigint_after_the_grace_period_ends_the_cli_at_once(tiny_sd1, p
     assert time.monotonic() - asked < 5
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "SIGINT again: ended at once; no checkpoint was written" in stderr and "Traceback" not in stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not checkpoints_dir(tmp_path / "run").exists()
 
 
 def test_a_stop_while_the_model_loads_ends_the_run_before_training_saying_nothing_was_written(tiny_sd1, photos,
@@ -331,14 +332,14 @@ def test_a_stop_while_the_model_loads_ends_the_run_before_training_saying_nothin
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert "stopped before training; nothing written" in (tmp_path / "stderr.txt").read_text()
-    kinds = [e["event"] for e in read_events(tmp_path / "run" / "events.jsonl")]
+    kinds = [e["event"] for e in read_events(events_path(tmp_path / "run"))]
     assert kinds == ["loading", "stopped"]  # no class images were made, no step was taken
-    assert not (tmp_path / "class").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "class").exists() and not checkpoints_dir(tmp_path / "run").exists()
 
 
 # --- portable names ---------------------------------------------------------------------------------
 
-def train_config(**options) -> "TrainConfig":
+def train_config(**options):
     from comfyui_dreambooth_lora.trainer.config import TrainConfig
 
     return TrainConfig.from_dict({"pretrained_model": "model.safetensors", "instance_dir": "photos",
@@ -433,7 +434,7 @@ def test_resume_finds_a_moved_base_model_by_its_file_and_refuses_another(tiny_sd
     with pytest.raises(ResumeError, match=rf"the base model changed: the file {moved} is not the one it trained on "
                                           r"\(SHA-256 [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.\)"):
         loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))
-    shutil.rmtree(Path(config.output_dir) / "checkpoints" / "step_00000003")  # back to the first run's checkpoint
+    shutil.rmtree(checkpoints_dir(config.output_dir) / "step_00000003")  # back to the first run's checkpoint
     with pytest.raises(ResumeError, match=rf"the base model changed: it trained on {tiny_sd1} \(SHA-256 [0-9a-f]{{12}}"
                                           rf"\.\.\.\); pretrained_model {moved} is another file"):
         loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))

@@ -25,11 +25,7 @@ from comfyui_dreambooth_lora.trainer.data import DatasetError
 from comfyui_dreambooth_lora.trainer.events import EventWriter, read_events
 from comfyui_dreambooth_lora.trainer.stop import StopRequest
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("photos"), count=4, size=32, captions=False)
+from comfyui_dreambooth_lora.trainer.run_folder import checkpoints_dir, events_path, stop_path
 
 
 def make_config(model: Path, photos: Path, out: Path, **overrides) -> TrainConfig:
@@ -49,7 +45,7 @@ def lora_file(config: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def losses(config: TrainConfig) -> list[float]:
-    return [e["loss"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+    return [e["loss"] for e in read_events(events_path(config.output_dir)) if e["event"] == "step"]
 
 
 def record_unet_moves(monkeypatch, order: list[str]) -> None:
@@ -203,7 +199,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
                          sample_at_end=True, sample_steps=2, with_prior_preservation=True, class_prompt=CLASS_PROMPT,
                          class_dir=str(tmp_path / "class"), num_class_images=2, class_sample_steps=2)
     dtypes = []
-    real_place, real_generate = loop._place_models, loop.ensure_class_images
+    real_place, real_generate = loop.place_models, loop.ensure_class_images
 
     autocast = {"unet": set(), "vae decoder": set()}
     casts = set()  # peft's input casts in the UNet's LoRA layers: off (every UNet call is under autocast)
@@ -220,7 +216,7 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
         dtypes.append(("class images", base.unet.conv_in.weight.dtype))
         return real_generate(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     monkeypatch.setattr(loop, "ensure_class_images", generate)
     result = loop.train(config)
     # frozen weights bf16, trained weights fp32; the class images come from the placed model (on the device)
@@ -235,13 +231,13 @@ def test_bf16_run_keeps_lora_weights_fp32_and_samples_and_makes_class_images_in_
 def test_dora_and_lora_dropout_keep_peft_input_cast(tiny_sd1, photos, tmp_path, monkeypatch, variant):
     # Without the cast, DoRA would take its weight norm in bf16 and dropout would scale by a bf16 1/(1-p).
     casts = set()
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, *args, **kwargs):
         casts.update(m.cast_input_dtype_enabled for m in base.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
         return real_place(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     loop.train(make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, mixed_precision="bf16", **variant))
     assert casts == {True}
 
@@ -251,14 +247,14 @@ def test_unet_norms_compute_in_the_input_dtype_only_under_mixed_precision(tiny_s
     from comfyui_dreambooth_lora.trainer.precision import GroupNormInInputDtype, LayerNormInInputDtype
 
     seen = {}
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, *args, **kwargs):
         norms = [m for m in base.unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
         seen[precision] = {type(m) for m in norms}
         return real_place(base, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
+    monkeypatch.setattr(loop, "place_models", place)
     for precision in ("no", "bf16"):
         loop.train(make_config(tiny_sd1, photos, tmp_path / precision, max_train_steps=1, mixed_precision=precision))
     assert seen == {"no": {torch.nn.GroupNorm, torch.nn.LayerNorm},
@@ -295,7 +291,7 @@ def test_samples_out_of_gpu_memory_are_skipped_with_a_warning_and_the_lora_is_wr
     result = loop.train(config)
     assert result.status == "done" and result.samples == [] and lora.exists()
     assert written_before == [False, True]  # step 1's samples, then the end's, after the LoRA
-    events = read_events(Path(config.output_dir) / "events.jsonl")
+    events = read_events(events_path(config.output_dir))
     skipped = [e["message"] for e in events if e["event"] == "log" and "ran out of memory" in e["message"]]
     assert len(skipped) == 2 and "sample_resolution" in skipped[0]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]  # training went on after step 1's
@@ -337,7 +333,7 @@ def test_compile_unet_says_before_step_1_that_the_first_step_compiles(tiny_sd1, 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, compile_unet=True)
     loop.train(config)
-    events = read_events(tmp_path / "run" / "events.jsonl")
+    events = read_events(events_path(tmp_path / "run"))
     names = [e["event"] for e in events]
     said = next(i for i, e in enumerate(events) if e["event"] == "log" and "compiles the UNet" in e["message"])
     assert compiled == ["UNet2DConditionModel"] and names.index("start") < said < names.index("step")
@@ -373,7 +369,7 @@ def test_a_forced_cache_with_augmentation_warns_that_the_first_draw_is_reused(ti
                                                                               warned):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=1, flip_p=0.5, cache_latents=cache)
     loop.train(config)
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("first draw is cached and reused" in m for m in logs) == warned
 
 
@@ -396,7 +392,7 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     calls = {"vae encoder": 0, "text encoder": 0}
     at = {}
     order = []
-    real_place = loop._place_models
+    real_place = loop.place_models
 
     def place(base, device, weight_dtype, unet_waits):
         order.append(f"placed, unet waits: {unet_waits}")
@@ -411,19 +407,19 @@ def test_offloading_frozen_models_encodes_everything_before_step_1_and_trains_th
     # The UNet waits in CPU memory until the VAE has encoded everything (on a GPU, encoding beside it
     # was the run's memory peak). On a CPU machine every device is the CPU: what this can check is
     # the order of the moves; benchmarks/gpu_smoke.py and `bench.py --gpu-session` check it on a GPU.
-    real_fill = loop._fill_cache
+    real_fill = loop.fill_cache
 
     def fill(*args, **kwargs):
         order.append("fill cache")
         return real_fill(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_place_models", place)
-    monkeypatch.setattr(loop, "_fill_cache", fill)
+    monkeypatch.setattr(loop, "place_models", place)
+    monkeypatch.setattr(loop, "fill_cache", fill)
     record_unet_moves(monkeypatch, order)
-    events = EventWriter(Path(offloaded.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(offloaded.output_dir))
     events.listeners.append(note)
     result = loop.train(offloaded, events=events)
-    start = next(e for e in read_events(Path(offloaded.output_dir) / "events.jsonl") if e["event"] == "start")
+    start = next(e for e in read_events(events_path(offloaded.output_dir)) if e["event"] == "start")
     device = torch.device(start["device"]).type
     assert order[0] == "placed, unet waits: True"  # in CPU memory (the device on a GPU machine would be cuda)
     assert order[order.index("fill cache") - 1:order.index("fill cache") + 2] == [
@@ -500,14 +496,14 @@ def test_offloading_run_makes_the_same_class_images_and_samples_with_the_models_
     # On a CPU machine every move is to the CPU: this checks that the stages run in order and change
     # nothing; test_offloaded_models_take_turns_on_the_gpu checks where each stage puts the models.
     stages = []
-    real_placement = loop._placement
+    real_placement = loop.model_placement
 
     @contextlib.contextmanager
     def placement(base, unet, device, take_turns, **kwargs):
         with real_placement(base, unet, device, take_turns, **kwargs) as place:
             yield lambda stage: (stages.append(stage if take_turns else f"{stage} (all stay)"), place(stage))
 
-    monkeypatch.setattr(loop, "_placement", placement)
+    monkeypatch.setattr(loop, "model_placement", placement)
     runs = {}
     for offload in (False, True):
         config = make_config(tiny_sd1, photos, tmp_path / f"run_{offload}", with_prior_preservation=True,
@@ -559,7 +555,7 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     move_unet = case != "samples, several processes"
     resident = set() if move_unet else {"unet"}  # a wrapped UNet stays on the GPU throughout
     on_gpu = {}
-    with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
+    with loop.model_placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
         for stage in ("encode", "denoise", "decode"):
             place(stage)
             on_gpu[stage] = {n for n, d in where.items() if d == "cuda"}
@@ -572,12 +568,12 @@ def test_offloaded_models_take_turns_on_the_gpu(monkeypatch, case):
     if case == "samples":  # the training UNet leaves for the encoding and the decoding
         assert [m for m in moved if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cuda")] * 2
     with pytest.raises(RuntimeError):  # a stage that fails still puts every model back
-        with loop._placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
+        with loop.model_placement(base, unet, torch.device("cuda"), True, move_unet=move_unet) as place:
             place("encode")
             place("denoise")
             raise RuntimeError("out of memory")
     assert where == home
-    with loop._placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
+    with loop.model_placement(base, unet, torch.device("cuda"), False) as place:  # not offloading: nothing moves
         moves = len(together)
         for stage in ("encode", "denoise", "decode"):
             place(stage)
@@ -590,8 +586,8 @@ def test_a_stop_while_making_class_images_keeps_every_image_already_made(tiny_sd
     config = make_config(tiny_sd1, photos, tmp_path / "run", with_prior_preservation=True, max_train_steps=2,
                          class_prompt="a photo of disc", class_dir=str(tmp_path / "class"), num_class_images=6,
                          class_sample_steps=2, offload_frozen_models=True)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
-    events.listeners.append(lambda e: e["event"] == "class_images" and (Path(config.output_dir) / "STOP").touch())
+    events = EventWriter(events_path(config.output_dir))
+    events.listeners.append(lambda e: e["event"] == "class_images" and stop_path(config.output_dir).touch())
     result = loop.train(config, events=events)
     assert result.status == "stopped" and result.step == 0
     assert len(list((tmp_path / "class").glob("*.png"))) == loop.CLASS_IMAGES_PER_MOVE == 4
@@ -647,13 +643,13 @@ class StopAtStep:
 def test_a_stop_asked_at_the_last_step_finishes_the_run(tiny_sd1, photos, tmp_path):
     # It ended "stopped" with a partial LoRA instead of the finished one (a Cancel in ComfyUI at the end).
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=3, sample_at_end=True, sample_steps=1)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 3))
     result = loop.train(config, events=events, stop=stop)
     assert result.status == "done" and result.lora_files[0].name == "test_lora.safetensors"
     assert result.samples == []  # the end samples, which the stop asked not to wait for, are skipped, saying so
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("end-of-run samples are skipped" in m for m in logs)
 
 
@@ -664,7 +660,7 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     loop.train(whole)
 
     parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
-    events = EventWriter(Path(parts.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(parts.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 4))
     first = loop.train(parts, events=events, stop=stop)
@@ -677,12 +673,12 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     assert losses(parts)[4:] == pytest.approx(losses(whole)[4:], rel=1e-5)
     for key, value in lora_file(whole).items():
         torch.testing.assert_close(lora_file(parts)[key], value, rtol=0, atol=1e-6)
-    kept = sorted(p.name for p in (Path(parts.output_dir) / "checkpoints").iterdir())
+    kept = sorted(p.name for p in checkpoints_dir(parts.output_dir).iterdir())
     assert kept == ["step_00000006", "step_00000007"]  # keep_checkpoints = 2
 
 
 def checkpoint_names(config: TrainConfig) -> list[str]:
-    return sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+    return sorted(p.name for p in checkpoints_dir(config.output_dir).iterdir())
 
 
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
@@ -698,14 +694,14 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_t
     assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
 
     # Before, the earlier run's step 4 outlived this run's stop at step 2, and 'latest' resumed from it.
-    events = EventWriter(Path(fresh.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(fresh.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 2))
     assert loop.train(dataclasses.replace(fresh, overwrite=True), events=events, stop=stop).step == 2
     assert checkpoint_names(fresh) == ["step_00000002"]
     resumed = loop.train(dataclasses.replace(fresh, resume="latest"))
     assert resumed.status == "done" and resumed.step == 8
-    starts = [e for e in read_events(Path(fresh.output_dir) / "events.jsonl") if e["event"] == "start"]
+    starts = [e for e in read_events(events_path(fresh.output_dir)) if e["event"] == "start"]
     assert starts[-1]["start_step"] == 2
 
 
@@ -720,14 +716,14 @@ def test_a_checkpoint_overwrite_cannot_delete_fails_the_run(tiny_sd1, photos, tm
     monkeypatch.setattr(loop.shutil, "rmtree", locked)
     with pytest.raises(PermissionError):
         loop.train(dataclasses.replace(config, overwrite=True, seed=8))
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert not any("deleted the checkpoints" in m for m in logs)
 
 
 def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_deletes_them(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2, keep_checkpoints=5)
     loop.train(config)
-    older = Path(config.output_dir) / "checkpoints" / "step_00000002"
+    older = checkpoints_dir(config.output_dir) / "step_00000002"
     again = dataclasses.replace(config, resume=str(older), keep_checkpoints=1)
     with pytest.raises(loop.TrainingError, match=r"checkpoints after step_00000002, which this run resumes from "
                                                  r"\(step_00000004, step_00000006\)"):
@@ -735,7 +731,7 @@ def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_delet
     result = loop.train(dataclasses.replace(again, overwrite=True))
     assert result.step == 6 and result.checkpoint.name == "step_00000006" and result.checkpoint.is_dir()
     assert checkpoint_names(config) == ["step_00000006"]  # written by this run, pruned to 1 by it
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("deleted the checkpoints this run did not write (step_00000004, step_00000006)" in m for m in logs)
 
 
@@ -755,6 +751,26 @@ def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos
     assert f"added: new.png; removed: {names[0]}; changed (size, repeats or caption): {names[1]}" in str(e.value)
 
 
+# What every checkpoint records beside the weights and optimizer (made up here: nothing resumes from them).
+RECORDED = dict(mixed_precision="no", dataset=[["a.png", 1, 2]], base_model_sha256="0" * 64)
+
+
+def test_a_checkpoint_without_what_every_checkpoint_records_is_refused_as_from_before_the_release(tmp_path):
+    from comfyui_dreambooth_lora.trainer import checkpoints
+
+    state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
+                                      lr_scheduler={}, config=TrainConfig().to_dict(), path=tmp_path, **RECORDED)
+    path = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
+    assert checkpoints.load_checkpoint(path, TrainConfig()).base_model_sha256 == "0" * 64
+    meta = json.loads((path / "trainer_state.json").read_text())
+    del meta["base_model_sha256"]
+    meta["dataset"] = None
+    (path / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(ResumeError, match="development version of the pack before 0.1.0 .*lacks dataset, "
+                                          "base_model_sha256\); start a new run"):
+        checkpoints.load_checkpoint(path, TrainConfig())
+
+
 def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
     # Only the optimizer and scheduler were kept: a resumed fp16 run restarted at scale 65536 and skipped steps.
     from comfyui_dreambooth_lora.trainer import checkpoints
@@ -764,7 +780,7 @@ def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
     scaler.update(new_scale=512.0)
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
                                       lr_scheduler={}, config=TrainConfig().to_dict(), path=tmp_path,
-                                      scaler=scaler.state_dict())
+                                      scaler=scaler.state_dict(), **RECORDED)
     path = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(checkpoints.load_checkpoint(path, TrainConfig()).scaler)
@@ -777,7 +793,7 @@ def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tmp_path):
 def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path, damaged, message):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)
-    path = Path(config.output_dir) / "checkpoints" / "step_00000002" / damaged
+    path = checkpoints_dir(config.output_dir) / "step_00000002" / damaged
     path.write_bytes(path.read_bytes()[:10])  # cut short, as by a power loss
     with pytest.raises(ResumeError, match=rf"step_00000002: {message}.*Delete the folder"):
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
@@ -788,7 +804,7 @@ def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(tiny_sd1, photos, tm
 
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     loop.train(config)
-    root = Path(config.output_dir) / "checkpoints"
+    root = checkpoints_dir(config.output_dir)
     shutil.copytree(root / "step_00000002", root / "step_00000002 - Copy")  # a backup, as Explorer names it
     result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))  # was a ValueError
     assert result.status == "done" and result.step == 3
@@ -821,14 +837,14 @@ def test_checkpoint_files_are_fsynced_through_handles_windows_accepts(tmp_path, 
         fsync(fd)
     monkeypatch.setattr(os, "fsync", windows_like_fsync)
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
-                                      lr_scheduler={}, config={}, path=tmp_path)
+                                      lr_scheduler={}, config={}, path=tmp_path, **RECORDED)
     assert checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {}).is_dir()
 
 
 def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_halves_go(tmp_path, monkeypatch):
     from comfyui_dreambooth_lora.trainer import checkpoints
 
-    stale = tmp_path / "checkpoints" / ".tmp_step_00000001_99999"  # a process killed while writing
+    stale = checkpoints_dir(tmp_path) / ".tmp_step_00000001_99999"  # a process killed while writing
     stale.mkdir(parents=True)
     happened = []
     fsync, replace = os.fsync, os.replace
@@ -836,7 +852,7 @@ def test_checkpoint_files_reach_the_disk_before_the_folder_is_renamed_and_stale_
                                                  fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda src, dst: (happened.append(("replace", str(dst))), replace(src, dst)))
     state = checkpoints.TrainingState(step=3, epoch=0, position=3, lora={"w": torch.ones(2)}, optimizer={},
-                                      lr_scheduler={}, config={}, path=tmp_path)
+                                      lr_scheduler={}, config={}, path=tmp_path, **RECORDED)
     final = checkpoints.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, {})
     renamed = happened.index(("replace", str(final)))
     synced_before = {Path(p).name for kind, p in happened[:renamed] if kind == "fsync"}
@@ -857,7 +873,7 @@ def test_a_longer_resumed_run_warns_that_a_decaying_schedule_jumps(tiny_sd1, pho
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, lr_scheduler=schedule)
     loop.train(config)
     loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("max_train_steps changed from 2 to 4 on resume" in m for m in logs) == warned
 
 
@@ -867,7 +883,7 @@ def test_resume_refuses_another_precision_and_accepts_options_added_since(tiny_s
     with pytest.raises(Exception, match="precision: checkpoint trained in 'no', this run would compute in 'bf16'"):
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3, mixed_precision="bf16"))
     # A checkpoint written before an option existed resumes with that option at its default.
-    state_file = Path(config.output_dir) / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state_file = checkpoints_dir(config.output_dir) / "step_00000002" / "trainer_state.json"
     meta = json.loads(state_file.read_text())
     del meta["config"]["snr_gamma"]
     state_file.write_text(json.dumps(meta))
@@ -884,13 +900,13 @@ def test_stop_file_via_cli_exits_0_with_checkpoint(tiny_sd1, photos, tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for line in proc.stdout:
         if line.startswith('{"event": "step"'):
-            (out / "STOP").touch()
+            stop_path(out).touch()
             break
     proc.stdout.read()
     assert proc.wait(timeout=120) == 0
-    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    kinds = [e["event"] for e in read_events(events_path(out))]
     assert kinds[:2] == ["loading", "start"] and kinds[-1] == "stopped"
-    stopped = read_events(out / "events.jsonl")[-1]
+    stopped = read_events(events_path(out))[-1]
     assert Path(stopped["checkpoint"]).is_dir() and Path(stopped["lora"][0]).is_file()
 
 
@@ -903,7 +919,7 @@ def test_fp16_on_the_cpu_is_refused_before_the_model_loads(tiny_sd1, photos, tmp
     config = make_config(tiny_sd1, photos, tmp_path / "run", mixed_precision="fp16")
     with pytest.raises(loop.TrainingError, match="'fp16' needs a GPU.*'auto', 'bf16' or 'no'"):
         loop.train(config)
-    errors = [e for e in map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines())
+    errors = [e for e in map(json.loads, (events_path(tmp_path / "run")).read_text().splitlines())
               if e["event"] == "error"]
     assert len(errors) == 1 and "needs a GPU" in errors[0]["message"]
 
@@ -932,9 +948,9 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_s
     with pytest.raises(loop.TrainingError, match="at step 5") as e:
         loop.train(config)
     assert "step_00000004" in str(e.value) and "Lower learning_rate" in str(e.value)  # after 4 updates
-    checkpoints = sorted(p.name for p in (Path(config.output_dir) / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in checkpoints_dir(config.output_dir).iterdir())
     assert checkpoints == ["step_00000002", "step_00000004"]
-    assert read_events(Path(config.output_dir) / "events.jsonl")[-1]["event"] == "error"
+    assert read_events(events_path(config.output_dir))[-1]["event"] == "error"
 
 
 def test_nan_loss_before_any_update_blames_the_model_or_data_not_the_learning_rate(tiny_sd1, photos, tmp_path,
@@ -1082,14 +1098,14 @@ def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     out = Path(config.output_dir)
     out.mkdir()
-    (out / "STOP").touch()
-    os.utime(out / "STOP", (1, 1))  # from long ago
+    stop_path(out).touch()
+    os.utime(stop_path(out), (1, 1))  # from long ago
     assert loop.train(config).status == "done"
 
-    (out / "STOP").touch()  # a request made after this process started: honoured at once
+    stop_path(out).touch()  # a request made after this process started: honoured at once
     result = loop.train(dataclasses.replace(config, output_name="second", overwrite=True))
     assert result.status == "stopped" and result.step == 0
-    kinds = [e["event"] for e in read_events(out / "events.jsonl")]
+    kinds = [e["event"] for e in read_events(events_path(out))]
     assert kinds[-2:] == ["loading", "stopped"]
 
 
@@ -1097,9 +1113,9 @@ def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
     from comfyui_dreambooth_lora.trainer.checkpoints import resolve_resume
 
     for step in (2, 4):
-        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-        (tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
-    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+        (checkpoints_dir(tmp_path / "run") / f"step_{step:08d}").mkdir(parents=True)
+        (checkpoints_dir(tmp_path / "run") / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    newest = checkpoints_dir(tmp_path / "run") / "step_00000004"
     for named in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # the run, or its checkpoints folder
         with pytest.raises(ResumeError, match=rf"not a checkpoint folder.*the newest {re.escape(str(newest))}"):
             resolve_resume(TrainConfig(resume=str(named)))
@@ -1110,7 +1126,7 @@ def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
 
 def stopped_then_resumed(config: TrainConfig, at: int, **on_resume) -> TrainConfig:
     """Train `config` to a stop after step `at`, then resume it to the end with `on_resume` changed."""
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, at))
     assert loop.train(config, events=events, stop=stop).status == "stopped"
@@ -1170,13 +1186,13 @@ def test_class_images_are_used_evenly_when_a_batch_is_partial(tiny_sd1, tmp_path
     class_dir.mkdir()
     for i in range(6):
         draw_subject_image((32, 32), seed=50 + i, subject=False).save(class_dir / f"c{i}.png")
-    used, encode = [], loop._encode_image
+    used, encode = [], loop.encode_image
 
     def record(dataset, index, *args, **kwargs):
         if dataset.scan.folder == class_dir:
             used.append(index)
         return encode(dataset, index, *args, **kwargs)
-    monkeypatch.setattr(loop, "_encode_image", record)
+    monkeypatch.setattr(loop, "encode_image", record)
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, batch_size=2, cache_latents="no",
                          with_prior_preservation=True, class_prompt="a photo of disc", class_dir=str(class_dir),
                          num_class_images=6)
@@ -1194,20 +1210,20 @@ def test_step_events_report_the_learning_rate_the_step_used(tiny_sd1, photos, tm
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=4, lr_warmup_steps=2)
     loop.train(config)
-    reported = [e["lr"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "step"]
+    reported = [e["lr"] for e in read_events(events_path(config.output_dir)) if e["event"] == "step"]
     assert reported == pytest.approx(used) and used[0] == 0  # warm-up starts at 0 (was shown as the next step's)
 
 
 def test_a_resumed_run_stopped_while_loading_names_its_step_and_checkpoint(tiny_sd1, photos, tmp_path):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6)
-    events = EventWriter(Path(config.output_dir) / "events.jsonl")
+    events = EventWriter(events_path(config.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 3))
     first = loop.train(config, events=events, stop=stop)
     stop = StopRequest(handle_signals=False)
     stop.request("Cancel while loading")
     result = loop.train(dataclasses.replace(config, resume="latest"), stop=stop)
-    stopped = [e for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "stopped"][-1]
+    stopped = [e for e in read_events(events_path(config.output_dir)) if e["event"] == "stopped"][-1]
     assert result.step == stopped["step"] == 3  # was 0
     assert result.checkpoint == first.checkpoint and stopped["checkpoint"] == str(first.checkpoint)
 
@@ -1239,5 +1255,5 @@ def test_a_stop_during_the_end_samples_skips_them_and_the_run_is_done(tiny_sd1, 
     monkeypatch.setattr(loop, "generate_images", cancelled_meanwhile)
     result = loop.train(config, stop=stop)
     assert result.status == "done" and result.lora_files and result.samples == []
-    logs = [e["message"] for e in read_events(Path(config.output_dir) / "events.jsonl") if e["event"] == "log"]
+    logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("2 of 2 skipped" in m for m in logs), logs

@@ -81,7 +81,7 @@ def build_workflow(items: list[Node | Note], object_info: dict[str, Any]) -> dic
                 values.append("fixed")
         inputs = []
         slot_index = 0
-        link_of = {l[4]: l[0] for l in links if l[3] == item.id}
+        link_of = {link[4]: link[0] for link in links if link[3] == item.id}
         input_order = info.get("input_order") or {g: list(info["input"].get(g, {})) for g in ("required", "optional")}
         for group in ("required", "optional"):
             for name in input_order.get(group, []):
@@ -179,7 +179,7 @@ def sd15_workflow(object_info: dict[str, Any], *, resolution: int = 512, checkpo
         # tall: the samples it shows when done are drawn inside it, below the widgets
         Node(5, "DreamBoothTrainLoRA", (c3, 20),
              {"output_name": name, "max_train_steps": steps, "resume": resume,
-              "prior_preservation": prior_preservation},
+              "with_prior_preservation": prior_preservation},
              {"base_model": (2, 0), "dataset": (3, 0), "settings": (19 if prior_preservation else 18, 0)},
              size=(360, 700)),
         Node(16, "PreviewImage", (c3, 780), {}, {"images": (5, 2)}, size=(360, 300), title="Loss curve"),
@@ -222,7 +222,7 @@ SDXL_NOTE = SD15_NOTE.replace("SD1.5", "SDXL").replace(
 
 PRIOR_NOTE = """DreamBooth LoRA with prior preservation: the subject is learnt while the class keeps its meaning.
 
-As the SD1.5 workflow, plus: prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (set in DreamBooth Captions & Class Images, 100 by default) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
+As the SD1.5 workflow, plus: with_prior_preservation is on in Train LoRA. The class prompt of DreamBooth Dataset ('a photo of dog') makes the class images: num_class_images (set in DreamBooth Captions & Class Images, 100 by default) are generated once with the base model into output/dreambooth_lora/class_images/ and reused by later runs.
 
 Optional: your own class photos. Put them into a folder in ComfyUI/input/ (e.g. ComfyUI/input/dogs/), choose it in the 'Class images' Dataset node and connect its dataset output to Train LoRA's class_images input."""
 
@@ -270,7 +270,7 @@ def render_workflow(workflow: dict[str, Any], object_info: dict[str, Any] | None
         x, y = node["pos"]
         w = node["size"][0]
         if node["type"] == "Note":
-            lines = [l for para in node["widgets_values"][0].split("\n") for l in (textwrap.wrap(para, w // 6) or [""])]
+            lines = [line for para in node["widgets_values"][0].split("\n") for line in (textwrap.wrap(para, w // 6) or [""])]
         else:
             values = list(node.get("widgets_values", []))
             lines = []

@@ -26,8 +26,8 @@ from .config import TrainConfig, with_option_defaults
 from .data import manifest_differences
 from .export import safetensors_size, save_safetensors
 from .fileio import as_disk_full, ensure_free_space, fsync_directory, fsync_folder
+from .run_folder import CHECKPOINTS, checkpoint_dir
 
-CHECKPOINTS = "checkpoints"
 # Options that may change between a stop and its resume without changing what is trained.
 RESUMABLE_CHANGES = {"max_train_steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
@@ -50,18 +50,18 @@ class TrainingState:
     lr_scheduler: dict[str, Any]
     config: dict[str, Any]
     path: Path
-    mixed_precision: str = ""  # what the run computed in ('no', 'fp16', 'bf16'); "" in older checkpoints
-    dataset: list[list] | None = None  # data.dataset_manifest of the instance images; None in older checkpoints
+    mixed_precision: str  # what the run computed in ('no', 'fp16', 'bf16')
+    dataset: list[list]  # data.dataset_manifest of the instance images
+    base_model_sha256: str  # BaseModel.sha256() of the model trained on
     scaler: dict[str, Any] | None = None  # fp16's loss scaler (its scale and growth tracker); None otherwise
-    class_dataset: list[list] | None = None  # data.dataset_manifest of the class images used; None without, or older
-    base_model_sha256: str | None = None  # BaseModel.sha256() of the model trained on; None in older checkpoints
+    class_dataset: list[list] | None = None  # data.dataset_manifest of the class images used; None without
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, partial_lora: dict[str, torch.Tensor],
                     lora_metadata: dict[str, str]) -> Path:
     """Write a checkpoint folder atomically (temp folder, then rename); returns it."""
     root = Path(output_dir) / CHECKPOINTS
-    final = root / f"step_{state.step:08d}"
+    final = checkpoint_dir(output_dir, state.step)
     tmp = root / f".tmp_step_{state.step:08d}_{os.getpid()}"
     remove_stale_checkpoint_folders(output_dir)  # (ours too, if any)
     needed = checkpoint_size(state, partial_lora, lora_metadata)
@@ -173,20 +173,22 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
         raise ResumeError(f"cannot resume from {path}: its trainer_state.json cannot be read ({e}); the checkpoint "
                           f"is damaged (a crash while it was written?). Delete the folder to resume from the one "
                           f"before it") from e
+    unrecorded = [key for key in ("mixed_precision", "dataset", "base_model_sha256") if meta.get(key) in (None, "")]
+    if unrecorded:
+        raise ResumeError(f"cannot resume from {path}: it was written by a development version of the pack before "
+                          f"0.1.0 (its trainer_state.json lacks {', '.join(unrecorded)}); start a new run")
     saved, current = meta["config"], config.to_dict()
     saved = with_option_defaults(saved)  # options added since the checkpoint was written
-    saved_precision = meta.get("mixed_precision", "")
-    # Where the checkpoint says what it computed in, that is compared rather than the option ('auto' or not).
-    ignored = RESUMABLE_CHANGES | ({"mixed_precision"} if saved_precision else set())
-    if meta.get("dataset") is not None:  # its images are compared instead (check_same_dataset): it may have moved
-        ignored |= {"instance_dir"}
-    if meta.get("class_dataset") is not None:  # the same for the class images
+    saved_precision = meta["mixed_precision"]
+    # What the checkpoint computed in is compared rather than the option ('auto' or not); its images and
+    # its model's file rather than their folders and path, which may have moved (check_same_dataset,
+    # check_same_base_model).
+    ignored = RESUMABLE_CHANGES | {"mixed_precision", "instance_dir", "pretrained_model"}
+    if meta.get("class_dataset") is not None:
         ignored |= {"class_dir"}
-    if meta.get("base_model_sha256"):  # the model's file is compared instead (check_same_base_model)
-        ignored |= {"pretrained_model"}
     differences = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current[k]!r}"
                    for k in current if k not in ignored and saved.get(k) != current[k]]
-    if saved_precision and mixed_precision and saved_precision != mixed_precision:
+    if mixed_precision and saved_precision != mixed_precision:
         differences.append(f"precision: checkpoint trained in {saved_precision!r}, this run would compute in "
                            f"{mixed_precision!r} (set mixed_precision = {saved_precision!r} to continue it)")
     if differences:
@@ -202,8 +204,8 @@ def load_checkpoint(path: Path, config: TrainConfig, mixed_precision: str = "") 
     return TrainingState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                          lora=lora, optimizer=opt["optimizer"],
                          lr_scheduler=opt["lr_scheduler"], config=saved, path=path,
-                         mixed_precision=saved_precision, dataset=meta.get("dataset"), scaler=opt.get("scaler"),
-                         class_dataset=meta.get("class_dataset"), base_model_sha256=meta.get("base_model_sha256"))
+                         mixed_precision=saved_precision, dataset=meta["dataset"], scaler=opt.get("scaler"),
+                         class_dataset=meta.get("class_dataset"), base_model_sha256=meta["base_model_sha256"])
 
 
 def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path, class_images: bool = False) -> None:
@@ -211,8 +213,6 @@ def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path,
     checkpoint's run trained on: the data order, the repeats and so the result would follow neither run.
     `class_images`: the class images (prior preservation) rather than the instance images."""
     saved = state.class_dataset if class_images else state.dataset
-    if saved is None:  # a checkpoint from before they were recorded
-        return
     differences = manifest_differences(saved, manifest)
     if differences:
         kind = "class images" if class_images else "images"
@@ -223,7 +223,7 @@ def check_same_dataset(state: TrainingState, manifest: list[list], folder: Path,
 def check_same_base_model(state: TrainingState, sha256: str, path: str) -> None:
     """Refuse to resume on another base model than the checkpoint's run trained on (`sha256` of the
     model at `path`); the same file elsewhere (a moved or renamed model) is the same model."""
-    if not state.base_model_sha256 or state.base_model_sha256 == sha256:
+    if state.base_model_sha256 == sha256:
         return
     saved_path, hashes = state.config.get("pretrained_model"), f"SHA-256 {state.base_model_sha256[:12]}..."
     if saved_path == path:

@@ -68,11 +68,12 @@ def run_training(config, events_to_stdout: bool = False) -> int:
     from .loop import PROCESS_GROUP_TIMEOUT, InputError, OutOfDiskSpace, StepFailed, TrainingError, train, use_cpu
     from .stop import ForcedStop
     from .models import ModelError
+    from .run_folder import events_path
 
     # Under a multi-process launch, the other processes wait while the main one generates the
     # class images: more than torch's default 10-minute collective timeout for a hundred SDXL images.
     main_process = PartialState(cpu=use_cpu(), timeout=PROCESS_GROUP_TIMEOUT).is_main_process
-    events = EventWriter(Path(config.output_dir) / "events.jsonl", stream=sys.stdout if events_to_stdout else None,
+    events = EventWriter(events_path(config.output_dir), stream=sys.stdout if events_to_stdout else None,
                          enabled=main_process)
     if main_process and not events_to_stdout:
         events.listeners.append(ProgressPrinter())

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .run_folder import checkpoints_dir
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -187,7 +189,7 @@ class TrainConfig:
                 problems.append("class_prompt: required with with_prior_preservation; e.g. 'a photo of dog'")
             if not self.class_dir:
                 problems.append("class_dir: required with with_prior_preservation; a folder for class images (created if missing)")
-        problems += _check_output_name(self.output_name) or _check_path_lengths(self)
+        problems += check_output_name(self.output_name) or _check_path_lengths(self)
         if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
             problems.append(f"resume: {self.resume!r} is neither 'latest' nor an existing checkpoint folder")
         if self.bucket_step % 8:
@@ -269,7 +271,7 @@ def _check_separate_folders(instance_dir: Path, class_dir: Path) -> list[str]:
 
 
 def partial_lora_name(output_name: str, step: int) -> str:
-    """The file name of the LoRA a run stopped at `step` writes (`_check_output_name` keeps a
+    """The file name of the LoRA a run stopped at `step` writes (`check_output_name` keeps a
     run's own name from ending like one)."""
     return f"{output_name}_step{step:06d}.safetensors"
 
@@ -282,7 +284,8 @@ WINDOWS_DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul", *(f"{port}{n}" for
 WINDOWS_MAX_PATH = 259
 
 
-def _check_output_name(name: str) -> list[str]:
+def check_output_name(name: str) -> list[str]:
+    """The problems of `name` as output_name (a file name every system accepts); empty when it is fine."""
     if not name or not name.strip():
         return ["output_name: required; a plain file name such as 'my_dog'"]
     if name in (".", "..") or ".." in name or "/" in name or "\\" in name or os.path.isabs(name) or ":" in name:
@@ -314,7 +317,7 @@ def _check_path_lengths(config: TrainConfig) -> list[str]:
     suffix = "_step000000.diffusers.safetensors.abcdefgh.tmp"  # a partial LoRA's temporary file, the longest name
     run_dir = os.path.abspath(config.output_dir)
     longest = {"output_dir": [os.path.join(run_dir, f".{config.output_name}{suffix}"),
-                              os.path.join(run_dir, "checkpoints", ".tmp_step_00000000_4194304", "lora_state.safetensors")]}
+                              str(checkpoints_dir(run_dir) / ".tmp_step_00000000_4194304" / "lora_state.safetensors")]}
     if config.lora_dir:
         longest["lora_dir"] = [os.path.join(os.path.abspath(config.lora_dir), f".{config.output_name}{suffix}")]
     problems = []

@@ -16,6 +16,7 @@ def run_demo(output: Path, steps: int = 200) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .cli import run_training
     from .config import TrainConfig
+    from .run_folder import events_path, samples_dir
     from .tiny import make_demo_dataset, save_tiny_diffusers_model
 
     output = Path(output).resolve()
@@ -35,7 +36,6 @@ def run_demo(output: Path, steps: int = 200) -> int:
     config.validate()
     code = run_training(config)
     if code == 0:
-        run = output / "run"
-        print(f"samples: {run / 'samples'}")
-        print(f"events:  {run / 'events.jsonl'}")
+        print(f"samples: {samples_dir(config.output_dir)}")
+        print(f"events:  {events_path(config.output_dir)}")
     return code

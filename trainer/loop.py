@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import (CHECKPOINTS, TrainingState, check_same_base_model, check_same_dataset, checkpoints_after,
+from .checkpoints import (TrainingState, check_same_base_model, check_same_dataset, checkpoints_after,
                           load_checkpoint, prune_checkpoints, remove_stale_checkpoint_folders, resolve_resume,
                           save_checkpoint)
 from .conditioning import encode_prompts, sdxl_time_ids, tokenize
@@ -39,7 +39,8 @@ from .lora import add_lora, load_lora_state, lora_parameters, lora_state, skip_l
 from .models import BaseModel, load_base_model
 from .precision import compute_norms_in_input_dtype
 from .sample import CLASS_IMAGES_PER_MOVE, ensure_class_images, generate_images, keep_models_in_place, save_png
-from .stop import STOP_FILE_NAME, ForcedStop, StopRequest, clear_stale_stop_file
+from .run_folder import SAMPLE_NAME, checkpoint_dir, events_path, sample_path, samples_dir, stop_path
+from .stop import ForcedStop, StopRequest, clear_stale_stop_file
 
 # How long processes wait for each other in a collective. Under a multi-process launch the
 # others wait while the main process generates the class images, which can take longer than
@@ -87,24 +88,12 @@ class TrainResult:
 
 def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequest | None = None) -> TrainResult:
     """Run (or resume) one training run described by `config`; returns what it wrote."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
-
-    # accelerate keeps one state per process; a second run in the same process (a test, a
-    # library user) may ask for another precision. The distributed setup (PartialState) stays.
-    AcceleratorState._reset_state()
+    accelerator = _make_accelerator(config)
+    main = accelerator.is_main_process
     output_dir = Path(config.output_dir)
     lora_path = Path(config.lora_dir or config.output_dir) / f"{config.output_name}.safetensors"
-    # Autocast's cache of cast weights is off: a CUDA graph captured while it holds the LoRA
-    # weights' casts would replay them stale (cuda_graphs.py). A training forward casts each
-    # LoRA weight once anyway; sampling casts them again at every denoising step (negligible).
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu(),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT),
-                                               AutocastKwargs(cache_enabled=False)])
-    main = accelerator.is_main_process
-    events = events or EventWriter(output_dir / "events.jsonl", enabled=main)
-    stop = stop or StopRequest(output_dir / STOP_FILE_NAME)
+    events = events or EventWriter(events_path(output_dir), enabled=main)
+    stop = stop or StopRequest(stop_path(output_dir))
     step = 0
     state: TrainingState | None = None  # the checkpoint resumed from (until the first checkpoint of this run)
     last_checkpoint: Path | None = None  # the newest complete checkpoint of this run (what a failure keeps)
@@ -112,37 +101,14 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
     losses: LossReadout | None = None
     try:
         # --- everything that can be checked before a model loads --------------------------
-        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-            # accelerate does not autocast fp16 on the CPU: fp16 weights would meet fp32 inputs in the first layer
-            raise InputError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
-                             "'bf16' or 'no'")
-        optimizer_package(config.optimizer)  # a missing one found now, not after the class images
-        resume_from = resolve_resume(config)
-        if lora_path.exists() and not config.overwrite and resume_from is None:
-            raise InputError(f"{lora_path} already exists; choose another output_name, "
-                             "or set overwrite = true (or resume = 'latest' to continue its run)")
-        state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
+        state = _checkpoint_to_resume(config, accelerator, lora_path, events)
         step = state.step if state else 0  # what a stop while loading reports
         last_checkpoint = state.path if state else None
-        if config.resume == "latest" and state is None:
-            events.log(f"resume = 'latest': no checkpoint in {output_dir}, starting from step 0", level="info")
         replaced = _checkpoints_of_another_run(config, state)  # deleted (overwrite) once everything else is ready
-        if state is not None and config.lr_scheduler != "constant" \
-                and state.config["max_train_steps"] != config.max_train_steps:
-            events.log(f"max_train_steps changed from {state.config['max_train_steps']} to {config.max_train_steps} on "
-                       f"resume: the {config.lr_scheduler!r} learning-rate schedule now spans {config.max_train_steps} "
-                       f"steps, so the learning rate jumps at step {state.step} (the run matches neither length run "
-                       "uninterrupted)")
         if main:
-            clear_stale_stop_file(output_dir / STOP_FILE_NAME)
+            clear_stale_stop_file(stop_path(output_dir))
             _remove_leftovers(config, lora_path, events)
-        instance_scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
-        manifest = dataset_manifest(instance_scan)  # what a resumed run must find again
-        if state is not None:
-            check_same_dataset(state, manifest, instance_scan.folder)
-        for warning in instance_scan.warnings:
-            events.log(warning)
-        instance_data = ImageDataset(instance_scan, config)
+        instance_data, manifest = _instance_data(config, state, events)
 
         # --- model, class images, LoRA -----------------------------------------------------
         events.emit("loading", model=config.pretrained_model)
@@ -152,85 +118,44 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             raise _Stopped
         if state is not None:  # the same model, wherever it is now
             check_same_base_model(state, base.sha256(), config.pretrained_model)
-        add_lora(base.unet, base.text_encoders, config)
-        if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
-            # every UNet call below is under autocast, which undoes the cast (see the docstring)
-            skip_lora_input_casts(base.unet)
-        if accelerator.native_amp:  # else CUDA autocast runs the norms in fp32 and casts to and fro (precision.py)
-            compute_norms_in_input_dtype(base.unet)
-        trained_encoders = base.text_encoders if config.train_text_encoder else []
+        _attach_lora(base, config, accelerator)
         device = accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         cache = ConditioningCache(config.use_cached_latents)
         offload = config.offload_frozen_models and cache.enabled and not config.train_text_encoder
-        _place_models(base, device, weight_dtype, unet_waits=offload)
-        class_data, class_manifest = None, None
-        if config.with_prior_preservation:
-            # On the training device and precision; the new LoRA is still zero, so this is the base model.
-            class_data = _prepare_class_data(config, base, events, stop, main, accelerator, offloaded=offload)
-            class_manifest = dataset_manifest(class_data.scan)
-            if state is not None:
-                check_same_dataset(state, class_manifest, class_data.scan.folder, class_images=True)
+        place_models(base, device, weight_dtype, unet_waits=offload)
+        class_data, class_manifest = _class_data(config, base, state, events, stop, accelerator, offload)
         if _stop_everywhere(stop, accelerator):  # asked while loading: nothing trained, nothing to save
             raise _Stopped
-        if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
-            load_lora_state(base.unet, base.text_encoders, state.lora)
-        if config.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-            for encoder in trained_encoders:
-                encoder.gradient_checkpointing_enable()
-        if config.compile_unet:
-            base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
-
-        if config.cache_latents == "yes" and config.augments:
-            events.log("cache_latents = 'yes' with augmentation (flip_p, random crop, caption shuffle or dropout): "
-                       "each image's first draw is cached and reused on every step; 'auto' turns the cache off "
-                       "for augmented runs")
-        if config.offload_frozen_models and not offload:
-            events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
-                       "cache_latents not 'no') and no text-encoder training", level="info")
+        _make_trainable(base, config, state)
+        _log_settings_without_effect(config, offload, events)
         if offload:  # before `prepare`, which may wrap the UNet for several processes
             _fill_cache_then_offload(instance_data, class_data, base, cache, config, device)
             if _stop_everywhere(stop, accelerator):
                 raise _Stopped
 
-        param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
-        for encoder in trained_encoders:
-            param_groups.append({"params": lora_parameters(encoder), "lr": config.text_encoder_lr or config.learning_rate})
-        optimizer = build_optimizer(config, param_groups, device)
-        lr_scheduler = build_lr_scheduler(config, optimizer)
-        if state is not None:
-            optimizer.load_state_dict(state.optimizer)
-            lr_scheduler.load_state_dict(state.lr_scheduler)
+        # --- optimizer, scheduler, accelerate --------------------------------------------
+        optimizer, lr_scheduler, trained_parameters = _optimization(base, config, state, device)
+        trained_encoders = base.text_encoders if config.train_text_encoder else []
         unet, optimizer, *trained_encoders = accelerator.prepare(base.unet, optimizer, *trained_encoders)
         if state is not None and state.scaler and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state.scaler)  # fp16: else it starts at 65536 and skips steps again
         encoders = [trained_encoders[i] if config.train_text_encoder else e for i, e in enumerate(base.text_encoders)]
-        graphs = _graphed_unet(unet, config, accelerator, events)
+        graphs = graphed_unet(unet, config, accelerator, events)
         unet_call = graphs if graphs is not None else unet  # what the loss calls; samples use the UNet itself
-        trained_parameters = [p for g in param_groups for p in g["params"]]
         # With one micro-batch per step the graphs' gradient buffers may serve as .grad (nothing
         # adds to them before the optimizer reads them); with several, see cuda_graphs.py.
         keep_gradients = graphs is not None and config.gradient_accumulation_steps > 1
         if keep_gradients:
             own_gradients(trained_parameters)
 
-        batches = batch_stream(instance_data, state.epoch if state else 0, state.position if state else 0, config)
-        events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
-                     num_images=len(instance_data), buckets=sorted({tuple(b) for b in instance_data.buckets}),
-                     device=str(device), mixed_precision=accelerator.mixed_precision, summary=instance_data.summary())
-        if config.compile_unet:  # minutes without a step would look like a hang
-            events.log("compile_unet: step 1 compiles the UNet, minutes the first time (later runs with the same "
-                       "model and resolution reuse inductor's cache)", level="info")
-        samples: list[Path] = []
         epoch, position = (state.epoch, state.position) if state else (0, 0)
+        batches = batch_stream(instance_data, epoch, position, config)
+        _emit_start(config, base, instance_data, step, accelerator, events)
+        samples: list[Path] = []
         losses = LossReadout(late=read_loss_late(device))
-
         if replaced and main:  # only now: a run that fails to start must not have cost them
-            for path in replaced:  # a failure raises: a checkpoint left there would be mixed with this run's
-                shutil.rmtree(path)
-            events.log(f"overwrite: deleted the checkpoints this run did not write "
-                       f"({', '.join(p.name for p in replaced)})", level="info")
+            _delete_checkpoints(replaced, events)
 
         # --- the loop: one iteration = one optimizer step -----------------------------------
         trained = [unet, *trained_encoders]  # train mode: LoRA dropout and gradient checkpointing act
@@ -242,12 +167,7 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             done_until = (epoch, position)  # where a checkpoint of the steps done so far continues
             try:
                 for micro in range(config.gradient_accumulation_steps):
-                    # Every process reads the same batch stream and keeps its own share, so the
-                    # data order, and the checkpointed position, do not depend on the process count.
-                    for rank in range(accelerator.num_processes):
-                        epoch, position, drawn, ordinal = next(batches)
-                        if rank == accelerator.process_index:
-                            batch, first_sample = drawn, ordinal
+                    epoch, position, batch, first_sample = _next_share(batches, accelerator)
                     # The global index of this micro-batch seeds its noise: N processes x 1 micro-batch
                     # draw what 1 process x N micro-batches would.
                     index = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
@@ -291,19 +211,11 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
             if checkpointing:
                 state = _training_state(step, epoch, position, unet, optimizer, lr_scheduler, accelerator, base, config,
                                         manifest, class_manifest)
-                _check_finite_weights(state, last_checkpoint)
-                if main:
-                    last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), instance_data,
-                                                        config, events)
-                accelerator.wait_for_everyone()
+                last_checkpoint = _checkpoint(state, base, accelerator, unet, instance_data, config, events,
+                                              last_checkpoint)
             if stopping:
-                partial = []
-                if main:
-                    partial = export_lora(lora_path.with_name(partial_lora_name(config.output_name, step)),
-                                          accelerator.unwrap_model(unet), base.text_encoders, base.info.arch, config,
-                                          _metadata(config, base, step, instance_data))
-                    events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
-                                reason=stop.reason)
+                partial = _export_partial_lora(lora_path, step, base, accelerator, unet, instance_data, config, events,
+                                               last_checkpoint, stop)
                 return TrainResult("stopped", step, partial, samples, last_checkpoint)
             if main and sampling:
                 samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
@@ -312,37 +224,13 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     module.train()
 
         # --- the finished LoRA ---------------------------------------------------------------
-        stopped_at_the_end = stop.requested()  # asked during the last step, which then finished
-        written = []
-        if main:  # the LoRA first: samples that fail must not cost it
-            events.emit("exporting", step=step, lora=str(lora_path))
-            written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
-                                  config, _metadata(config, base, step, instance_data))
-            if config.sample_at_end and stopped_at_the_end:
-                events.log("a stop was asked during the last step: the run finished and its LoRA is written; the "
-                           "end-of-run samples are skipped", level="info")
-            elif config.sample_at_end:
-                samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
-                                   stop, offloaded=offload, graphs=graphs)
-            events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
-        accelerator.wait_for_everyone()
+        written = _export_finished_lora(lora_path, step, base, accelerator, unet, instance_data, config, events,
+                                        stop, samples, offload, graphs)
         return TrainResult("done", step, written, samples, last_checkpoint)
     except _Stopped:  # only raised before the first step: a resumed run's checkpoint is still the one to resume
-        checkpoint = state.path if state is not None else None
-        summary = _stopped_before_training(config, checkpoint)
-        events.emit("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None, lora=[],
-                    reason=stop.reason, summary=summary)
-        return TrainResult("stopped", step, checkpoint=checkpoint, summary=summary)
+        return _stopped_before_training(config, state, step, events, stop)
     except BaseException as e:
-        if losses is not None:  # the steps done before the failure still get their events
-            with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
-                for done in losses.flush():
-                    _report_step(done, config, events, None, accelerator.mixed_precision)
-        failure = _out_of_disk_space(e, last_checkpoint) if isinstance(e, DiskFullError) else e
-        if isinstance(e, ForcedStop):
-            e.last_checkpoint = last_checkpoint
-        events.emit("error", message=str(failure), kind=type(failure).__name__,
-                    step=getattr(failure, "step", None) or step)
+        failure = _report_failure(e, step, last_checkpoint, losses, config, events, accelerator.mixed_precision)
         if failure is e:
             raise
         raise failure from e
@@ -353,14 +241,228 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
         events.close()
 
 
-def _stopped_before_training(config: TrainConfig, checkpoint: Path | None) -> str:
-    """What a run stopped before its first step leaves, in words."""
+# --- the steps of `train`, in its order ------------------------------------------------------------
+
+def _make_accelerator(config: TrainConfig):
+    """A fresh `Accelerator` in the run's precision, CPU or GPU."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
+
+    # accelerate keeps one state per process; a second run in the same process (a test, a
+    # library user) may ask for another precision. The distributed setup (PartialState) stays.
+    AcceleratorState._reset_state()
+    # Autocast's cache of cast weights is off: a CUDA graph captured while it holds the LoRA
+    # weights' casts would replay them stale (cuda_graphs.py). A training forward casts each
+    # LoRA weight once anyway; sampling casts them again at every denoising step (negligible).
+    return Accelerator(mixed_precision=resolve_mixed_precision(config), cpu=use_cpu(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT),
+                                        AutocastKwargs(cache_enabled=False)])
+
+
+def _checkpoint_to_resume(config: TrainConfig, accelerator, lora_path: Path,
+                          events: EventWriter) -> TrainingState | None:
+    """The checkpoint this run continues (None for a fresh run), after the checks that need no model."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate does not autocast fp16 on the CPU: fp16 weights would meet fp32 inputs in the first layer
+        raise InputError("mixed_precision 'fp16' needs a GPU, and this run is on the CPU; choose 'auto', "
+                         "'bf16' or 'no'")
+    optimizer_package(config.optimizer)  # a missing one found now, not after the class images
+    resume_from = resolve_resume(config)
+    if lora_path.exists() and not config.overwrite and resume_from is None:
+        raise InputError(f"{lora_path} already exists; choose another output_name, "
+                         "or set overwrite = true (or resume = 'latest' to continue its run)")
+    state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
+    if config.resume == "latest" and state is None:
+        events.log(f"resume = 'latest': no checkpoint in {config.output_dir}, starting from step 0", level="info")
+    if state is not None and config.lr_scheduler != "constant" \
+            and state.config["max_train_steps"] != config.max_train_steps:
+        events.log(f"max_train_steps changed from {state.config['max_train_steps']} to {config.max_train_steps} on "
+                   f"resume: the {config.lr_scheduler!r} learning-rate schedule now spans {config.max_train_steps} "
+                   f"steps, so the learning rate jumps at step {state.step} (the run matches neither length run "
+                   "uninterrupted)")
+    return state
+
+
+def _instance_data(config: TrainConfig, state: TrainingState | None,
+                   events: EventWriter) -> tuple[ImageDataset, list[list]]:
+    """The instance images as a dataset, and their manifest (what a resumed run must find again)."""
+    scan = scan_images(Path(config.instance_dir), config.instance_prompt, config)
+    manifest = dataset_manifest(scan)
+    if state is not None:
+        check_same_dataset(state, manifest, scan.folder)
+    for warning in scan.warnings:
+        events.log(warning)
+    return ImageDataset(scan, config), manifest
+
+
+def _attach_lora(base: BaseModel, config: TrainConfig, accelerator) -> None:
+    """The new (zero) LoRA layers on the UNet and the text encoders, and the casts mixed precision can skip."""
+    add_lora(base.unet, base.text_encoders, config)
+    if accelerator.native_amp and not config.use_dora and config.lora_dropout == 0:
+        # every UNet call below is under autocast, which undoes the cast (see the docstring)
+        skip_lora_input_casts(base.unet)
+    if accelerator.native_amp:  # else CUDA autocast runs the norms in fp32 and casts to and fro (precision.py)
+        compute_norms_in_input_dtype(base.unet)
+
+
+def _class_data(config: TrainConfig, base: BaseModel, state: TrainingState | None, events: EventWriter,
+                stop: StopRequest, accelerator, offload: bool) -> tuple[ImageDataset | None, list[list] | None]:
+    """The class images (prior preservation) as a dataset and their manifest; (None, None) without."""
+    if not config.with_prior_preservation:
+        return None, None
+    # On the training device and precision; the new LoRA is still zero, so this is the base model.
+    class_data = _prepare_class_data(config, base, events, stop, accelerator.is_main_process, accelerator,
+                                     offloaded=offload)
+    class_manifest = dataset_manifest(class_data.scan)
+    if state is not None:
+        check_same_dataset(state, class_manifest, class_data.scan.folder, class_images=True)
+    return class_data, class_manifest
+
+
+def _make_trainable(base: BaseModel, config: TrainConfig, state: TrainingState | None) -> None:
+    """The resumed LoRA weights, gradient checkpointing and compilation, once the models are placed."""
+    if state is not None:  # after placing, so the fp32 LoRA weights never pass through fp16
+        load_lora_state(base.unet, base.text_encoders, state.lora)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for encoder in base.text_encoders if config.train_text_encoder else []:
+            encoder.gradient_checkpointing_enable()
+    if config.compile_unet:
+        base.unet.compile()  # in place: module names, and so export and checkpoints, stay as they are
+
+
+def _log_settings_without_effect(config: TrainConfig, offload: bool, events: EventWriter) -> None:
+    """Warn about settings that do less than their name says with the rest of this config."""
+    if config.cache_latents == "yes" and config.augments:
+        events.log("cache_latents = 'yes' with augmentation (flip_p, random crop, caption shuffle or dropout): "
+                   "each image's first draw is cached and reused on every step; 'auto' turns the cache off "
+                   "for augmented runs")
+    if config.offload_frozen_models and not offload:
+        events.log("offload_frozen_models has no effect: it needs cached latents (no augmentation, "
+                   "cache_latents not 'no') and no text-encoder training", level="info")
+
+
+def _optimization(base: BaseModel, config: TrainConfig, state: TrainingState | None, device: torch.device):
+    """(optimizer, learning-rate scheduler, trained parameters), in the resumed state if any: the UNet's
+    LoRA at learning_rate, each trained text encoder's at text_encoder_lr (or learning_rate)."""
+    param_groups = [{"params": lora_parameters(base.unet), "lr": config.learning_rate}]
+    for encoder in base.text_encoders if config.train_text_encoder else []:
+        param_groups.append({"params": lora_parameters(encoder), "lr": config.text_encoder_lr or config.learning_rate})
+    optimizer = build_optimizer(config, param_groups, device)
+    lr_scheduler = build_lr_scheduler(config, optimizer)
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+    return optimizer, lr_scheduler, [p for group in param_groups for p in group["params"]]
+
+
+def _emit_start(config: TrainConfig, base: BaseModel, data: ImageDataset, step: int, accelerator,
+                events: EventWriter) -> None:
+    """The `start` event (and a note when step 1 will take minutes)."""
+    events.emit("start", total_steps=config.max_train_steps, start_step=step, model=base.info.variant,
+                num_images=len(data), buckets=sorted({tuple(b) for b in data.buckets}),
+                device=str(accelerator.device), mixed_precision=accelerator.mixed_precision, summary=data.summary())
+    if config.compile_unet:  # minutes without a step would look like a hang
+        events.log("compile_unet: step 1 compiles the UNet, minutes the first time (later runs with the same "
+                   "model and resolution reuse inductor's cache)", level="info")
+
+
+def _delete_checkpoints(replaced: list[Path], events: EventWriter) -> None:
+    """Delete the checkpoints of another run that overwrite replaces (see `_checkpoints_of_another_run`)."""
+    for path in replaced:  # a failure raises: a checkpoint left there would be mixed with this run's
+        shutil.rmtree(path)
+    events.log(f"overwrite: deleted the checkpoints this run did not write "
+               f"({', '.join(p.name for p in replaced)})", level="info")
+
+
+def _next_share(batches: Iterator[tuple[int, int, list[int], int]], accelerator) -> tuple[int, int, list[int], int]:
+    """This process's batch of the next micro-batch: (epoch, position, batch, samples drawn before it).
+
+    Every process reads the same batch stream and keeps its own share, so the data order, and
+    the checkpointed position, do not depend on the process count.
+    """
+    for rank in range(accelerator.num_processes):
+        epoch, position, drawn, ordinal = next(batches)
+        if rank == accelerator.process_index:
+            batch, first_sample = drawn, ordinal
+    return epoch, position, batch, first_sample
+
+
+def _checkpoint(state: TrainingState, base: BaseModel, accelerator, unet, data: ImageDataset, config: TrainConfig,
+                events: EventWriter, last_checkpoint: Path | None) -> Path | None:
+    """Write `state` as a checkpoint (the main process; the others wait for it); returns the newest checkpoint."""
+    _check_finite_weights(state, last_checkpoint)
+    if accelerator.is_main_process:
+        last_checkpoint = _write_checkpoint(state, base, accelerator.unwrap_model(unet), data, config, events)
+    accelerator.wait_for_everyone()
+    return last_checkpoint
+
+
+def _export_partial_lora(lora_path: Path, step: int, base: BaseModel, accelerator, unet, data: ImageDataset,
+                         config: TrainConfig, events: EventWriter, last_checkpoint: Path | None,
+                         stop: StopRequest) -> list[Path]:
+    """After a graceful stop: the LoRA of the steps done, as `<output_name>_step<N>`, and the `stopped` event."""
+    if not accelerator.is_main_process:
+        return []
+    partial = export_lora(lora_path.with_name(partial_lora_name(config.output_name, step)),
+                          accelerator.unwrap_model(unet), base.text_encoders, base.info.arch, config,
+                          _metadata(config, base, step, data))
+    events.emit("stopped", step=step, checkpoint=str(last_checkpoint), lora=[str(p) for p in partial],
+                reason=stop.reason)
+    return partial
+
+
+def _export_finished_lora(lora_path: Path, step: int, base: BaseModel, accelerator, unet, data: ImageDataset,
+                          config: TrainConfig, events: EventWriter, stop: StopRequest, samples: list[Path],
+                          offload: bool, graphs: GraphedUNet | None) -> list[Path]:
+    """The finished LoRA, then the end-of-run samples (added to `samples`) and the `done` event."""
+    stopped_at_the_end = stop.requested()  # asked during the last step, which then finished
+    written = []
+    if accelerator.is_main_process:  # the LoRA first: samples that fail must not cost it
+        events.emit("exporting", step=step, lora=str(lora_path))
+        written = export_lora(lora_path, accelerator.unwrap_model(unet), base.text_encoders, base.info.arch,
+                              config, _metadata(config, base, step, data))
+        if config.sample_at_end and stopped_at_the_end:
+            events.log("a stop was asked during the last step: the run finished and its LoRA is written; the "
+                       "end-of-run samples are skipped", level="info")
+        elif config.sample_at_end:
+            samples += _sample(base, accelerator.unwrap_model(unet), config, step, events, accelerator,
+                               stop, offloaded=offload, graphs=graphs)
+        events.emit("done", step=step, lora=[str(p) for p in written], samples=[str(p) for p in samples])
+    accelerator.wait_for_everyone()
+    return written
+
+
+def _report_failure(error: BaseException, step: int, last_checkpoint: Path | None, losses: LossReadout | None,
+                    config: TrainConfig, events: EventWriter, precision: str) -> BaseException:
+    """The `error` event of a run that failed; returns the exception to raise (`error` itself, or a
+    clearer one for a full disk)."""
+    if losses is not None:  # the steps done before the failure still get their events
+        with suppress(Exception):  # (unless the device is what failed, or their loss is not finite)
+            for done in losses.flush():
+                _report_step(done, config, events, None, precision)
+    failure = _out_of_disk_space(error, last_checkpoint) if isinstance(error, DiskFullError) else error
+    if isinstance(error, ForcedStop):
+        error.last_checkpoint = last_checkpoint
+    events.emit("error", message=str(failure), kind=type(failure).__name__,
+                step=getattr(failure, "step", None) or step)
+    return failure
+
+
+def _stopped_before_training(config: TrainConfig, state: TrainingState | None, step: int, events: EventWriter,
+                             stop: StopRequest) -> TrainResult:
+    """A run stopped before its first step: the `stopped` event, with what it leaves in words."""
+    checkpoint = state.path if state is not None else None
     kept = []
     if checkpoint is not None:
         kept.append(f"the checkpoint {checkpoint} is still the one to resume")
     if config.with_prior_preservation and count_images(Path(config.class_dir)):
         kept.append(f"the class images in {config.class_dir} are kept for the next run")
-    return "stopped before training; " + ("; ".join(kept) if kept else "nothing written")
+    summary = "stopped before training; " + ("; ".join(kept) if kept else "nothing written")
+    events.emit("stopped", step=step, checkpoint=str(checkpoint) if checkpoint else None, lora=[],
+                reason=stop.reason, summary=summary)
+    return TrainResult("stopped", step, checkpoint=checkpoint, summary=summary)
 
 
 def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter) -> None:
@@ -373,7 +475,7 @@ def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter)
     loras = rf"{name}(?:_step\d{{6}})?(?:\.diffusers)?\.safetensors"  # finished, partial; kohya or diffusers
     output_dir = Path(config.output_dir)
     stale = [*stale_temp_files(lora_path.parent, re.compile(loras)), *stale_temp_files(output_dir, re.compile(loras)),
-             *stale_temp_files(output_dir / "samples", re.compile(r"step_\d{6}_\d{2}\.png"))]
+             *stale_temp_files(samples_dir(output_dir), SAMPLE_NAME)]
     if config.with_prior_preservation and config.class_dir:
         stale += stale_temp_files(Path(config.class_dir), re.compile(r"class_\d+_\d{5}\.png"))
     stale = list(dict.fromkeys(stale))  # (the LoRA folder may be the run folder)
@@ -435,7 +537,7 @@ def _after_failed_step(failure: Exception, steps_done: TrainingState, base: Base
     what = f"step {step + 1} failed ({type(failure).__name__}: {summary})"
     if step == 0:
         kept = "No step was done; nothing was written"
-    elif (Path(config.output_dir) / CHECKPOINTS / f"step_{step:08d}").is_dir():
+    elif checkpoint_dir(config.output_dir, step).is_dir():
         kept = f"The {step} steps done are in the checkpoint {last_checkpoint}; resume = 'latest' continues from it"
     elif not main:
         kept = "The main process saves the steps done"
@@ -506,7 +608,7 @@ def _report_step(done: StepLoss, config: TrainConfig, events: EventWriter, last_
                 seconds_per_step=round(done.seconds, 4))
 
 
-def _graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) -> GraphedUNet | None:
+def graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) -> GraphedUNet | None:
     """The UNet's training call replayed as CUDA graphs (cuda_graphs.py), where they can work and are asked for."""
     from accelerate.utils import DistributedType
 
@@ -614,7 +716,7 @@ def _batch_inputs(batch, index, first_sample, instance_data, class_data, base: B
         parts += [(class_data, (first_sample + j) % len(class_data)) for j in range(len(batch))]
     samples, means, stds = [], [], []
     for slot, (dataset, item) in enumerate(parts):
-        sample, mean, std = _encode_image(dataset, item, bucket, (index, slot), base, cache, config, device)
+        sample, mean, std = encode_image(dataset, item, bucket, (index, slot), base, cache, config, device)
         samples.append(sample)
         means.append(mean)
         stds.append(std)
@@ -631,7 +733,7 @@ def _batch_inputs(batch, index, first_sample, instance_data, class_data, base: B
     return latents, embeds.to(weight_dtype), added
 
 
-def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[int, int], base: BaseModel, cache,
+def encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[int, int], base: BaseModel, cache,
                   config: TrainConfig, device) -> tuple[Sample, torch.Tensor, torch.Tensor]:
     """A sample (without its pixels once cached) and its latent distribution's mean and std."""
     key = dataset.cache_key(index, bucket)
@@ -639,7 +741,7 @@ def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[i
         # Nothing augments a cached sample, so its image need not be read and resized again.
         return cache.latents[key]
     # A cached sample keeps one augmentation: draw 0, the same whichever step first meets it (a
-    # resumed run's cache starts empty; _fill_cache draws 0 too), or a resume would train another LoRA.
+    # resumed run's cache starts empty; fill_cache draws 0 too), or a resume would train another LoRA.
     sample = dataset.prepare(index, bucket, draw=0 if cache.enabled else draw, seed=config.seed)
     with torch.no_grad():
         dist = base.vae.encode(host_to_device(sample.pixels[None], device).to(base.vae.dtype)).latent_dist
@@ -649,16 +751,16 @@ def _encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[i
     return sample, mean, std
 
 
-def _fill_cache(instance_data: ImageDataset, class_data: ImageDataset | None, base: BaseModel, encoders, cache,
+def fill_cache(instance_data: ImageDataset, class_data: ImageDataset | None, base: BaseModel, encoders, cache,
                 config: TrainConfig, device) -> None:
     """Encode what any step can ask for: each instance image at its bucket, each class image at every
     instance bucket (class images take the bucket of the batch they join), and every caption."""
     for index, bucket in enumerate(instance_data.buckets):
-        _encode_image(instance_data, index, bucket, 0, base, cache, config, device)
+        encode_image(instance_data, index, bucket, 0, base, cache, config, device)
     if class_data is not None:
         for bucket in sorted({tuple(b) for b in instance_data.buckets}):
             for index in range(len(class_data)):
-                _encode_image(class_data, index, bucket, 0, base, cache, config, device)
+                encode_image(class_data, index, bucket, 0, base, cache, config, device)
     for caption in sorted({sample.caption for sample, _, _ in cache.latents.values()}):
         _encode_captions([caption], base, encoders, cache, device, trained=False)
 
@@ -668,11 +770,11 @@ def _fill_cache_then_offload(instance_data: ImageDataset, class_data: ImageDatas
     """Encode every latent and caption, then keep the VAE and text encoders in CPU memory and
     bring the UNet to the device.
 
-    Until then the UNet waits in CPU memory (`_place_models(unet_waits=True)`; class-image
+    Until then the UNet waits in CPU memory (`place_models(unet_waits=True)`; class-image
     generation returns it there): SDXL's fp32 VAE encoding a 1024 px image beside the UNet was
     a run's memory peak (9.8 GB, against 6.4 GB while stepping; benchmarks/README.md).
     """
-    _fill_cache(instance_data, class_data, base, base.text_encoders, cache, config, device)
+    fill_cache(instance_data, class_data, base, base.text_encoders, cache, config, device)
     _move_frozen_models(base, torch.device("cpu"))
     torch.nn.Module.to(base.unet, device)
 
@@ -797,7 +899,7 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
                          num_training_steps=config.max_train_steps)
 
 
-def _place_models(base: BaseModel, device, weight_dtype, unet_waits: bool = False) -> None:
+def place_models(base: BaseModel, device, weight_dtype, unet_waits: bool = False) -> None:
     """Frozen weights in the compute dtype, LoRA weights in fp32, everything on the device.
 
     With `unet_waits` (offload_frozen_models) the UNet stays in CPU memory: it joins the GPU
@@ -842,7 +944,7 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
                 raise _Stopped
 
         try:
-            with _placement(base, base.unet, accelerator.device, offloaded) as place:
+            with model_placement(base, base.unet, accelerator.device, offloaded) as place:
                 ensure_class_images(base, class_dir, config.class_prompt, config.num_class_images,
                                     size=config.resolution, steps=config.class_sample_steps,
                                     guidance=config.sample_guidance, seed=config.seed, existing=existing,
@@ -887,10 +989,10 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
 
     if graphs is not None:
         graphs.release()
-    with _placement(base, unet, accelerator.device, offloaded,
+    with model_placement(base, unet, accelerator.device, offloaded,
                     move_unet=accelerator.distributed_type == DistributedType.NO) as place:
         try:
-            return _sample_on_device(base, unet, config, step, events, accelerator, place, stop)
+            return sample_on_device(base, unet, config, step, events, accelerator, place, stop)
         except torch.cuda.OutOfMemoryError as e:
             # Caught here, inside: the frames holding the failed stage's tensors are gone by the
             # time the models move back to where they were.
@@ -903,7 +1005,7 @@ def _sample(base: BaseModel, unet, config: TrainConfig, step: int, events: Event
 
 
 @contextmanager
-def _placement(base: BaseModel, unet, device: torch.device, take_turns: bool, move_unet: bool = True):
+def model_placement(base: BaseModel, unet, device: torch.device, take_turns: bool, move_unet: bool = True):
     """The `place(stage)` that `generate_images` calls before encoding, denoising and decoding.
 
     Without `take_turns` every model stays where it is. With it (offload_frozen_models) each
@@ -939,8 +1041,9 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
+def sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, events: EventWriter,
                       accelerator, place, stop: StopRequest) -> list[Path]:
+    """The validation images of `step`, made with the models where `place` puts them, and saved."""
     prompts = config.validation_prompts or [config.instance_prompt]
     seeds = [config.sample_seed + i for i in range(len(prompts))]
     events.emit("sampling", step=step, count=len(prompts))
@@ -957,7 +1060,7 @@ def _sample_on_device(base: BaseModel, unet, config: TrainConfig, step: int, eve
     if len(images) < len(prompts):
         events.log(f"a stop was asked while the samples of step {step} were made: {len(prompts) - len(images)} of "
                    f"{len(prompts)} skipped", level="info")
-    paths = [save_png(img, Path(config.output_dir) / "samples" / f"step_{step:06d}_{i:02d}.png")
+    paths = [save_png(img, sample_path(config.output_dir, step, i))
              for i, img in enumerate(images)]
     if paths:
         events.emit("sample", step=step, paths=[str(p) for p in paths], prompts=prompts[:len(paths)])

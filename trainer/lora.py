@@ -184,11 +184,6 @@ def load_lora_state(unet: nn.Module, text_encoders: list[nn.Module], state: dict
     missing = sorted(params.keys() - state.keys())
     unexpected = sorted(state.keys() - params.keys())
     wrong_shape = sorted(key for key in params.keys() & state.keys() if params[key].shape != state[key].shape)
-    if unexpected and not missing and not wrong_shape and len(text_encoders) == 2:
-        if all(key.startswith("text_encoder.") and _last_layer(text_encoders[0]) in key for key in unexpected):
-            raise ValueError("this checkpoint was written by an earlier version of the pack, which also adapted the "
-                             "last layer of SDXL's first text encoder (a layer SDXL does not read); it cannot be "
-                             "resumed by this version: start a new run")
     if missing or unexpected or wrong_shape:
         problems = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-STOP_FILE_NAME = "STOP"
 # A second signal sooner than this after the first is taken for the same request: a key pressed
 # twice, or a launcher forwarding the terminal's Ctrl-C to a process that got it already.
 GRACE_SECONDS = 2.0
@@ -53,7 +52,7 @@ class StopRequest:
     """Polled by the training loop once per step.
 
     A stop is requested by SIGINT / SIGTERM (handlers installed only in the main thread,
-    and restored by `close`), by a file named STOP in the run folder (how the ComfyUI node
+    and restored by `close`), by the run folder's STOP file (run_folder.stop_path) (how the ComfyUI node
     asks its worker to stop on every platform), or by calling `request()`. A signal that
     comes `GRACE_SECONDS` or more after the first raises `ForcedStop` in the main thread.
     """
