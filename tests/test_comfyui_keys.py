@@ -75,20 +75,31 @@ def load_in_comfyui(comfy_lora, lora: dict[str, torch.Tensor], key_map: dict, ca
 
 # Adapted modules of the full-size models: SD1.5 has 16 transformer blocks, SDXL 70 (+ 11
 # linear proj_in/proj_out pairs); CLIP-L 12 layers (SDXL reads 11 of them), OpenCLIP-G 32.
-@pytest.mark.parametrize("arch, targets, use_dora, unet_modules, te_modules", [
-    ("sd1", "attention", False, 16 * 8, [12 * 4]),
-    ("sd1", "all_linear", True, 16 * 10, [12 * 6]),
-    ("sdxl", "attention", False, 70 * 8, [11 * 4, 32 * 4]),
-    ("sdxl", "all_linear", True, 70 * 10 + 11 * 2, [11 * 6, 32 * 6]),
+# The UNet's convolutions in the down, mid and up blocks: SD1.5 has 22 ResNet blocks (2 convs each,
+# 14 shortcuts), 3 down- and 3 upsamplers and 16 1x1 proj_in/proj_out pairs; SDXL 17 ResNet
+# blocks (11 shortcuts), 2 down- and 2 upsamplers.
+SD15_CONVS = 22 * 2 + 14 + 3 + 3 + 16 * 2
+SDXL_CONVS = 17 * 2 + 11 + 2 + 2
+
+
+@pytest.mark.parametrize("arch, targets, network, use_dora, unet_modules, te_modules", [
+    ("sd1", "all_linear_and_conv", "lora", False, 16 * 10 + SD15_CONVS, [12 * 6]),
+    ("sd1", "all_linear", "lora", True, 16 * 10, [12 * 6]),
+    ("sd1", "all_linear_and_conv", "loha", False, 16 * 10 + SD15_CONVS, [12 * 6]),
+    ("sd1", "attention", "lokr", False, 16 * 8, [12 * 4]),
+    ("sdxl", "attention", "loha", False, 70 * 8, [11 * 4, 32 * 4]),
+    ("sdxl", "all_linear_and_conv", "lokr", False, 70 * 10 + 11 * 2 + SDXL_CONVS, [11 * 6, 32 * 6]),
+    ("sdxl", "all_linear", "lora", True, 70 * 10 + 11 * 2, [11 * 6, 32 * 6]),
 ])
-def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, unet_modules, te_modules):
+def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, network, use_dora, unet_modules, te_modules):
     import comfy.supported_models
 
     unet, text_encoders = full_size_models(arch)
     model_config, model, clip_model = comfyui_models(unet.state_dict())
     assert type(model_config) is {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
 
-    config = TrainConfig(rank=8, alpha=4.0, lora_targets=targets, train_text_encoder=True, use_dora=use_dora)
+    config = TrainConfig(network=network, rank=8, alpha=4.0, lora_targets=targets, train_text_encoder=True,
+                         use_dora=use_dora)
     with torch.device("meta"):
         add_lora(unet, text_encoders, config)
     lora = kohya_state_dict(unet, text_encoders, arch, config, torch.float16)
@@ -96,19 +107,30 @@ def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, un
     modules = {key.split(".")[0] for key in lora}
     assert len([m for m in modules if m.startswith("lora_unet_")]) == unet_modules
     assert [len([m for m in modules if m.startswith(p)]) for p in te_prefixes] == te_modules
+    tensor_names = {key.split(".", 1)[1] for key in lora}
+    assert tensor_names >= {"lora": {"lora_down.weight", "lora_up.weight"},
+                            "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+                            "lokr": {"lokr_w1"}}[network] | {"alpha"}  # LoKr's w2: whole or _a/_b by size
 
     key_map = comfyui_key_map(comfyui, model, clip_model)
     patches, not_loaded = load_in_comfyui(comfyui, lora, key_map, caplog)
     assert not_loaded == []
 
-    # Every trained module became one patch, on a ComfyUI weight of the right shape.
+    # Every trained module became one patch of the network's kind, and ComfyUI's own math turns it
+    # into a weight of the target's shape (it logs an error, and leaves the weight alone, where not).
     assert len(patches) == len(modules)
+    assert {adapter.name for adapter in patches.values()} == {network}
     comfy_weights = {**model.state_dict(), **clip_model.state_dict()}
-    for target, adapter in patches.items():
-        up, down, alpha, _, dora_scale, _ = adapter.weights
-        assert comfy_weights[target].shape == (up.shape[0], down.shape[1]), target
-        assert alpha == 4.0
-        assert (dora_scale is not None) == use_dora
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        for target, adapter in patches.items():
+            weight = comfy_weights[target]
+            patched = comfyui.calculate_weight([(1.0, adapter, 1.0, None, None)], torch.empty_like(weight), target)
+            assert patched.shape == weight.shape, target
+            assert adapter.weights[2] == 4.0  # alpha
+            if network == "lora":
+                assert (adapter.weights[4] is not None) == use_dora  # dora_scale
+    assert [r.getMessage() for r in caplog.records] == []
     on_text_encoders = [t for t in patches if not t.startswith("diffusion_model.")]
     assert len(on_text_encoders) == sum(te_modules)
     if arch == "sdxl":
