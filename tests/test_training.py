@@ -1042,6 +1042,11 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
     assert no_images.returncode == 2 and str(empty) in no_images.stderr
     no_equals = subprocess.run(run + ["--set", "rank"], capture_output=True, text=True)
     assert no_equals.returncode == 2 and "--set expects KEY=VALUE" in no_equals.stderr
+    bad_network = subprocess.run(run + ["--set", "network=foo", "--set", "lokr_factor=0"], capture_output=True,
+                                 text=True)
+    assert bad_network.returncode == 2
+    assert "network: 'foo' is not allowed; choose one of 'lora', 'loha', 'lokr'" in bad_network.stderr
+    assert "lokr_factor: 0 splits nothing" in bad_network.stderr
 
 
 def test_cli_refusals_before_training_are_bad_input_too(tiny_sd1, photos, tmp_path):
