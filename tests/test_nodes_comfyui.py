@@ -356,6 +356,34 @@ def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
     assert np.array_equal(saved_image(server, entry, SAVE), after)
 
 
+def test_a_lokr_from_the_workflow_is_applied_completely_by_the_stock_load_lora(server, object_info):
+    from safetensors import safe_open
+
+    trained = only_ancestors(sd15_prompt(object_info, "lokr_dog", sample_at_end=False, network="lokr",
+                                         lora_targets="all_linear_and_conv"), SAVE)
+    assert_success(server.wait(server.queue(trained), timeout=900), server)
+    with safe_open(str(server.models_dir / "loras" / "lokr_dog.safetensors"), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert any(k.endswith(".lokr_w1") and "_resnets_" in k for k in keys)  # a convolution's
+    assert any(k.startswith("lora_te_") and k.endswith(".lokr_w1") for k in keys)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+
+    # The stock Load LoRA in place of the pack's, on the file (the graph no longer trains).
+    images = []
+    for strength in (1.0, 0.0):
+        stock = json.loads(json.dumps(trained))
+        stock[LORA_LOADER] = {"class_type": "LoraLoader", "inputs": {
+            **{k: v for k, v in trained[LORA_LOADER]["inputs"].items() if k in ("model", "clip")},
+            "lora_name": "lokr_dog.safetensors", "strength_model": strength, "strength_clip": strength}}
+        log_before = len(server.log())
+        entry = server.wait(server.queue(only_ancestors(stock, SAVE)), timeout=600)
+        assert_success(entry, server)
+        log = server.log()[log_before:]
+        assert not any(text in log for text in NOT_LOADED) and "ERROR lokr" not in log
+        images.append(saved_image(server, entry, SAVE))
+    assert np.abs(images[0] - images[1]).mean() > 0.5  # the LoRA changed the image
+
+
 # --- cancel and resume -----------------------------------------------------------------------------------------
 
 def test_interrupt_leaves_a_resumable_checkpoint_and_the_resume_workflow_finishes(server, object_info):
