@@ -71,10 +71,11 @@ def text_encoder_target_modules(text_encoder: nn.Module, lora_targets: str, skip
     """Full names of a CLIP text encoder's linear layers that get adapters.
 
     'attention': q/k/v/out projections of every encoder layer; 'all_linear' adds the MLP's
-    fc1 and fc2 ('all_linear_and_conv' is the same here: a text encoder has no convolutions). The final `text_projection` of SDXL's second encoder is left alone. With
-    `skip_last_layer` the last encoder layer is left out too: SDXL reads its first encoder's
-    penultimate hidden state, so that layer never reaches the UNet, and an adapter there would
-    get no gradient (multi-GPU training refuses parameters without one).
+    fc1 and fc2 ('all_linear_and_conv' is the same here: a text encoder has no convolutions).
+    The final `text_projection` of SDXL's second encoder is left alone. With `skip_last_layer`
+    the last encoder layer is left out too: SDXL reads its first encoder's penultimate hidden
+    state, so that layer never reaches the UNet, and an adapter there would get no gradient
+    (multi-GPU training refuses parameters without one).
     """
     if lora_targets not in TARGETS:
         raise ValueError(f"lora_targets must be one of {', '.join(map(repr, TARGETS))}, got {lora_targets!r}")
