@@ -1141,7 +1141,8 @@ def test_a_run_resumes_with_gradient_checkpointing_turned_on(tiny_sd1, tmp_path)
 
 
 # The text encoders' adapters are saved and restored alike for every network: one case trains them (slower).
-@pytest.mark.parametrize("network, tensor, train_text_encoder", [("loha", "hada_w1_a", True), ("lokr", "lokr_w1", False)])
+@pytest.mark.parametrize("network, tensor, train_text_encoder",
+                         [("loha", "hada_w1_a", True), ("lokr", "lokr_w1", False)])
 def test_loha_and_lokr_runs_resume_exactly_and_export_lycoris_files(tiny_sd1, tmp_path, network, tensor,
                                                                      train_text_encoder):
     photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)

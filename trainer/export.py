@@ -101,7 +101,8 @@ def _adapter_tensors(layer, config: TrainConfig) -> dict[str, torch.Tensor]:
     """One layer's tensors under their kohya / LyCORIS names (without the module name and `.alpha`)."""
     network = _layer_network(layer)
     if network == "lora":
-        tensors = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight, "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+        tensors = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                   "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
         if config.use_dora:
             tensors["dora_scale"] = comfyui_dora_scale(layer)
         return tensors
