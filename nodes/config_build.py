@@ -153,12 +153,21 @@ SETTINGS_NODES: dict[str, SettingsNode] = {
          Widget("noise_offset", step=0.01))),
     "DreamBoothNetworkSettings": SettingsNode(
         "DreamBooth LoRA & Text Encoder",
-        "Which layers get a LoRA, and whether the text encoder(s) learn too. Rank and alpha are on Train LoRA.",
+        "Which layers get a LoRA (or LoHa / LoKr), and whether the text encoder(s) learn too. Rank and alpha are "
+        "on Train LoRA.",
         (Widget("train_text_encoder"),
          Widget("text_encoder_lr", step=1e-6),
          Widget("lora_targets"),
          Widget("lora_dropout"),
-         Widget("use_dora"))),
+         Widget("use_dora"),
+         Widget("network",
+                tooltip="'lora' (the usual), 'loha' (more expressive at the same rank) or 'lokr' (a Kronecker "
+                        "product: few parameters, often chosen for small subjects); all load in the stock Load LoRA."),
+         Widget("lokr_factor",
+                tooltip="LoKr only: how each layer is split between the Kronecker factors; -1 chooses near the "
+                        "square root, as LyCORIS does."),
+         Widget("lokr_decompose_both",
+                tooltip="LoKr only: also decompose the smaller Kronecker factor into two rank-sized matrices."))),
     "DreamBoothDataSettings": SettingsNode(
         "DreamBooth Captions & Class Images",
         "How captions and images are used in training, and the class images of prior preservation (turned on in "

@@ -75,20 +75,31 @@ def load_in_comfyui(comfy_lora, lora: dict[str, torch.Tensor], key_map: dict, ca
 
 # Adapted modules of the full-size models: SD1.5 has 16 transformer blocks, SDXL 70 (+ 11
 # linear proj_in/proj_out pairs); CLIP-L 12 layers (SDXL reads 11 of them), OpenCLIP-G 32.
-@pytest.mark.parametrize("arch, targets, use_dora, unet_modules, te_modules", [
-    ("sd1", "attention", False, 16 * 8, [12 * 4]),
-    ("sd1", "all_linear", True, 16 * 10, [12 * 6]),
-    ("sdxl", "attention", False, 70 * 8, [11 * 4, 32 * 4]),
-    ("sdxl", "all_linear", True, 70 * 10 + 11 * 2, [11 * 6, 32 * 6]),
+# The UNet's convolutions in the down, mid and up blocks: SD1.5 has 22 ResNet blocks (2 convs each,
+# 14 shortcuts), 3 down- and 3 upsamplers and 16 1x1 proj_in/proj_out pairs; SDXL 17 ResNet
+# blocks (11 shortcuts), 2 down- and 2 upsamplers.
+SD15_CONVS = 22 * 2 + 14 + 3 + 3 + 16 * 2
+SDXL_CONVS = 17 * 2 + 11 + 2 + 2
+
+
+@pytest.mark.parametrize("arch, targets, network, use_dora, unet_modules, te_modules", [
+    ("sd1", "all_linear_and_conv", "lora", False, 16 * 10 + SD15_CONVS, [12 * 6]),
+    ("sd1", "all_linear", "lora", True, 16 * 10, [12 * 6]),
+    ("sd1", "all_linear_and_conv", "loha", False, 16 * 10 + SD15_CONVS, [12 * 6]),
+    ("sd1", "attention", "lokr", False, 16 * 8, [12 * 4]),
+    ("sdxl", "attention", "loha", False, 70 * 8, [11 * 4, 32 * 4]),
+    ("sdxl", "all_linear_and_conv", "lokr", False, 70 * 10 + 11 * 2 + SDXL_CONVS, [11 * 6, 32 * 6]),
+    ("sdxl", "all_linear", "lora", True, 70 * 10 + 11 * 2, [11 * 6, 32 * 6]),
 ])
-def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, unet_modules, te_modules):
+def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, network, use_dora, unet_modules, te_modules):
     import comfy.supported_models
 
     unet, text_encoders = full_size_models(arch)
     model_config, model, clip_model = comfyui_models(unet.state_dict())
     assert type(model_config) is {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
 
-    config = TrainConfig(rank=8, alpha=4.0, lora_targets=targets, train_text_encoder=True, use_dora=use_dora)
+    config = TrainConfig(network=network, rank=8, alpha=4.0, lora_targets=targets, train_text_encoder=True,
+                         use_dora=use_dora)
     with torch.device("meta"):
         add_lora(unet, text_encoders, config)
     lora = kohya_state_dict(unet, text_encoders, arch, config, torch.float16)
@@ -96,19 +107,30 @@ def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, un
     modules = {key.split(".")[0] for key in lora}
     assert len([m for m in modules if m.startswith("lora_unet_")]) == unet_modules
     assert [len([m for m in modules if m.startswith(p)]) for p in te_prefixes] == te_modules
+    tensor_names = {key.split(".", 1)[1] for key in lora}
+    assert tensor_names >= {"lora": {"lora_down.weight", "lora_up.weight"},
+                            "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+                            "lokr": {"lokr_w1"}}[network] | {"alpha"}  # LoKr's w2: whole or _a/_b by size
 
     key_map = comfyui_key_map(comfyui, model, clip_model)
     patches, not_loaded = load_in_comfyui(comfyui, lora, key_map, caplog)
     assert not_loaded == []
 
-    # Every trained module became one patch, on a ComfyUI weight of the right shape.
+    # Every trained module became one patch of the network's kind, and ComfyUI's own math turns it
+    # into a weight of the target's shape (it logs an error, and leaves the weight alone, where not).
     assert len(patches) == len(modules)
+    assert {adapter.name for adapter in patches.values()} == {network}
     comfy_weights = {**model.state_dict(), **clip_model.state_dict()}
-    for target, adapter in patches.items():
-        up, down, alpha, _, dora_scale, _ = adapter.weights
-        assert comfy_weights[target].shape == (up.shape[0], down.shape[1]), target
-        assert alpha == 4.0
-        assert (dora_scale is not None) == use_dora
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        for target, adapter in patches.items():
+            weight = comfy_weights[target]
+            patched = comfyui.calculate_weight([(1.0, adapter, 1.0, None, None)], torch.empty_like(weight), target)
+            assert patched.shape == weight.shape, target
+            assert adapter.weights[2] == 4.0  # alpha
+            if network == "lora":
+                assert (adapter.weights[4] is not None) == use_dora  # dora_scale
+    assert [r.getMessage() for r in caplog.records] == []
     on_text_encoders = [t for t in patches if not t.startswith("diffusion_model.")]
     assert len(on_text_encoders) == sum(te_modules)
     if arch == "sdxl":
@@ -121,10 +143,25 @@ def test_every_key_loads_in_comfyui(comfyui, caplog, arch, targets, use_dora, un
     assert not_loaded == ["lora key not loaded: lora_unet_no_such_block_to_q.lora_down.weight"]
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
-    """ComfyUI's own weight patching (comfy.lora.calculate_weight) applied to our file gives the adapted model."""
-    config = TrainConfig(rank=4, alpha=3.0, lora_targets="all_linear", train_text_encoder=True, use_dora=use_dora)
+# LoKr's factors on the tiny model (sides 32 = 4 x 8, 64 = 8 x 8, the text encoder's 37 = 1 x 37): rank 4
+# trains both factors of most layers whole (the scale then goes into w1), rank 1 with decompose_both
+# decomposes both, rank 2 with factor 8 and decompose_both decomposes w1 (8 x 8) and keeps w2 (4 x 4) whole.
+@pytest.mark.parametrize("network, options, tensors", [
+    ("lora", dict(lora_targets="all_linear_and_conv"), {"lora_up.weight", "lora_down.weight"}),
+    ("lora", dict(lora_targets="all_linear", use_dora=True), {"lora_up.weight", "lora_down.weight", "dora_scale"}),
+    ("loha", dict(lora_targets="all_linear_and_conv"), {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    ("lokr", dict(lora_targets="all_linear_and_conv"), {"lokr_w1", "lokr_w2"}),
+    ("lokr", dict(lora_targets="all_linear_and_conv", rank=1, lokr_decompose_both=True),
+     {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
+    ("lokr", dict(lora_targets="all_linear_and_conv", rank=2, lokr_factor=8, lokr_decompose_both=True),
+     {"lokr_w1_a", "lokr_w1_b", "lokr_w2"}),
+])
+def test_comfyui_math_reproduces_the_trained_model(comfyui, network, options, tensors):
+    """ComfyUI's own weight patching (comfy.lora.calculate_weight) applied to our file gives the adapted
+    model's merged weights, module by module (linear, convolution, text encoder), and so its outputs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = TrainConfig(network=network, **{"rank": 4, "alpha": 3.0, **options}, train_text_encoder=True)
     parts = build_tiny_components("sd1", seed=0)
     unet, text_encoder = parts["unet"].eval(), parts["text_encoder"].eval()
     add_lora(unet, [text_encoder], config)
@@ -133,9 +170,10 @@ def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
         for name, param in [*unet.named_parameters(), *text_encoder.named_parameters()]:
             if "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif ".lora_" in name:
+            elif param.requires_grad:  # the adapter's tensors, some of which start at zero
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
     lora = kohya_state_dict(unet, [text_encoder], "sd1", config, torch.float32)
+    assert {key.split(".", 1)[1] for key in lora} >= tensors | {"alpha"}
 
     fresh = build_tiny_components("sd1", seed=0)
     fresh_unet, fresh_te = fresh["unet"].eval(), fresh["text_encoder"].eval()
@@ -145,7 +183,7 @@ def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
     weights.update({f"te.{n}": p for n, p in fresh_te.named_parameters()})
     key_map = {}
     for name, module in fresh_unet.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             key_map["lora_unet_" + name.replace(".", "_")] = f"unet.{name}.weight"
     for name, module in fresh_te.named_modules():
         if isinstance(module, nn.Linear):  # transformers < 5 names them under `text_model.`
@@ -161,12 +199,30 @@ def test_comfyui_math_reproduces_the_trained_model(comfyui, use_dora):
 
     base = run(fresh_unet, fresh_te)
     patches = comfyui.load_lora(lora, key_map)
-    assert len(patches) == 40 + 12
+    # The tiny UNet's convolutions in its blocks: ResNet convs and shortcuts, samplers, proj_in/out.
+    convs = 31 if config.lora_targets == "all_linear_and_conv" else 0
+    assert len(patches) == 40 + convs + 12
     with torch.no_grad():
         for key, adapter in patches.items():
             # A ModelPatcher patch: (strength, adapter, strength_model, offset, function).
             weights[key].copy_(comfyui.calculate_weight([(1.0, adapter, 1.0, None, None)], weights[key].clone(), key))
+    patched_outputs = run(fresh_unet, fresh_te)
 
-    for patched, adapted, original in zip(run(fresh_unet, fresh_te), run(unet, text_encoder), base):
-        assert (patched - adapted).abs().max() <= 1e-4
+    # The trained model's merged weights, as peft merges them.
+    merged = {}
+    for prefix, model in (("unet", unet), ("te", text_encoder)):
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=["default"])
+                merged[f"{prefix}.{name}.weight"] = module.get_base_layer().weight.detach()
+    assert merged.keys() == patches.keys()
+    kinds = {("te" if key.startswith("te.") else "conv" if weights[key].dim() == 4 else "linear") for key in merged}
+    assert kinds == ({"linear", "conv", "te"} if convs else {"linear", "te"})
+    assert any(weights[key].shape[2:] == (3, 3) for key in merged) == bool(convs)
+    for key, weight in merged.items():
+        assert (weights[key] - weight).abs().max() <= 1e-4, key
+
+    for patched, original in zip(patched_outputs, base):
         assert (patched - original).abs().max() > 1e-2
+    for patched, adapted in zip(patched_outputs, run(unet, text_encoder)):  # the merged model
+        assert (patched - adapted).abs().max() <= 1e-4

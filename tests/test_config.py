@@ -70,6 +70,13 @@ def test_prior_preservation_needs_class_prompt_and_folder():
     ({"resolution": 256, "bucket_step": 512}, "bucket_step: 512 is above resolution 256"),
     ({"with_prior_preservation": True, "class_prompt": "a dog", "class_dir": "data"}, "class_dir: data is instance_dir"),
     ({"with_prior_preservation": True, "class_prompt": "a dog", "class_dir": "data/10_class"}, "an `N_name` subfolder"),
+    ({"network": "foo"}, "network: 'foo' is not allowed; choose one of 'lora', 'loha', 'lokr'"),
+    ({"network": "lokr", "lokr_factor": 0}, "lokr_factor: 0 splits nothing; use -1 (automatic"),
+    ({"lokr_factor": -2}, "lokr_factor: -2 is below the minimum -1"),
+    ({"network": "loha", "use_dora": True}, "use_dora: DoRA is a LoRA option; set use_dora = false for network 'loha'"),
+    ({"network": "lokr", "lora_dropout": 0.1}, "lora_dropout: dropout on the LoRA path is a LoRA option"),
+    ({"network": "lokr", "export_format": "both"}, "export_format: diffusers' layout holds LoRAs only; use 'kohya'"),
+    ({"use_dora": True, "lora_targets": "all_linear_and_conv"}, "use_dora: DoRA is exported for linear layers only"),
 ])
 def test_settings_that_would_train_nothing_or_fail_later_are_refused_up_front(options, message):
     # Each was accepted before and trained a LoRA that did nothing, or failed after the model had loaded.

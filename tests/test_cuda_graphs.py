@@ -207,6 +207,8 @@ def test_the_loop_trains_through_the_graphs_and_releases_them_before_each_sampli
     ("auto", "cuda", "NO", "fp16", {"train_text_encoder": True, "use_dora": True, "lora_dropout": 0.1}, True, None),
     ("auto", "cuda", "NO", "no", {}, False, "'yes' turns them on"),
     ("yes", "cuda", "NO", "no", {}, True, None),
+    ("auto", "cuda", "NO", "bf16", {"network": "lokr"}, False, "not yet checked on a GPU ('yes' turns them on)"),
+    ("yes", "cuda", "NO", "bf16", {"network": "loha"}, True, None),
 ])
 def test_when_the_trainer_uses_cuda_graphs(option, device, distributed, precision, changes, used, said):
     from types import SimpleNamespace

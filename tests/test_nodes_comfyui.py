@@ -334,12 +334,15 @@ def test_a_memory_preset_keeps_an_option_the_user_set_and_says_so(server, object
 def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
     # ComfyUI's Load LoRA keeps the file it read first by path: after a retrain under the same name it
     # applied the old LoRA until ComfyUI restarted (a silent wrong picture).
+    # The retrain is a LoKr, which the stock Load LoRA then applies completely (one run for both checks).
+    from safetensors import safe_open
+
     name = "retrained_dog"
     first = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False), SAVE)
     entry = server.wait(server.queue(first), timeout=900)
     assert_success(entry, server)
     before = saved_image(server, entry, SAVE)
-    second = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False, overwrite=True), SAVE)
+    second = only_ancestors(sd15_prompt(object_info, name, sample_at_end=False, overwrite=True, network="lokr"), SAVE)
     second[TRAIN]["inputs"]["seed"] = first[TRAIN]["inputs"]["seed"] + 1
     second[DATASET]["inputs"]["flip_p"] = 1.0  # other data too: every image mirrored
     log_before = len(server.log())
@@ -349,13 +352,21 @@ def test_a_lora_retrained_under_its_name_shows_at_once(server, object_info):
     assert "in worker" in log and not any(text in log for text in NOT_LOADED)  # trained again, applied completely
     after = saved_image(server, entry, SAVE)
     assert np.abs(after - before).mean() > 0.5
-    # what a fresh ComfyUI gives: the same file under a name nothing has read yet
     loras = server.models_dir / "loras"
+    with safe_open(str(loras / f"{name}.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+        assert any(k.startswith("lora_unet_") and k.endswith(".lokr_w1") for k in f.keys())
+        assert any(k.startswith("lora_te_") and k.endswith(".lokr_w1") for k in f.keys())
+    # what a fresh ComfyUI gives: the same file under a name nothing has read yet, in the stock Load LoRA
     shutil.copy(loras / f"{name}.safetensors", loras / f"{name}_fresh.safetensors")
     fresh = json.loads(json.dumps(second))
-    fresh[LORA_LOADER]["inputs"]["lora_name"] = f"{name}_fresh.safetensors"
+    fresh[LORA_LOADER] = {"class_type": "LoraLoader", "inputs": {
+        **second[LORA_LOADER]["inputs"], "lora_name": f"{name}_fresh.safetensors"}}
+    log_before = len(server.log())
     entry = server.wait(server.queue(only_ancestors(fresh, SAVE)), timeout=600)
     assert_success(entry, server)
+    log = server.log()[log_before:]
+    assert not any(text in log for text in NOT_LOADED) and "ERROR lokr" not in log
     assert np.array_equal(saved_image(server, entry, SAVE), after)
 
 

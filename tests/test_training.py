@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from comfyui_dreambooth_lora.trainer import loop
@@ -1057,6 +1058,11 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_sd1, tmp_path):
     assert no_images.returncode == 2 and str(empty) in no_images.stderr
     no_equals = subprocess.run(run + ["--set", "rank"], capture_output=True, text=True)
     assert no_equals.returncode == 2 and "--set expects KEY=VALUE" in no_equals.stderr
+    bad_network = subprocess.run(run + ["--set", "network=foo", "--set", "lokr_factor=0"], capture_output=True,
+                                 text=True)
+    assert bad_network.returncode == 2
+    assert "network: 'foo' is not allowed; choose one of 'lora', 'loha', 'lokr'" in bad_network.stderr
+    assert "lokr_factor: 0 splits nothing" in bad_network.stderr
 
 
 def test_cli_refusals_before_training_are_bad_input_too(tiny_sd1, photos, tmp_path):
@@ -1148,6 +1154,30 @@ def test_a_run_resumes_with_gradient_checkpointing_turned_on(tiny_sd1, tmp_path)
     loop.train(whole)
     parts = make_config(tiny_sd1, photos, tmp_path / "parts", max_train_steps=5, lora_dropout=0.1)
     assert_same_lora(whole, stopped_then_resumed(parts, 2, gradient_checkpointing=True))
+
+
+# The text encoders' adapters are saved and restored alike for every network: one case trains them (slower).
+@pytest.mark.parametrize("network, tensor, train_text_encoder",
+                         [("loha", "hada_w1_a", True), ("lokr", "lokr_w1", False)])
+def test_loha_and_lokr_runs_resume_exactly_and_export_lycoris_files(tiny_sd1, tmp_path, network, tensor,
+                                                                     train_text_encoder):
+    photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
+    common = dict(network=network, lora_targets="all_linear_and_conv", train_text_encoder=train_text_encoder,
+                  max_train_steps=4)
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
+    loop.train(whole)
+    parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
+    assert_same_lora(whole, stopped_then_resumed(parts, 2))
+
+    lora = lora_file(whole)
+    trained = [key for key in lora if key.endswith("." + tensor)]
+    assert any(key.startswith("lora_te_") for key in trained) == train_text_encoder
+    assert any("_resnets_" in key for key in trained)
+    assert all(lora[key].abs().max() > 0 for key in trained)  # trained away from its zero (LoKr) start
+    with safe_open(Path(whole.output_dir) / "test_lora.safetensors", "pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == network
 
 
 def test_cached_augmented_samples_resume_exactly(tiny_sd1, tmp_path):

@@ -76,13 +76,16 @@ class TrainConfig:
     class_sample_steps: int = opt(25, "Sampling steps when generating class images.", min=1, max=1000, section="prior")
 
     # --- LoRA ------------------------------------------------------------------------------
-    rank: int = opt(16, "LoRA rank (dimension).", min=1, max=1024, section="lora")
+    network: str = opt("lora", "The kind of adapter. 'lora': low-rank (up @ down); 'loha': LoHa, the elementwise product of two low-rank products (rank r holds up to r²); 'lokr': LoKr, a Kronecker product of a small and a larger matrix, few parameters (see lokr_factor). All three are exported in the layout ComfyUI, A1111/Forge and kohya load.", choices=("lora", "loha", "lokr"), section="lora")
+    rank: int = opt(16, "LoRA rank (dimension). LoKr: the rank of its factors where a factor is decomposed; a factor small enough (a side at most 2 x rank) is trained as a full matrix.", min=1, max=1024, section="lora")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0, max=4096.0, section="lora")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0, section="lora")
-    lora_targets: str = opt("attention", "'attention': the q/k/v/out projections of the UNet attention; 'all_linear': every linear layer of the transformer blocks.", choices=("attention", "all_linear"), section="lora")
+    lora_targets: str = opt("attention", "'attention': the q/k/v/out projections of the UNet attention; 'all_linear': every linear layer of the transformer blocks; 'all_linear_and_conv': also the UNet's convolutions (ResNet blocks, down/up samplers, 1x1 projections), as LyCORIS's LoCon does.", choices=("attention", "all_linear", "all_linear_and_conv"), section="lora")
     train_text_encoder: bool = opt(False, "Also train a LoRA on the text encoder(s) (both on SDXL).", section="lora")
     text_encoder_lr: float = opt(0.0, "Learning rate of the text-encoder LoRA; 0 uses learning_rate.", min=0.0, max=1.0, section="lora")
-    use_dora: bool = opt(False, "DoRA (weight-decomposed LoRA). Exported with `dora_scale` keys.", section="lora")
+    use_dora: bool = opt(False, "DoRA (weight-decomposed LoRA), for network 'lora'. Exported with `dora_scale` keys.", section="lora")
+    lokr_factor: int = opt(-1, "LoKr: each side of a layer is split as factor x (side / factor) between the Kronecker product's first and second matrix (where it does not divide, the nearest split below); -1 splits near the square root, as LyCORIS does.", min=-1, max=4096, section="lora")
+    lokr_decompose_both: bool = opt(False, "LoKr: also decompose the first (smaller) Kronecker factor into two rank-`rank` matrices where that is smaller.", section="lora")
 
     # --- optimisation ----------------------------------------------------------------------
     max_train_steps: int = opt(800, "Optimizer steps to train.", min=1, max=10_000_000)
@@ -100,7 +103,7 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "'auto': bf16 where the GPU or CPU computes in bf16 (CPUs with AVX512-BF16/AMX), else fp16 on a GPU and 'no' (fp32) on a CPU. LoRA weights stay fp32.", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, about 25% slower.")
     compile_unet: bool = opt(False, "Compile the UNet with torch.compile: minutes of compiling before the first step (samples are made uncompiled); later runs with the same model and resolution reuse inductor's disk cache and start ~10x sooner. It turns cuda_graphs off, and on a GPU the graphs did more: in one H200 run compile_unet took a step from 0.178 to 0.087 s, in another (a different host) CUDA graphs from 0.162 to 0.036 s. Keep it off unless it measures faster on your GPU. No gain on the CPU for real models (benchmarks/README.md).")
-    cuda_graphs: str = opt("auto", "Replay the UNet's forward and backward as CUDA graphs, captured once per bucket shape, and again after each round of samples (1-3 s each): on a GPU the step is bound by the host launching thousands of kernels, and a graph launches them at once (H100: SD1.5 512 px 0.111 -> 0.032 s/step, SDXL 1024 px 0.433 -> 0.143; the same losses). The graphs keep their memory while training runs (SDXL 1024 px: 22.6 GB reserved against 17.9), so the SDXL memory presets turn them off. 'auto': on a CUDA GPU with one process, except in fp32 (mixed_precision 'no', not yet checked on a GPU); 'yes': also in fp32; 'no': never. Samples are made without graphs.", choices=("auto", "yes", "no"))
+    cuda_graphs: str = opt("auto", "Replay the UNet's forward and backward as CUDA graphs, captured once per bucket shape, and again after each round of samples (1-3 s each): on a GPU the step is bound by the host launching thousands of kernels, and a graph launches them at once (H100: SD1.5 512 px 0.111 -> 0.032 s/step, SDXL 1024 px 0.433 -> 0.143; the same losses). The graphs keep their memory while training runs (SDXL 1024 px: 22.6 GB reserved against 17.9), so the SDXL memory presets turn them off. 'auto': on a CUDA GPU with one process, except in fp32 (mixed_precision 'no') and for LoHa / LoKr (network), neither yet checked on a GPU; 'yes': also there; 'no': never. Samples are made without graphs.", choices=("auto", "yes", "no"))
     snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=1000.0)
     noise_offset: float = opt(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
     offload_frozen_models: bool = opt(False, "Encode every image and caption once before the first step (the UNet waits in CPU memory meanwhile), then keep the VAE and text encoders in CPU memory (on a GPU: ~1.8 GB less for SDXL, ~0.4 GB for SD1.5). Class images and samples are made with the models taking turns on the GPU: text encoders, then UNet, then VAE. Has an effect only while latents are cached and the text encoders are not trained.")
@@ -219,6 +222,20 @@ class TrainConfig:
         if not self.alpha > 0:  # NaN included
             problems.append(f"alpha: {self.alpha} trains nothing (the LoRA's update is scaled by alpha / rank); "
                             f"use a value above 0, e.g. {self.rank} for a scale of 1")
+        if self.lokr_factor == 0:
+            problems.append("lokr_factor: 0 splits nothing; use -1 (automatic, the usual choice) or a factor such as 4 or 8")
+        if self.use_dora and self.lora_targets == "all_linear_and_conv":
+            problems.append("use_dora: DoRA is exported for linear layers only; use lora_targets 'all_linear' with it, "
+                            "or use_dora = false")
+        if self.network in ("loha", "lokr") and self.use_dora:
+            problems.append(f"use_dora: DoRA is a LoRA option; set use_dora = false for network '{self.network}', "
+                            "or network = 'lora'")
+        if self.network in ("loha", "lokr") and self.lora_dropout > 0:
+            problems.append(f"lora_dropout: dropout on the LoRA path is a LoRA option; set lora_dropout = 0 for "
+                            f"network '{self.network}', or network = 'lora'")
+        if self.network in ("loha", "lokr") and self.export_format != "kohya":
+            problems.append(f"export_format: diffusers' layout holds LoRAs only; use 'kohya' for network "
+                            f"'{self.network}' (ComfyUI, A1111/Forge and kohya load it)")
         if self.lora_dropout >= 1:
             problems.append(f"lora_dropout: {self.lora_dropout} drops the whole LoRA path, which then never trains; "
                             "use a value below 1 (0 to 0.1 is usual)")
@@ -244,7 +261,7 @@ class TrainConfig:
 
     @property
     def unet_targets_all_linear(self) -> bool:
-        return self.lora_targets == "all_linear"
+        return self.lora_targets in ("all_linear", "all_linear_and_conv")
 
 
 def with_option_defaults(options: dict[str, Any]) -> dict[str, Any]:

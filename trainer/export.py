@@ -10,6 +10,17 @@ Kohya format is what ComfyUI, A1111, Forge and diffusers all load:
 with `lora_te_` (SD1.x) or `lora_te1_` / `lora_te2_` (SDXL) for the text encoders, whose
 module paths start with `text_model.`. The dict is built here from the peft layers
 directly: diffusers' own converters write alpha = rank and `lora_te1_` for SD1.x.
+
+LoHa and LoKr use the same module names with LyCORIS's tensor names, which ComfyUI, A1111/Forge
+and kohya (through LyCORIS) read:
+
+    <module>.hada_w1_a (out, rank), .hada_w1_b (rank, in), .hada_w2_a, .hada_w2_b, .alpha
+        update = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
+    <module>.lokr_w1 or .lokr_w1_a / .lokr_w1_b, .lokr_w2 or .lokr_w2_a / .lokr_w2_b, .alpha
+        update = kron(w1, w2) * alpha / rank, where w1 or w2 is decomposed; otherwise * 1
+
+A convolution's `in` is its input channels times the kernel (peft and the loaders flatten it
+alike); LoKr's full `lokr_w2` of a convolution keeps the kernel dimensions.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .fileio import atomic_write
-from .lora import ADAPTER_NAME
+from .lora import ADAPTER_ATTRIBUTES, ADAPTER_NAME
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,21 +68,51 @@ def kohya_module_name(prefix: str, module_name: str, text_encoder: bool = False)
 
 
 def _lora_layers(model: nn.Module):
-    """(name, peft LoRA layer) for every module of `model` that carries the adapter."""
-    from peft.tuners.lora import LoraLayer
+    """(name, peft adapter layer) for every module of `model` that carries the adapter (LoRA, LoHa or LoKr)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "r", {}):
             yield name, module
 
 
+def _layer_network(layer) -> str:
+    """'lora', 'loha' or 'lokr': the kind of peft adapter layer."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+
+    return "loha" if isinstance(layer, LoHaLayer) else "lokr" if isinstance(layer, LoKrLayer) else "lora"
+
+
 def _check_layer_config(name: str, layer, config: TrainConfig) -> None:
-    """The file states rank, alpha and DoRA from the config: refuse a model adapted differently."""
-    rank, alpha = layer.r[ADAPTER_NAME], layer.lora_alpha[ADAPTER_NAME]
-    use_dora = bool(layer.use_dora.get(ADAPTER_NAME, False))
-    if rank != config.rank or not math.isclose(alpha, config.alpha) or use_dora != config.use_dora:
-        raise ValueError(f"layer '{name}' has rank {rank}, alpha {alpha}, DoRA {use_dora}, but the config says "
-                         f"rank {config.rank}, alpha {config.alpha}, DoRA {config.use_dora}")
+    """The file states network, rank, alpha and DoRA from the config: refuse a model adapted differently."""
+    network = _layer_network(layer)
+    rank = layer.r[ADAPTER_NAME]
+    alpha = layer.lora_alpha[ADAPTER_NAME] if network == "lora" else layer.alpha[ADAPTER_NAME]
+    use_dora = network == "lora" and bool(layer.use_dora.get(ADAPTER_NAME, False))
+    if (network != config.network or rank != config.rank or not math.isclose(alpha, config.alpha)
+            or use_dora != config.use_dora):
+        raise ValueError(f"layer '{name}' has network {network}, rank {rank}, alpha {alpha}, DoRA {use_dora}, but "
+                         f"the config says network {config.network}, rank {config.rank}, alpha {config.alpha}, "
+                         f"DoRA {config.use_dora}")
+
+
+def _adapter_tensors(layer, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """One layer's tensors under their kohya / LyCORIS names (without the module name and `.alpha`)."""
+    network = _layer_network(layer)
+    if network == "lora":
+        tensors = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                   "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+        if config.use_dora:
+            tensors["dora_scale"] = comfyui_dora_scale(layer)
+        return tensors
+    tensors = {attribute: getattr(layer, attribute)[ADAPTER_NAME] for attribute in ADAPTER_ATTRIBUTES[network]
+               if ADAPTER_NAME in getattr(layer, attribute)}
+    if network == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors:
+        # With neither factor decomposed the loaders take no rank to divide alpha by and apply scale 1;
+        # peft scales by alpha / rank all the same, so that scale goes into w1.
+        tensors["lokr_w1"] = tensors["lokr_w1"] * layer.scaling[ADAPTER_NAME]
+    return tensors
 
 
 def comfyui_dora_scale(layer) -> torch.Tensor:
@@ -104,22 +145,20 @@ def _kohya_models(unet: nn.Module, text_encoders: list[nn.Module], arch: str):
 
 def kohya_state_dict(unet: nn.Module, text_encoders: list[nn.Module], arch: str, config: TrainConfig,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapters of the UNet and text encoders as a kohya-format state dict.
+    """The adapters of the UNet and text encoders as a kohya-format state dict (LyCORIS names for LoHa / LoKr).
 
-    `lora_down` / `lora_up` (and `dora_scale`) are cast to `dtype` and stay on the models'
-    device; each `.alpha` is a CPU fp32 scalar equal to `config.alpha`, kept in fp32 so that
-    values such as 0.1 are stored exactly. Text encoders without adapters contribute nothing.
+    The adapter tensors are cast to `dtype` and stay on the models' device; each `.alpha` is
+    a CPU fp32 scalar equal to `config.alpha`, kept in fp32 so that values such as 0.1 are
+    stored exactly. Text encoders without adapters contribute nothing.
     """
     state: dict[str, torch.Tensor] = {}
     for prefix, model, is_text_encoder in _kohya_models(unet, text_encoders, arch):
         for name, layer in _lora_layers(model):
             _check_layer_config(name, layer, config)
             key = kohya_module_name(prefix, name, is_text_encoder)
-            state[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().to(dtype).contiguous()
-            state[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().to(dtype).contiguous()
+            for suffix, tensor in _adapter_tensors(layer, config).items():
+                state[f"{key}.{suffix}"] = tensor.detach().to(dtype).contiguous()
             state[f"{key}.alpha"] = torch.tensor(float(config.alpha), dtype=torch.float32, device="cpu")
-            if config.use_dora:
-                state[f"{key}.dora_scale"] = comfyui_dora_scale(layer).to(dtype).contiguous()
     return state
 
 
@@ -166,6 +205,20 @@ def tensor_data_sha256(state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(memoryview(data)[8 + header_size:]).hexdigest()
 
 
+def network_args(config: TrainConfig) -> dict[str, str]:
+    """kohya's `ss_network_args`: what the network is beyond rank and alpha, as LyCORIS / kohya name it."""
+    args: dict[str, str] = {}
+    if config.network != "lora":
+        args["algo"] = config.network
+    if config.lora_targets == "all_linear_and_conv":  # LyCORIS and kohya's LoCon train convolutions with conv_dim
+        args.update(conv_dim=str(config.rank), conv_alpha=str(config.alpha))
+    if config.network == "lokr":
+        args.update(factor=str(config.lokr_factor), decompose_both=str(config.lokr_decompose_both))
+    if config.use_dora:
+        args.update(dora_wd="True", wd_on_out="True")
+    return args
+
+
 def lora_metadata(config: TrainConfig, *, arch: str, base_model_name: str, base_model_hash: str, steps: int,
                   dataset_summary: dict, lora_sha256: str | None = None) -> dict[str, str]:
     """The safetensors header of the LoRA: kohya's `ss_*` keys, ModelSpec's `modelspec.*` keys and the full config.
@@ -179,13 +232,12 @@ def lora_metadata(config: TrainConfig, *, arch: str, base_model_name: str, base_
     _check_arch(arch)
     unet_lr = config.learning_rate
     text_encoder_lr = (config.text_encoder_lr or config.learning_rate) if config.train_text_encoder else 0.0
-    network_args = {"dora_wd": "True", "wd_on_out": "True"} if config.use_dora else {}
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if config.network == "lora" else "lycoris.kohya",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_dropout": str(config.lora_dropout),
-        "ss_network_args": json.dumps(network_args),
+        "ss_network_args": json.dumps(network_args(config)),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_base_model_version": BASE_MODEL_VERSIONS[arch],
         "ss_v2": "False",

@@ -623,6 +623,8 @@ def graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) ->
     elif config.cuda_graphs == "auto" and accelerator.mixed_precision == "no":
         # Every GPU check of graphs trained in bf16 or fp16; one capture of an fp32 UNet there failed (benchmarks/README.md).
         reason = "'auto' leaves them off in fp32 (mixed_precision 'no'), not yet checked on a GPU ('yes' turns them on)"
+    elif config.cuda_graphs == "auto" and config.network != "lora":
+        reason = f"'auto' leaves them off for network '{config.network}', not yet checked on a GPU ('yes' turns them on)"
     else:
         return GraphedUNet(unet, log=events.log)
     if config.cuda_graphs == "yes":

@@ -1,11 +1,11 @@
-"""Which modules get LoRA adapters, and how the adapters are added, listed, saved and restored.
+"""Which modules get adapters, and how the adapters are added, listed, saved and restored.
 
-Adapters are peft LoRA (or DoRA) layers named `default`, injected with peft's own
-`inject_adapter_in_model`, which works on any `nn.Module`: neither diffusers' nor
-transformers' PEFT integration is used (transformers' refuses some peft releases, and a
-cap on either would make installing the pack downgrade what ComfyUI has). The target modules are listed
-explicitly by their full names (not by peft's suffix matching), so that exactly the layers
-named here are adapted, and `export` can name the same layers in the kohya format.
+Adapters are peft LoRA (or DoRA), LoHa or LoKr layers (`config.network`) named `default`,
+injected with peft's own `inject_adapter_in_model`, which works on any `nn.Module`: neither
+diffusers' nor transformers' PEFT integration is used (transformers' refuses some peft releases,
+and a cap on either would make installing the pack downgrade what ComfyUI has). The target
+modules are listed explicitly by their full names (not by peft's suffix matching), so that
+exactly the layers named here are adapted, and `export` can name the same layers in the kohya format.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ UNET_ATTENTION_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 # The CLIP encoder layers' attention projections and MLP.
 TEXT_ATTENTION_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 TEXT_MLP_LAYERS = ("mlp.fc1", "mlp.fc2")
+TARGETS = ("attention", "all_linear", "all_linear_and_conv")
+# Where peft keeps each network's trainable tensors: `<layer>.<attribute>.default[.weight]`.
+ADAPTER_ATTRIBUTES = {
+    "lora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+}
 
 
 def _ends_with_layer(name: str, layers: tuple[str, ...]) -> bool:
@@ -30,18 +37,21 @@ def _ends_with_layer(name: str, layers: tuple[str, ...]) -> bool:
 
 
 def unet_target_modules(unet: nn.Module, lora_targets: str) -> list[str]:
-    """Full names of the UNet's linear layers that get adapters.
+    """Full names of the UNet's layers that get adapters.
 
     'attention': the q/k/v/out projections of every attention in the transformer blocks.
     'all_linear': every `nn.Linear` inside the transformer blocks - the attention projections,
     the feed-forward (`ff.net.0.proj`, `ff.net.2`) and `proj_in` / `proj_out` where they are
-    linear (SDXL; SD1.x uses 1x1 convolutions there). Time and class embeddings and the
-    ResNet blocks' `time_emb_proj` are never adapted: they are outside the transformer blocks.
+    linear (SDXL; SD1.x uses 1x1 convolutions there).
+    'all_linear_and_conv': those and every `nn.Conv2d` of the down, mid and up blocks (the ResNet
+    blocks' convolutions and shortcuts, the down/up samplers, SD1.x's 1x1 `proj_in` / `proj_out`).
+    Time and class embeddings, the ResNet blocks' `time_emb_proj` and the UNet's first and last
+    convolutions are never adapted.
     """
     from diffusers import Transformer2DModel
 
-    if lora_targets not in ("attention", "all_linear"):
-        raise ValueError(f"lora_targets must be 'attention' or 'all_linear', got {lora_targets!r}")
+    if lora_targets not in TARGETS:
+        raise ValueError(f"lora_targets must be one of {', '.join(map(repr, TARGETS))}, got {lora_targets!r}")
     names = []
     for block_name, block in unet.named_modules():
         if not isinstance(block, Transformer2DModel):
@@ -49,8 +59,11 @@ def unet_target_modules(unet: nn.Module, lora_targets: str) -> list[str]:
         for name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            if lora_targets == "all_linear" or _ends_with_layer(name, UNET_ATTENTION_LAYERS):
+            if lora_targets != "attention" or _ends_with_layer(name, UNET_ATTENTION_LAYERS):
                 names.append(f"{block_name}.{name}")
+    if lora_targets == "all_linear_and_conv":
+        names += [name for name, module in unet.named_modules()
+                  if isinstance(module, nn.Conv2d) and name.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
     return names
 
 
@@ -58,14 +71,15 @@ def text_encoder_target_modules(text_encoder: nn.Module, lora_targets: str, skip
     """Full names of a CLIP text encoder's linear layers that get adapters.
 
     'attention': q/k/v/out projections of every encoder layer; 'all_linear' adds the MLP's
-    fc1 and fc2. The final `text_projection` of SDXL's second encoder is left alone. With
-    `skip_last_layer` the last encoder layer is left out too: SDXL reads its first encoder's
-    penultimate hidden state, so that layer never reaches the UNet, and an adapter there would
-    get no gradient (multi-GPU training refuses parameters without one).
+    fc1 and fc2 ('all_linear_and_conv' is the same here: a text encoder has no convolutions).
+    The final `text_projection` of SDXL's second encoder is left alone. With `skip_last_layer`
+    the last encoder layer is left out too: SDXL reads its first encoder's penultimate hidden
+    state, so that layer never reaches the UNet, and an adapter there would get no gradient
+    (multi-GPU training refuses parameters without one).
     """
-    if lora_targets not in ("attention", "all_linear"):
-        raise ValueError(f"lora_targets must be 'attention' or 'all_linear', got {lora_targets!r}")
-    layers = TEXT_ATTENTION_LAYERS + (TEXT_MLP_LAYERS if lora_targets == "all_linear" else ())
+    if lora_targets not in TARGETS:
+        raise ValueError(f"lora_targets must be one of {', '.join(map(repr, TARGETS))}, got {lora_targets!r}")
+    layers = TEXT_ATTENTION_LAYERS + (TEXT_MLP_LAYERS if lora_targets != "attention" else ())
     return [name for name, module in text_encoder.named_modules()
             if isinstance(module, nn.Linear) and _ends_with_layer(name, layers)
             and not (skip_last_layer and _last_layer(text_encoder) in name)]
@@ -76,20 +90,48 @@ def _last_layer(text_encoder: nn.Module) -> str:
     return f".layers.{text_encoder.config.num_hidden_layers - 1}."
 
 
-def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Refuse a rank that a target layer cannot hold: such an adapter is not low-rank."""
+def _layer_sides(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the weight matrix a linear or conv layer multiplies by (a conv's kernel flattened)."""
+    if isinstance(layer, nn.Conv2d):
+        kernel_height, kernel_width = layer.kernel_size
+        return layer.in_channels // layer.groups * kernel_height * kernel_width, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def _check_rank(model: nn.Module, names: list[str], config: TrainConfig) -> None:
+    """Refuse a rank that a target layer cannot hold: such an adapter is not low-rank.
+
+    Not for LoKr, whose rank applies to the Kronecker factors, and which trains a factor too
+    small for its rank as a full matrix.
+    """
+    if config.network == "lokr":
+        return
     modules = dict(model.named_modules())
     for name in names:
-        layer = modules[name]
-        if rank > min(layer.in_features, layer.out_features):
+        inputs, outputs = _layer_sides(modules[name])
+        if config.rank > min(inputs, outputs):
             raise ValueError(
-                f"LoRA rank {rank} is too large for {type(model).__name__} layer '{name}' "
-                f"({layer.in_features} in, {layer.out_features} out features); "
-                f"choose rank <= {min(layer.in_features, layer.out_features)}"
+                f"rank {config.rank} is too large for {type(model).__name__} layer '{name}' "
+                f"({inputs} in, {outputs} out features); choose rank <= {min(inputs, outputs)}"
             )
 
 
-def _lora_config(config: TrainConfig, target_modules: list[str]):
+def _adapter_config(config: TrainConfig, target_modules: list[str]):
+    """The peft config of `config.network` on `target_modules`; every adapter starts as a zero update."""
+    if config.network == "loha":
+        from peft import LoHaConfig
+
+        # init_weights=True: hada_w2_b zero. No Tucker decomposition of convolutions (use_effective_conv2d
+        # off): ComfyUI and A1111 read the plain (out, in * kernel) factors.
+        return LoHaConfig(r=config.rank, alpha=config.alpha, target_modules=target_modules, init_weights=True,
+                          use_effective_conv2d=False)
+    if config.network == "lokr":
+        from peft import LoKrConfig
+
+        # init_weights=True: w1 (or w1_a) zero.
+        return LoKrConfig(r=config.rank, alpha=config.alpha, target_modules=target_modules, init_weights=True,
+                          use_effective_conv2d=False, decompose_both=config.lokr_decompose_both,
+                          decompose_factor=config.lokr_factor)
     from peft import LoraConfig
 
     # init_lora_weights=True: A random, B zero, so the adapted model equals the base at step 0.
@@ -98,14 +140,16 @@ def _lora_config(config: TrainConfig, target_modules: list[str]):
 
 
 def _is_lora_parameter(name: str) -> bool:
-    # peft names them `<layer>.lora_A.default.weight`, `<layer>.lora_B...`, `<layer>.lora_magnitude_vector...`.
-    return ".lora_" in name
+    """Whether a parameter name is an adapter's (LoRA, LoHa or LoKr), e.g. `<layer>.lora_A.default.weight`."""
+    return any(f".{attribute}.{ADAPTER_NAME}" in name for attributes in ADAPTER_ATTRIBUTES.values()
+               for attribute in attributes)
 
 
 def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfig) -> None:
-    """Add LoRA adapters named 'default' to the UNet and, with `config.train_text_encoder`, the text encoders.
+    """Add adapters of `config.network` named 'default' to the UNet and, with `config.train_text_encoder`,
+    the text encoders.
 
-    Every other parameter is frozen; the LoRA parameters are fp32 (also on an fp16 / bf16 base
+    Every other parameter is frozen; the adapter parameters are fp32 (also on an fp16 / bf16 base
     model, so small updates are not rounded away) and the only ones with `requires_grad`.
     The initialisation is seeded with `config.seed` without disturbing the global RNG.
     Raises ValueError if the rank exceeds a target layer's smaller dimension.
@@ -116,7 +160,7 @@ def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfi
         models += [(te, text_encoder_target_modules(te, config.lora_targets, skip_last_layer=sdxl and i == 0))
                    for i, te in enumerate(text_encoders)]
     for model, names in models:
-        _check_rank(model, names, config.rank)
+        _check_rank(model, names, config)
 
     from peft import inject_adapter_in_model
 
@@ -126,7 +170,7 @@ def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfi
         torch.manual_seed(config.seed)
         for model, names in models:
             # Sets `model.peft_config[ADAPTER_NAME]` too, which export reads; the adapter is active.
-            inject_adapter_in_model(_lora_config(config, names), model, adapter_name=ADAPTER_NAME)
+            inject_adapter_in_model(_adapter_config(config, names), model, adapter_name=ADAPTER_NAME)
 
     for model, _ in models:
         for name, param in model.named_parameters():
@@ -139,6 +183,7 @@ def add_lora(unet: nn.Module, text_encoders: list[nn.Module], config: TrainConfi
 def skip_lora_input_casts(unet: nn.Module) -> None:
     """Stop peft casting each UNet LoRA layer's input to the fp32 LoRA weights.
 
+    LoHa and LoKr layers have the same switch, and the same holds for them.
     Only for a UNet that runs under autocast whenever its frozen and LoRA weights differ in
     dtype, as the training loop's does with torch's own autocast (steps, samples, class
     images; not under DeepSpeed), and only for plain LoRA without dropout: autocast casts
@@ -149,12 +194,12 @@ def skip_lora_input_casts(unet: nn.Module) -> None:
     without autocast a bf16 input would meet the fp32 LoRA weights: an error.
     """
     for module in unet.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):  # peft's LoRA layers (peft >= 0.15)
+        if hasattr(module, "cast_input_dtype_enabled"):  # peft's LoRA, LoHa, LoKr layers (peft >= 0.15)
             module.cast_input_dtype_enabled = False
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA parameters of a module (empty if it has no adapters)."""
+    """The trainable adapter parameters of a module (empty if it has no adapters)."""
     return [p for name, p in module.named_parameters() if _is_lora_parameter(name) and p.requires_grad]
 
 
@@ -170,7 +215,7 @@ def _lora_named_parameters(unet: nn.Module, text_encoders: list[nn.Module]) -> d
 
 
 def lora_state(unet: nn.Module, text_encoders: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Every LoRA parameter (full precision, on the CPU) keyed `unet.<name>` / `text_encoder[_N].<name>`.
+    """Every adapter parameter (full precision, on the CPU) keyed `unet.<name>` / `text_encoder[_N].<name>`.
 
     Restoring this state into models adapted with the same config (`load_lora_state`)
     reproduces the adapters bit for bit; it is what resumable checkpoints store.
