@@ -921,7 +921,7 @@ WIDGETS = {
                                     "snr_gamma", "noise_offset"],
     "DreamBoothNetworkSettings": ["train_text_encoder", "text_encoder_lr", "lora_targets", "lora_dropout", "use_dora"],
     "DreamBoothDataSettings": ["caption_dropout", "shuffle_captions", "keep_tokens", "upscale", "bucket_step",
-                               "num_class_images", "prior_loss_weight", "class_sample_steps"],
+                               "num_class_images", "prior_loss_weight", "class_sample_steps", "mask_floor"],
     "DreamBoothOutputSettings": ["validation_prompts", "sample_every", "sample_at_end", "sample_steps",
                                  "sample_guidance", "sample_seed", "sample_resolution", "checkpoint_every",
                                  "keep_checkpoints", "save_dtype", "export_format", "overwrite"],
