@@ -290,8 +290,9 @@ class DreamBoothDataset(io.ComfyNode):
             display_name="DreamBooth Dataset",
             category=CATEGORY,
             description="Training images from a subfolder of ComfyUI's input folder (png, jpg, webp; optional .txt "
-                        "captions beside them; kohya `N_name` subfolders repeat N times). Every image is checked "
-                        "here, so a bad file fails in seconds, not in the middle of training.",
+                        "captions beside them; optional masks for masked training: `<name>_mask.png` beside an "
+                        "image, `masks/<name>.png`, or transparency; kohya `N_name` subfolders repeat N times). "
+                        "Every image is checked here, so a bad file fails in seconds, not in the middle of training.",
             inputs=[io.Combo.Input("folder", options=dataset_folder_options(),
                                    tooltip="A subfolder of ComfyUI/input (or of a `datasets` folder registered in "
                                            "extra_model_paths.yaml) holding the photos. Refresh after adding one."),
