@@ -1292,24 +1292,24 @@ def test_masked_loss_weights_each_latent_pixel_by_its_masks_area_average():
 
 
 def test_what_a_mask_ignores_is_learnt_less(class_model, tmp_path):
-    # The right half of every picture is noise, another each time: trained without masks, the model's
-    # prediction there moves towards that noise; with masks ignoring it, it moves much less, and less
-    # than the learnt left half does (not only a smaller step everywhere).
+    # The right half of every picture is noise, another each time, and the masks ignore it. Trained
+    # without masks, the model learns to denoise those halves (its error there falls); with the masks
+    # it learns much less there. (The LoRA is shared by all pixels, so it changes the prediction
+    # everywhere: what differs is whether the change fits the ignored pixels.)
     model = class_model[0]
     photos, images = masked_photos(tmp_path / "photos")
-    base, _ = predict_noise(model, None, images, "a photo of sks disc")
-    half = base.shape[-1] // 2
-    drift = {}
+    base, noise = predict_noise(model, None, images, "a photo of sks disc")
+    right = (..., slice(base.shape[-1] // 2, None))
+    error_before = torch.nn.functional.mse_loss(base[right], noise[right]).item()
+    learnt = {}
     for floor in (0.1, 1.0):  # the default; 1 = as if there were no masks
         config = make_config(model, photos, tmp_path / f"floor_{floor}", max_train_steps=30, learning_rate=1e-2,
                              mask_floor=floor)
         loop.train(config)
         trained, _ = predict_noise(model, Path(config.output_dir) / "test_lora.safetensors", images,
                                    "a photo of sks disc")
-        drift[floor] = {side: torch.nn.functional.mse_loss(trained[..., part], base[..., part]).item()
-                        for side, part in (("left", slice(None, half)), ("right", slice(half, None)))}
-    assert drift[0.1]["right"] < 0.5 * drift[1.0]["right"], drift
-    assert drift[0.1]["right"] / drift[0.1]["left"] < 0.85 * drift[1.0]["right"] / drift[1.0]["left"], drift
+        learnt[floor] = error_before - torch.nn.functional.mse_loss(trained[right], noise[right]).item()
+    assert learnt[1.0] > 0 and learnt[0.1] < 0.6 * learnt[1.0], learnt
 
 
 def test_masked_runs_resume_exactly_cache_the_same_and_refuse_a_changed_mask(tiny_sd1, tmp_path):
