@@ -152,13 +152,13 @@ def comfy_tokenizer_dir() -> str:
 
 
 def dataset_files(folder: Path) -> list[Path]:
-    """The files the trainer reads from a dataset folder: images and their caption files, in it and in its
-    `N_name` subfolders. Hidden files (.DS_Store) and others (Thumbs.db, notes) are not among them.
+    """The files the trainer reads from a dataset folder: images, their caption files and their masks, in it
+    and in its `N_name` subfolders. Hidden files (.DS_Store) and others (Thumbs.db, notes) are not among them.
 
     In os.walk's order (the folder's files, then each subfolder's, by name), as fingerprints were
     made before, so a folder holding nothing else keeps the fingerprint its finished runs recorded.
     """
-    from ..trainer.data import IMAGE_EXTENSIONS, REPEAT_FOLDER, find_caption_files
+    from ..trainer.data import IMAGE_EXTENSIONS, REPEAT_FOLDER, find_caption_files, find_mask_files
 
     caption_extension = cb.cb_default("caption_extension")  # the nodes have no widget for it
 
@@ -168,8 +168,10 @@ def dataset_files(folder: Path) -> list[Path]:
     def images_and_captions(directory: Path) -> list[Path]:
         files = [p for p in visible(directory) if p.is_file()]
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        read = set(images) | set(find_caption_files(files, images, caption_extension).values())
-        return [p for p in files if p in read]
+        masks = find_mask_files(images)
+        read = set(images) | set(find_caption_files(files, images, caption_extension).values()) | set(masks.values())
+        in_mask_folder = sorted((m for m in masks.values() if m.parent != directory), key=lambda p: p.name)
+        return [p for p in files if p in read] + in_mask_folder
 
     subfolders = [p for p in visible(folder) if p.is_dir() and REPEAT_FOLDER.match(p.name)]
     return [path for directory in (folder, *subfolders) for path in images_and_captions(directory)]
@@ -254,7 +256,7 @@ def _scan_dataset(folder: Path, instance_prompt: str, class_prompt: str, caption
                   resolution: int, buckets: bool, crop: str, flip_p: float) -> io.NodeOutput:
     """Check a folder the way the trainer will (every image decoded) and describe it."""
     from ..trainer.config import TrainConfig
-    from ..trainer.data import DatasetError, ImageDataset, scan_images
+    from ..trainer.data import DatasetError, ImageDataset, load_mask, scan_images
 
     if not instance_prompt.strip():
         raise ValueError("instance_prompt is empty: type the prompt with the trigger word, e.g. 'a photo of sks dog'")
@@ -276,7 +278,9 @@ def _scan_dataset(folder: Path, instance_prompt: str, class_prompt: str, caption
                "caption_mode": caption_mode, "repeats": repeats, "resolution": resolution, "buckets": buckets,
                "crop": crop, "flip_p": flip_p, "num_images": len(scan.items), "summary": summary,
                "fingerprint": folder_fingerprint(folder)}
-    grid = pictures.to_image_tensor([pictures.preview_grid([item.path for item in scan.items])])
+    shown = scan.items[:pictures.GRID_MAX_IMAGES]
+    grid = pictures.to_image_tensor([pictures.preview_grid([item.path for item in shown],
+                                                           masks=[load_mask(item) for item in shown])])
     return io.NodeOutput(dataset, grid, summary, ui=ui.PreviewText(summary))
 
 
@@ -290,8 +294,9 @@ class DreamBoothDataset(io.ComfyNode):
             display_name="DreamBooth Dataset",
             category=CATEGORY,
             description="Training images from a subfolder of ComfyUI's input folder (png, jpg, webp; optional .txt "
-                        "captions beside them; kohya `N_name` subfolders repeat N times). Every image is checked "
-                        "here, so a bad file fails in seconds, not in the middle of training.",
+                        "captions beside them; optional masks for masked training: `<name>_mask.png` beside an "
+                        "image, `masks/<name>.png`, or transparency; kohya `N_name` subfolders repeat N times). "
+                        "Every image is checked here, so a bad file fails in seconds, not in the middle of training.",
             inputs=[io.Combo.Input("folder", options=dataset_folder_options(),
                                    tooltip="A subfolder of ComfyUI/input (or of a `datasets` folder registered in "
                                            "extra_model_paths.yaml) holding the photos. Refresh after adding one."),
@@ -320,11 +325,16 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
             node_id="DreamBoothDatasetFromImages",
             display_name="DreamBooth Dataset from Images",
             category=CATEGORY,
-            description="Training images from any ComfyUI node (a batch of IMAGE), with captions. They are written "
-                        "as PNG files (and .txt captions) to output/dreambooth_lora/datasets/<name>_<hash>/, the hash "
-                        "that of the images and captions.",
+            description="Training images from any ComfyUI node (a batch of IMAGE), with captions and optional "
+                        "masks. They are written as PNG files (with .txt captions and _mask.png masks) to "
+                        "output/dreambooth_lora/datasets/<name>_<hash>/, the hash that of the images, captions and "
+                        "masks.",
             inputs=[io.Image.Input("images", tooltip="The training images (a batch; e.g. from Load Image or a "
                                                      "crop / upscale node)."),
+                    io.Mask.Input("masks", optional=True,
+                                  tooltip="Optional masks for masked training: where a mask is 1 (the area painted in "
+                                          "the mask editor of Load Image) the image is learnt, where 0 only with the "
+                                          "weight mask_floor. One mask for every image, or one for all."),
                     io.String.Input("name", default="my_subject",
                                     tooltip="Name of the dataset folder under output/dreambooth_lora/datasets/; a "
                                             "short hash of the images and captions is appended, so other images "
@@ -338,31 +348,58 @@ class DreamBoothDatasetFromImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, name, captions, instance_prompt, class_prompt, caption_mode, repeats, resolution,
-                buckets, crop, flip_p) -> io.NodeOutput:
+                buckets, crop, flip_p, masks=None) -> io.NodeOutput:
         pil_images, lines = pictures.from_image_tensor(images), captions.splitlines()
         image_captions = [(image, lines[i].strip() if i < len(lines) else "") for i, image in enumerate(pil_images)]
+        pil_masks = _masks_of_images(masks, pil_images) if masks is not None else []
         readable = cb.slug(cb.sanitize_output_name(name))
-        folder = _output_root() / "datasets" / f"{readable}_{_content_hash(image_captions)}"
+        folder = _output_root() / "datasets" / f"{readable}_{_content_hash(image_captions, pil_masks)}"
         folder.mkdir(parents=True, exist_ok=True)
         # The folder's name is its content, so a file already there is this one: it is not written again,
         # and its modification time (part of the dataset fingerprint) survives a restart of ComfyUI.
         for i, (image, caption) in enumerate(image_captions):
-            png, txt = folder / f"image_{i:04d}.png", folder / f"image_{i:04d}.txt"
+            png, txt, mask = (folder / f"image_{i:04d}.png", folder / f"image_{i:04d}.txt",
+                              folder / f"image_{i:04d}_mask.png")
             if not png.is_file():
                 atomic_write_bytes(png, pictures.png_bytes(image))
             if caption and not txt.is_file():
                 atomic_write_bytes(txt, caption.encode("utf-8"))
+            if pil_masks and not mask.is_file():
+                atomic_write_bytes(mask, pictures.png_bytes(pil_masks[i]))
         return _scan_dataset(folder, instance_prompt, class_prompt, caption_mode, repeats, resolution, buckets,
                              crop, flip_p)
 
 
-def _content_hash(image_captions: list[tuple[Any, str]]) -> str:
-    """8 hex digits of a hash of the images' pixels and their captions (not of the PNG encoding, which
+def _masks_of_images(masks, images: list) -> list:
+    """ComfyUI MASK values (1 = learn) as one 8-bit greyscale picture per image; the batch must hold one
+    mask per image or one for all, each of its image's size and not empty."""
+    batch = masks.reshape(-1, *masks.shape[-2:])
+    if batch.shape[0] not in (1, len(images)):
+        raise ValueError(f"masks: {batch.shape[0]} masks for {len(images)} images; connect one mask per image, "
+                         f"or one for all of them")
+    pictures_of_masks = pictures.from_mask_tensor(batch)
+    pictures_of_masks *= len(images) // len(pictures_of_masks)
+    for i, (image, mask) in enumerate(zip(images, pictures_of_masks)):
+        if mask.size != image.size:
+            raise ValueError(f"masks: mask {i + 1} is {mask.width}x{mask.height} but image {i + 1} is "
+                             f"{image.width}x{image.height}; give each image a mask of its size (Load Image gives "
+                             f"a 64x64 empty mask for an image without a painted one)")
+        if mask.getextrema()[1] == 0:
+            raise ValueError(f"masks: mask {i + 1} is empty (all 0), so nothing of image {i + 1} would be learnt; "
+                             f"paint the subject in Load Image's mask editor, or disconnect masks")
+    return pictures_of_masks
+
+
+def _content_hash(image_captions: list[tuple[Any, str]], masks: list | None = None) -> str:
+    """8 hex digits of a hash of the images' pixels, their captions and masks (not of the PNG encoding, which
     may change with Pillow)."""
     digest = hashlib.sha256()
     for image, caption in image_captions:
         digest.update(json.dumps([image.mode, image.size, caption]).encode("utf-8"))
         digest.update(image.tobytes())
+    for mask in masks or []:  # none: the hash datasets without masks always had
+        digest.update(b"mask")
+        digest.update(mask.tobytes())
     return digest.hexdigest()[:8]
 
 

@@ -179,7 +179,8 @@ SETTINGS_NODES: dict[str, SettingsNode] = {
          Widget("bucket_step"),
          Widget("num_class_images"),
          Widget("prior_loss_weight", step=0.1),
-         Widget("class_sample_steps"))),
+         Widget("class_sample_steps"),
+         Widget("mask_floor", step=0.05))),
     "DreamBoothOutputSettings": SettingsNode(
         "DreamBooth Samples & Checkpoints",
         "Validation images during and after training, resumable checkpoints, and how the LoRA file is written.",

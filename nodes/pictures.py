@@ -34,6 +34,14 @@ def from_image_tensor(images) -> list[Image.Image]:
     return [Image.fromarray(a[..., :3]) for a in array]
 
 
+def from_mask_tensor(masks) -> list[Image.Image]:
+    """A MASK batch (batch, height, width) in [0, 1] as 8-bit greyscale ("L") pictures."""
+    import numpy as np
+
+    array = (masks.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a, mode="L") for a in array]
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """The image as a PNG file's bytes."""
     buffer = io.BytesIO()
@@ -58,8 +66,12 @@ def load_images(paths: Iterable[Path]) -> list[Image.Image]:
 
 
 def preview_grid(paths: Sequence[Path], captions: Sequence[str] | None = None, cell: int = GRID_CELL,
-                 max_images: int = GRID_MAX_IMAGES) -> Image.Image:
-    """Up to `max_images` thumbnails in a near-square grid (each fitted into a cell, letterboxed)."""
+                 max_images: int = GRID_MAX_IMAGES, masks: Sequence[Image.Image | None] = ()) -> Image.Image:
+    """Up to `max_images` thumbnails in a near-square grid (each fitted into a cell, letterboxed).
+
+    `masks` (greyscale, 255 = learnt, each of its image's size, or None) are shown over their
+    images: what a mask ignores is darkened and tinted, what it keeps stays as it is.
+    """
     shown = list(paths)[:max_images]
     if not shown:
         return Image.new("RGB", (cell, cell), (32, 32, 32))
@@ -72,10 +84,19 @@ def preview_grid(paths: Sequence[Path], captions: Sequence[str] | None = None, c
                 thumb = ImageOps.exif_transpose(img).convert("RGB")
         except Exception:  # the dataset scan reports bad files; the grid shows a grey cell
             thumb = Image.new("RGB", (cell, cell), (90, 90, 90))
+        mask = masks[i] if i < len(masks) else None
+        if mask is not None and mask.size == thumb.size:
+            thumb = show_mask(thumb, mask)
         thumb = ImageOps.contain(thumb, (cell - 4, cell - 4))
         x, y = (i % columns) * cell, (i // columns) * cell
         grid.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
     return grid
+
+
+def show_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """`image` with what `mask` ignores (black) darkened and tinted magenta; grey in between."""
+    ignored = Image.blend(image, Image.new("RGB", image.size, (160, 0, 160)), 0.5).point(lambda v: v // 2)
+    return Image.composite(image, ignored, mask.convert("L"))
 
 
 def blank_image(size: int = 64) -> Image.Image:

@@ -12,8 +12,8 @@ import torch
 from PIL import ExifTags, Image, ImageFile
 
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
-from comfyui_dreambooth_lora.trainer.data import (DatasetError, ImageDataset, build_buckets, load_image,
-                                                  scan_images)
+from comfyui_dreambooth_lora.trainer.data import (DatasetError, ImageDataset, build_buckets, dataset_manifest,
+                                                  load_image, manifest_differences, scan_images)
 from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
 
 PROMPT = "a photo of sks disc"
@@ -400,3 +400,134 @@ def test_summary_on_demo_dataset(tmp_path):
     assert text.startswith("6 images (3 captioned), 3 buckets: ")
     assert "64x64 x2" in text and "72x56 x2" in text and "56x72 x2" in text
     assert text.endswith(", 1 non-image file skipped")
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+
+def grey_pattern(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Random grey blocks of 10 px (height, width): edges and levels that resizing and cropping move."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    blocks = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1)).repeat(10, 0).repeat(10, 1)
+    return blocks[:h, :w].astype(np.uint8)
+
+
+def save_grey(path: Path, grey: np.ndarray, mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(grey) if mode == "L" else Image.fromarray(np.stack([grey] * 3, -1))
+    image.save(path)
+    return path
+
+
+def as_bytes(values: torch.Tensor) -> torch.Tensor:
+    return torch.round(values * 255)
+
+
+@pytest.mark.parametrize("where", ["beside", "masks folder"])
+def test_a_mask_follows_its_images_resize_crop_flip_and_bucket_pixel_for_pixel(tmp_path, where):
+    # The image is its own mask (grey = mask value), so after every augmentation its pixels must equal the mask.
+    sizes = {"wide.png": (170, 90), "tall.png": (70, 130), "square.png": (100, 100)}
+    for name, size in sizes.items():
+        grey = grey_pattern(size, seed=len(name))
+        save_grey(tmp_path / name, grey)
+        save_grey(tmp_path / (f"{name[:-4]}_mask.png" if where == "beside" else f"masks/{name}"), grey, mode="L")
+    result = scan(tmp_path, crop="random", flip_p=0.5)
+    assert [item.path.name for item in result.items] == sorted(sizes)  # a mask file is no training image
+    assert all(item.mask_file is not None for item in result.items) and result.warnings == []
+    data = ImageDataset(result, config(crop="random", flip_p=0.5))
+    assert len(set(data.buckets)) == 3
+    unflipped = ImageDataset(result, config(crop="random", flip_p=0.0))  # the same crops (every draw is made)
+    crops, flips = set(), set()
+    for index, bucket in enumerate(data.buckets):
+        for draw in range(12):
+            sample = data.prepare(index, bucket, draw=draw, seed=1)
+            assert sample.mask.shape == (1, bucket[1], bucket[0]) and sample.mask.dtype == torch.float32
+            assert torch.equal(as_bytes(sample.mask[0]), torch.round((sample.pixels[0] + 1) * 127.5))
+            crops.add((index, sample.crop_top_left))
+            flips.add(not torch.equal(sample.pixels, unflipped.prepare(index, bucket, draw=draw, seed=1).pixels))
+    assert len(crops) > 6 and flips == {True, False}  # crops and flips happened, or the test would prove little
+
+
+def test_flipped_and_cropped_masks_move_with_the_image(tmp_path):
+    grey = grey_pattern((160, 64), seed=4)
+    save_grey(tmp_path / "img.png", grey)
+    save_grey(tmp_path / "img_mask.png", grey, mode="L")
+    plain = ImageDataset(scan(tmp_path, crop="random"), config(crop="random", flip_p=0.0))
+    flipped = ImageDataset(scan(tmp_path, crop="random"), config(crop="random", flip_p=1.0))
+    a, b = plain.prepare(0, (64, 64), draw=1, seed=0), flipped.prepare(0, (64, 64), draw=1, seed=0)
+    left = a.crop_top_left[1]
+    assert left not in (0, 48)  # a random crop off the centre
+    assert torch.equal(as_bytes(a.mask[0]), torch.from_numpy(grey[:, left:left + 64]).float())
+    assert torch.equal(b.mask, a.mask.flip(-1))
+
+
+def test_an_alpha_channel_is_the_mask_unless_a_mask_file_is_given(tmp_path):
+    grey = grey_pattern((120, 80), seed=2)
+    grey[0, 0] = 0  # some transparency for sure
+    rgba = np.concatenate([np.full((80, 120, 3), 90, np.uint8), grey[..., None]], -1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    save_grey(tmp_path / "file" / "cutout.png", grey)
+    save_grey(tmp_path / "file" / "cutout_mask.png", grey, mode="L")
+    Image.new("RGBA", (80, 80), (10, 20, 30, 255)).save(tmp_path / "opaque.png")  # an alpha channel, no transparency
+    alpha, by_file = scan(tmp_path), scan(tmp_path / "file")
+    assert [(i.path.name, i.alpha_mask, i.mask_file) for i in alpha.items] == [("cutout.png", True, None),
+                                                                              ("opaque.png", False, None)]
+    a = ImageDataset(alpha, config(crop="random", flip_p=0.5)).prepare(0, (64, 48), draw=3, seed=0)
+    b = ImageDataset(by_file, config(crop="random", flip_p=0.5)).prepare(0, (64, 48), draw=3, seed=0)
+    assert torch.equal(a.mask, b.mask)
+    assert ImageDataset(alpha, config()).prepare(1, (64, 64), draw=0, seed=0).mask is None
+
+    # a mask file wins over the alpha channel, and one beside the image over one in masks/
+    save_grey(tmp_path / "cutout_mask.png", np.full((80, 120), 255, np.uint8), mode="L")
+    save_grey(tmp_path / "masks" / "cutout.png", np.full((80, 120), 7, np.uint8), mode="L")
+    [item, _] = scan(tmp_path).items
+    assert item.mask_file == tmp_path / "cutout_mask.png" and not item.alpha_mask
+    (tmp_path / "cutout_mask.png").unlink()
+    assert scan(tmp_path).items[0].mask_file == tmp_path / "masks" / "cutout.png"
+    # class images have no masks: nothing is looked up, a `_mask` file is just another image
+    unmasked = scan_images(tmp_path, PROMPT, config(), masks=False)
+    assert not any(item.masked for item in unmasked.items)
+
+
+def test_class_images_and_images_without_a_mask_have_none(tmp_path):
+    save(tmp_path / "a.png")
+    save(tmp_path / "b_mask.png")  # no b.png: an image of its own
+    result = scan(tmp_path)
+    assert [(i.path.name, i.masked) for i in result.items] == [("a.png", False), ("b_mask.png", False)]
+    assert ImageDataset(result, config()).prepare(0, (64, 64), draw=0, seed=0).mask is None
+
+
+def test_bad_masks_are_named_with_the_fix_all_at_once(tmp_path):
+    save(tmp_path / "small.png", size=(64, 64))
+    save(tmp_path / "small_mask.png", size=(32, 32), colour=255, mode="L")
+    save(tmp_path / "black.png")
+    save(tmp_path / "masks" / "black.png", colour=0, mode="L")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(tmp_path / "invisible.png")
+    save(tmp_path / "broken.png")
+    (tmp_path / "broken_mask.png").write_bytes(b"not a png")
+    save(tmp_path / "fine.png")
+    with pytest.raises(DatasetError) as e:
+        scan(tmp_path)
+    problems = e.value.problems
+    assert len(problems) == 4, problems
+    text = "\n".join(problems)
+    assert f"{tmp_path / 'small_mask.png'}: the mask is 32x32 but its image small.png is 64x64" in text
+    assert f"{tmp_path / 'masks' / 'black.png'}: the mask of black.png is all black" in text
+    assert f"{tmp_path / 'invisible.png'}: fully transparent" in text
+    assert f"{tmp_path / 'broken_mask.png'}: the mask of broken.png cannot be decoded" in text
+
+
+def test_the_manifest_covers_the_masks(tmp_path):
+    save(tmp_path / "a.png")
+    save(tmp_path / "a_mask.png", colour=255, mode="L")
+    save(tmp_path / "b.png")
+    before = dataset_manifest(scan(tmp_path))
+    assert before[1] == ["b.png", 64, 64, (tmp_path / "b.png").stat().st_size, 1, PROMPT]  # as without masks
+    assert before[0][-2] == "a_mask.png"
+    save(tmp_path / "a_mask.png", colour=254, mode="L")  # the same file size, another mask
+    after = dataset_manifest(scan(tmp_path))
+    assert manifest_differences(before, after) == ["changed (size, repeats, caption or mask): a.png"]
+    (tmp_path / "a_mask.png").unlink()
+    assert manifest_differences(before, dataset_manifest(scan(tmp_path))) == \
+        ["changed (size, repeats, caption or mask): a.png"]

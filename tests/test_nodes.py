@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfyui_dreambooth_lora.nodes import config_build as cb
 from comfyui_dreambooth_lora.nodes import pictures
@@ -32,7 +33,7 @@ from comfyui_dreambooth_lora.nodes.worker import (KILL_GRACE_SECONDS, PACK_DIR, 
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, check_output_name, save_config
 from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.run_folder import events_path, pid_path, stop_path
-from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
+from comfyui_dreambooth_lora.trainer.tiny import draw_subject_image, make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -945,7 +946,7 @@ WIDGETS = {
     "DreamBoothNetworkSettings": ["train_text_encoder", "text_encoder_lr", "lora_targets", "lora_dropout", "use_dora",
                                   "network", "lokr_factor", "lokr_decompose_both"],
     "DreamBoothDataSettings": ["caption_dropout", "shuffle_captions", "keep_tokens", "upscale", "bucket_step",
-                               "num_class_images", "prior_loss_weight", "class_sample_steps"],
+                               "num_class_images", "prior_loss_weight", "class_sample_steps", "mask_floor"],
     "DreamBoothOutputSettings": ["validation_prompts", "sample_every", "sample_at_end", "sample_steps",
                                  "sample_guidance", "sample_seed", "sample_resolution", "checkpoint_every",
                                  "keep_checkpoints", "save_dtype", "export_format", "overwrite"],
@@ -1071,6 +1072,69 @@ def test_dataset_from_images_keeps_its_files_and_gives_other_images_their_own_fo
     assert klass["folder"] != subject["folder"] and klass["num_images"] == 5
     assert len(list(folder.glob("*.png"))) == 3 and comfy_nodes.folder_fingerprint(folder) == written
     assert from_images(red, "a red disc")["folder"] not in (subject["folder"], klass["folder"])
+
+
+@pytest.mark.comfyui
+def test_dataset_from_images_trains_where_a_mask_is_1_and_shows_the_masks(comfy_folders):
+    # ComfyUI's MASK is 1 where the mask editor painted (Load Image: 1 - alpha): that is what is learnt.
+    import numpy as np
+    import torch
+
+    from comfyui_dreambooth_lora.nodes import comfy_nodes
+    from comfyui_dreambooth_lora.trainer.data import load_mask, scan_images
+
+    def from_images(images, masks=None):
+        return comfy_nodes.DreamBoothDatasetFromImages.execute(images, "masked", "", **_dataset_widgets(),
+                                                               masks=masks)
+
+    images = torch.full((2, 32, 48, 3), 0.8)
+    masks = torch.zeros(2, 32, 48)
+    masks[:, :, :24] = 1.0  # painted: the left half
+    masks[1, :, 24:] = 0.5
+    out = from_images(images, masks)
+    dataset, preview = out.args[0], out.args[1]
+    folder = Path(dataset["folder"])
+    assert sorted(p.name for p in folder.iterdir()) == ["image_0000.png", "image_0000_mask.png", "image_0001.png",
+                                                         "image_0001_mask.png"]
+    assert out.args[2].startswith("2 images (0 captioned, 2 masked)")
+    written = np.asarray(Image.open(folder / "image_0001_mask.png"))
+    assert written.shape == (32, 48) and written[0, 0] == 255 and written[0, -1] == 128
+    # the preview: what a mask keeps is the image, what it ignores is darker
+    cell = preview[0].numpy()[:, :pictures.GRID_CELL]  # the first image's
+    row = cell[cell.shape[0] // 2]
+    shown = row[row.sum(-1) > 0.1]  # the letterboxed thumbnail
+    assert np.allclose(shown[2], 0.8, atol=0.01) and shown[-3].sum() < 0.6 * shown[2].sum()
+    assert from_images(images).args[0]["folder"] != dataset["folder"]  # without masks: another dataset
+    assert Path(from_images(images, masks).args[0]["folder"]) == folder  # the same images and masks: the same folder
+    # one mask for all images
+    one = from_images(images, masks[:1]).args[0]
+    assert len(list(Path(one["folder"]).glob("*_mask.png"))) == 2
+
+    with pytest.raises(ValueError, match=r"mask 1 is 64x64 but image 1 is 48x32.*Load Image gives a 64x64"):
+        from_images(images, torch.zeros(1, 64, 64))  # Load Image's MASK of an image with nothing painted
+    with pytest.raises(ValueError, match=r"mask 2 is empty \(all 0\)"):
+        from_images(images, torch.stack([masks[0], torch.zeros(32, 48)]))
+    with pytest.raises(ValueError, match=r"3 masks for 2 images"):
+        from_images(images, torch.ones(3, 32, 48))
+    [item, _] = scan_images(folder, "x", TrainConfig(resolution=32)).items  # what the trainer reads
+    assert np.asarray(load_mask(item))[0, 0] == 255 and np.asarray(load_mask(item))[0, -1] == 0
+
+
+def test_a_dataset_folders_fingerprint_covers_its_masks(tmp_path):
+    from comfyui_dreambooth_lora.nodes.comfy_nodes import dataset_files, folder_fingerprint
+
+    draw_subject_image((32, 32), seed=1).save(tmp_path / "a.png")
+    draw_subject_image((32, 32), seed=2).save(tmp_path / "b.png")
+    before = folder_fingerprint(tmp_path)
+    Image.new("L", (32, 32), 255).save(tmp_path / "a_mask.png")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (32, 32), 255).save(tmp_path / "masks" / "b.png")
+    assert [p.relative_to(tmp_path).as_posix() for p in dataset_files(tmp_path)] == ["a.png", "a_mask.png", "b.png",
+                                                                                      "masks/b.png"]
+    after = folder_fingerprint(tmp_path)
+    assert after != before
+    Image.new("L", (32, 32), 100).save(tmp_path / "masks" / "b.png")
+    assert folder_fingerprint(tmp_path) != after
 
 
 @pytest.mark.comfyui

@@ -549,6 +549,26 @@ def test_dataset_from_images_writes_the_images_and_captions(server, object_info)
 
 
 @pytest.mark.newest_only
+def test_dataset_from_images_learns_what_was_painted_in_load_images_mask_editor(server, object_info):
+    # The mask editor saves the painted area as transparent; Load Image's MASK is 1 there: that part is learnt.
+    rgba = np.zeros((32, 48, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[:, :20, 3] = 0  # painted: the left 20 columns
+    Image.fromarray(rgba, "RGBA").save(server.input_dir / "painted.png")
+    inputs = {**widget_defaults(object_info, "DreamBoothDatasetFromImages"), "name": "painted"}
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "painted.png"}},
+              "2": {"class_type": "DreamBoothDatasetFromImages",
+                    "inputs": {**inputs, "images": ["1", 0], "masks": ["1", 1]}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
+    entry = server.wait(server.queue(prompt))
+    assert_success(entry, server)
+    [folder] = (server.output_dir / "dreambooth_lora" / "datasets").glob("painted_*")
+    mask = np.asarray(Image.open(folder / "image_0000_mask.png"))
+    assert mask.shape == (32, 48) and (mask[:, :20] == 255).all() and (mask[:, 20:] == 0).all()
+    assert entry["outputs"]["2"]["text"][0].startswith("1 image (0 captioned, 1 masked)")
+
+
+@pytest.mark.newest_only
 def test_an_unsupported_checkpoint_is_refused_by_the_base_model_node(server, object_info):
     import torch
     from safetensors.torch import save_file

@@ -749,7 +749,7 @@ def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos
     (data / names[1]).with_suffix(".txt").write_text("a photo of sks disc, red", encoding="utf-8")
     with pytest.raises(ResumeError) as e:  # was accepted: the data order and repeats then followed neither run
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
-    assert f"added: new.png; removed: {names[0]}; changed (size, repeats or caption): {names[1]}" in str(e.value)
+    assert f"added: new.png; removed: {names[0]}; changed (size, repeats, caption or mask): {names[1]}" in str(e.value)
 
 
 # What every checkpoint records beside the weights and optimizer (made up here: nothing resumes from them).
@@ -1287,3 +1287,96 @@ def test_a_stop_during_the_end_samples_skips_them_and_the_run_is_done(tiny_sd1, 
     assert result.status == "done" and result.lora_files and result.samples == []
     logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("2 of 2 skipped" in m for m in logs), logs
+
+
+# --- masked training ---------------------------------------------------------------------------------
+
+def masked_photos(folder: Path, count: int = 4) -> tuple[Path, list]:
+    """Pictures of the subject whose right half is noise, another in every picture, with masks that
+    keep the left half (white) and ignore the right (black)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        pixels = np.asarray(draw_subject_image((32, 32), seed=i)).copy()
+        pixels[:, 16:] = rng.integers(0, 256, (32, 16, 3))
+        images.append(Image.fromarray(pixels))
+        images[-1].save(folder / f"photo_{i}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, :16] = 255
+        Image.fromarray(mask).save(folder / f"photo_{i}_mask.png")
+    return folder, images
+
+
+def test_masked_loss_weights_each_latent_pixel_by_its_masks_area_average():
+    from diffusers import DDPMScheduler
+
+    from comfyui_dreambooth_lora.trainer.data import Sample
+    from comfyui_dreambooth_lora.trainer.tiny import sd_noise_scheduler_config
+
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :8, :8] = 1.0  # a white quarter
+    mask[:, 8:12, 8:] = 1.0  # half of each latent pixel of this band is white
+    sample = lambda m: Sample(pixels=None, caption="", original_size=(16, 16), crop_top_left=(0, 0),  # noqa: E731
+                              target_size=(16, 16), mask=m)
+    weights = loop.mask_loss_weights([sample(mask), sample(None)], (2, 2), floor=0.2)
+    expected = torch.tensor([[1.0, 0.2], [0.2, 0.2 + 0.8 * 0.5]])
+    torch.testing.assert_close(weights, torch.stack([expected[None], torch.ones(1, 2, 2)]))
+    assert loop.mask_loss_weights([sample(None)], (2, 2), floor=0.2) is None  # no mask: the plain loss
+    assert loop.mask_loss_weights([sample(mask)], (2, 2), floor=1.0) is None  # floor 1: as if there were none
+
+    scheduler = DDPMScheduler(**sd_noise_scheduler_config())
+    latents, prediction = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    config = TrainConfig(pretrained_model="x", instance_dir="x", instance_prompt="x", prior_loss_weight=0.5)
+    rng = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    class_weights = torch.ones(1, 1, 2, 2)  # class images are never masked
+    total = loop.diffusion_loss(EchoUNet(prediction), scheduler, latents, None, None, config, rng(), num_instance=2,
+                                loss_weights=torch.cat([weights, class_weights]))
+    noise = torch.randn(latents.shape, generator=rng())
+    per_sample = (((prediction - noise) ** 2) * torch.cat([weights, class_weights])).mean(dim=(1, 2, 3))
+    assert total.item() == pytest.approx((per_sample[:2].mean() + 0.5 * per_sample[2]).item(), rel=1e-5)
+
+
+def test_what_a_mask_ignores_is_learnt_less(class_model, tmp_path):
+    # The right half of every picture is noise, another each time, and the masks ignore it. Trained
+    # without masks, the model learns to denoise those halves (its error there falls); with the masks
+    # it learns much less there. (The LoRA is shared by all pixels, so it changes the prediction
+    # everywhere: what differs is whether the change fits the ignored pixels.)
+    model = class_model[0]
+    photos, images = masked_photos(tmp_path / "photos")
+    base, noise = predict_noise(model, None, images, "a photo of sks disc")
+    right = (..., slice(base.shape[-1] // 2, None))
+    error_before = torch.nn.functional.mse_loss(base[right], noise[right]).item()
+    learnt = {}
+    for floor in (0.1, 1.0):  # the default; 1 = as if there were no masks
+        config = make_config(model, photos, tmp_path / f"floor_{floor}", max_train_steps=30, learning_rate=1e-2,
+                             mask_floor=floor)
+        loop.train(config)
+        trained, _ = predict_noise(model, Path(config.output_dir) / "test_lora.safetensors", images,
+                                   "a photo of sks disc")
+        learnt[floor] = error_before - torch.nn.functional.mse_loss(trained[right], noise[right]).item()
+    assert learnt[1.0] > 0 and learnt[0.1] < 0.6 * learnt[1.0], learnt
+
+
+def test_masked_runs_resume_exactly_cache_the_same_and_refuse_a_changed_mask(tiny_sd1, tmp_path):
+    photos, _ = masked_photos(tmp_path / "photos")
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(photos / "photo_3_mask.png")  # grey: a weight between
+    common = dict(max_train_steps=5, batch_size=2, crop="random", flip_p=0.5, cache_latents="no")
+    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
+    loop.train(whole)
+    parts = stopped_then_resumed(make_config(tiny_sd1, photos, tmp_path / "parts", **common), 3)
+    assert_same_lora(whole, parts)
+    assert losses(parts)[3:] == pytest.approx(losses(whole)[3:], rel=1e-5)
+
+    # cached latents keep the masks (at latent resolution): the same run as without the cache
+    still = dict(common, crop="center", flip_p=0.0, max_train_steps=3)
+    cached = make_config(tiny_sd1, photos, tmp_path / "cached", **{**still, "cache_latents": "yes"})
+    uncached = make_config(tiny_sd1, photos, tmp_path / "uncached", **still)
+    loop.train(cached)
+    loop.train(uncached)
+    assert_same_lora(cached, uncached)
+
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(photos / "photo_3_mask.png")  # another weight
+    with pytest.raises(ResumeError) as e:
+        loop.train(dataclasses.replace(parts, max_train_steps=7))
+    assert "changed (size, repeats, caption or mask): photo_3.png" in str(e.value)

@@ -66,6 +66,7 @@ class TrainConfig:
     caption_dropout: float = opt(0.0, "Probability of training a sample with an empty caption.", min=0.0, max=1.0, section="data")
     shuffle_captions: bool = opt(False, "Shuffle the comma-separated tags of a caption each time it is used.", section="data")
     keep_tokens: int = opt(0, "With shuffle_captions: the first K comma-separated tags stay in place (the trigger word).", min=0, max=1000, section="data")
+    mask_floor: float = opt(0.1, "Masked training (images with a mask: `<name>_mask.png` beside the image, `masks/<name>.png`, or transparency): the loss weight where a mask is black; white weighs 1, grey between. 0 ignores the background entirely; 1 trains as if there were no masks.", min=0.0, max=1.0, section="data")
 
     # --- prior preservation ----------------------------------------------------------------
     with_prior_preservation: bool = opt(False, "Train on class images too, so the class ('dog') keeps its meaning.", section="prior")

@@ -7,6 +7,10 @@ own aspect ratio. `ImageDataset` orders the images into batches of one bucket ea
 prepares a sample (resize, crop, flip, caption shuffle and dropout); every random choice
 is a pure function of the seed, the epoch (batch order) or the draw (augmentation: the
 trainer's micro-batch number) and the image, so a resumed run sees exactly the same data.
+
+Masks (masked training) weight the loss per pixel, white = learn, black = ignore: a mask file
+`<name>_mask.png` beside the image, else `masks/<name>.png` in the image's folder, else the image's
+own alpha channel where it has transparency. A mask goes through its image's resize, crop and flip.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
 OTHER_PICTURE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `10_sks dog`: 10 repeats (the subfolders read)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MASK_SUFFIX = "_mask"  # `photo_mask.png` is the mask of `photo.jpg`
+MASK_FOLDER = "masks"  # `masks/photo.png` is the mask of `photo.jpg` (where there is no `photo_mask.png`)
 
 
 class DatasetError(ValueError):
@@ -48,6 +55,12 @@ class ImageItem:
     repeats: int
     size: tuple[int, int]  # (width, height) after EXIF orientation
     caption_file: Path | None = None  # the caption file the caption came from, if any
+    mask_file: Path | None = None  # its mask file (`<name>_mask.png` or `masks/<name>.png`), if any
+    alpha_mask: bool = False  # no mask file, and its alpha channel has transparency: that is its mask
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_file is not None or self.alpha_mask
 
 
 @dataclass
@@ -65,12 +78,13 @@ class Sample:
     original_size: tuple[int, int]  # (height, width) of the image before resize: SDXL conditioning
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image: SDXL conditioning
     target_size: tuple[int, int]  # (height, width) = bucket
+    mask: torch.Tensor | None = None  # (1, H, W) float32 in [0, 1], 1 = learn; None: no mask (learn everything)
 
 
 # --- scanning ------------------------------------------------------------------------------
 
 
-def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
+def scan_images(folder: Path, prompt: str, config: TrainConfig, *, masks: bool = True) -> DatasetScan:
     """Find, decode and caption every image of `folder`; raise one `DatasetError` listing all bad files.
 
     Images (png, jpg, jpeg, webp, any case) are read from the folder itself, with
@@ -78,6 +92,8 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
     Other subfolders and hidden files are ignored; other files are counted in `skipped`.
     Each image is fully decoded, so truncated, corrupt and oversized files (above
     `PIL.Image.MAX_IMAGE_PIXELS`) are found here rather than in the middle of training.
+    With `masks` (instance images; class images have none) each image's mask is found
+    (`find_mask_files`, else its alpha channel) and checked: the image's size, not all black.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,6 +110,8 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
             files.append((entry, config.repeats))
             continue
         match = REPEAT_FOLDER.match(entry.name)
+        if masks and entry.name == MASK_FOLDER:
+            continue  # read by find_mask_files
         if not match:
             notes.append(f"{entry}: subfolder ignored; only `N_name` subfolders (e.g. `10_sks dog`) are read")
         elif int(match.group(1)) < 1:
@@ -104,6 +122,9 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
     files.sort(key=lambda pair: str(pair[0]))
 
     images = [(f, r) for f, r in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    mask_files = find_mask_files([f for f, _ in images]) if masks else {}
+    images = [(f, r) for f, r in images if f not in mask_files.values()]  # a mask beside its image is no image
+    mask_files = {image: mask for image, mask in mask_files.items() if image not in mask_files.values()}
     # Caption files beside their images are part of the dataset, not skipped files.
     caption_files = find_caption_files([f for f, _ in files], [f for f, _ in images], config.caption_extension)
     skipped = [f for f, _ in files if f.suffix.lower() not in IMAGE_EXTENSIONS and f not in caption_files.values()]
@@ -117,12 +138,19 @@ def scan_images(folder: Path, prompt: str, config: TrainConfig) -> DatasetScan:
 
     items: list[ImageItem] = []
     for path, repeats in images:
-        size, problem = _check_image(path)
+        size, transparency, problem = _check_image(path)
         caption, caption_file, caption_problem = _read_caption(path, caption_files.get(path), prompt, config)
-        problems += [p for p in (problem, caption_problem) if p]
-        if size is None or caption_problem:
+        mask_file, alpha_mask = mask_files.get(path), masks and transparency is not None and path not in mask_files
+        mask_problem = None
+        if size is not None and mask_file is not None:
+            mask_problem = _check_mask_file(mask_file, path, size)
+        elif alpha_mask and transparency == "full":
+            mask_problem = (f"{path}: fully transparent, and its alpha channel is its mask (white = learn), so "
+                            f"nothing of it would be learnt; save it with the subject opaque")
+        problems += [p for p in (problem, caption_problem, mask_problem) if p]
+        if size is None or caption_problem or mask_problem:
             continue
-        items.append(ImageItem(path, caption, repeats, size, caption_file))
+        items.append(ImageItem(path, caption, repeats, size, caption_file, mask_file, alpha_mask))
         if size[0] * size[1] < config.resolution**2:
             if config.upscale or not config.buckets:
                 effect = "it is upscaled"
@@ -145,10 +173,11 @@ def count_images(folder: Path) -> int:
     return sum(1 for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """Decode the image fully: its (width, height) after EXIF orientation, or why it cannot be used."""
+def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """Decode the image fully: its (width, height) after EXIF orientation, its transparency (None: opaque,
+    "partial", or "full": every pixel transparent), or why it cannot be used."""
     if path.stat().st_size == 0:
-        return None, f"{path}: empty file (0 bytes); copy it again or delete it"
+        return None, None, f"{path}: empty file (0 bytes); copy it again or delete it"
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; both are refused here.
@@ -157,13 +186,55 @@ def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
                 image.load()
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 width, height = image.size
+                transparency = None
+                if _has_alpha(image):
+                    low, high = image.convert("RGBA").getchannel("A").getextrema()
+                    transparency = None if low == 255 else "full" if high == 0 else "partial"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, f"{path}: too large to decode safely ({e}); downscale it"
+        return None, None, f"{path}: too large to decode safely ({e}); downscale it"
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, ValueError, ...) on bad files
-        return None, f"{path}: cannot be decoded, it is corrupt, truncated or not an image ({e}); re-export or delete it"
+        return None, None, (f"{path}: cannot be decoded, it is corrupt, truncated or not an image ({e}); "
+                            "re-export or delete it")
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
-    return (width, height), None
+    return (width, height), transparency, None
+
+
+def find_mask_files(images: list[Path]) -> dict[Path, Path]:
+    """Each image's mask file, where it has one: `<name>_mask.<ext>` beside it, else `masks/<name>.<ext>`
+    in its folder (<name>: the image's name without extension; <ext>: any image extension, any case)."""
+    listings: dict[Path, dict[str, Path]] = {}  # folder -> lower-case file name -> file
+
+    def listing(folder: Path) -> dict[str, Path]:
+        if folder not in listings:
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+            listings[folder] = {f.name.lower(): f for f in reversed(files) if f.is_file()}  # first name wins
+        return listings[folder]
+
+    found = {}
+    for image in images:
+        for folder, stem in ((image.parent, image.stem + MASK_SUFFIX), (image.parent / MASK_FOLDER, image.stem)):
+            names = listing(folder)
+            mask = next((names[n] for n in ((stem + e).lower() for e in IMAGE_EXTENSIONS) if n in names), None)
+            if mask is not None:
+                found[image] = mask
+                break
+    return found
+
+
+def _check_mask_file(mask_file: Path, image: Path, image_size: tuple[int, int]) -> str | None:
+    """Why the mask file of `image` cannot be used (unreadable, another size, all black), or None."""
+    fix = "paint the subject white and what to ignore black (or delete the mask to learn the whole image)"
+    try:
+        mask = _read_mask_file(mask_file)
+    except Exception as e:  # decoders raise many types on bad files
+        return f"{mask_file}: the mask of {image.name} cannot be decoded ({e}); re-export or delete it"
+    if mask.size != image_size:
+        return (f"{mask_file}: the mask is {mask.width}x{mask.height} but its image {image.name} is "
+                f"{image_size[0]}x{image_size[1]}; save the mask at its image's size")
+    if mask.getextrema()[1] == 0:
+        return f"{mask_file}: the mask of {image.name} is all black, so nothing of it would be learnt; {fix}"
+    return None
 
 
 def find_caption_files(files: list[Path], images: list[Path], extension: str) -> dict[Path, Path]:
@@ -200,6 +271,26 @@ def _read_caption(path: Path, caption_path: Path | None, prompt: str,
     return text, caption_path, None
 
 
+def load_mask(item: ImageItem) -> Image.Image | None:
+    """The mask of an image as 8-bit greyscale ("L", 255 = learn) of the image's size, upright per its EXIF
+    orientation: its mask file's brightness, else its alpha channel; None when it has no mask."""
+    if item.mask_file is not None:
+        return _read_mask_file(item.mask_file)
+    if item.alpha_mask:
+        with Image.open(item.path) as image:
+            return ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+    return None
+
+
+def _read_mask_file(path: Path) -> Image.Image:
+    # A transparent pixel of a mask file counts as white (to_rgb), as a stroke on an empty layer shows.
+    return load_image(path).convert("L")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image as 8-bit RGB, turned upright per its EXIF orientation.
 
@@ -217,7 +308,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Pillow's own convert clips these to 255; 16-bit PNGs hold 0..65535.
         grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -272,16 +363,26 @@ def _candidate_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
 
 def dataset_manifest(scan: DatasetScan) -> list[list]:
     """What a resumed run must find again: each image's path in the folder, pixel size, file size,
-    repeats and caption. (Not modification times: a dataset copied to another machine is the same.)"""
-    return [[item.path.relative_to(scan.folder).as_posix(), *item.size, item.path.stat().st_size, item.repeats,
-             item.caption] for item in scan.items]
+    repeats and caption, and for a masked image its mask: "alpha", or the mask file's path and the
+    SHA-256 of its content. (Not modification times: a dataset copied to another machine is the same.)"""
+    rows = []
+    for item in scan.items:
+        row = [item.path.relative_to(scan.folder).as_posix(), *item.size, item.path.stat().st_size, item.repeats,
+               item.caption]
+        if item.mask_file is not None:  # masks are small files: their content is hashed, not only their size
+            row += [item.mask_file.relative_to(scan.folder).as_posix(),
+                    hashlib.sha256(item.mask_file.read_bytes()).hexdigest()]
+        elif item.alpha_mask:
+            row.append("alpha")
+        rows.append(row)
+    return rows
 
 
 def manifest_differences(saved: list[list], current: list[list], limit: int = 5) -> list[str]:
     """How two dataset manifests differ, by image (at most `limit` named per kind)."""
     before, after = {row[0]: row for row in saved}, {row[0]: row for row in current}
     kinds = {"added": [n for n in after if n not in before], "removed": [n for n in before if n not in after],
-             "changed (size, repeats or caption)": [n for n in after if n in before and after[n] != before[n]]}
+             "changed (size, repeats, caption or mask)": [n for n in after if n in before and after[n] != before[n]]}
     return [f"{kind}: {', '.join(names[:limit])}{f' and {len(names) - limit} more' if len(names) > limit else ''}"
             for kind, names in kinds.items() if names]
 
@@ -340,18 +441,24 @@ class ImageDataset:
         bw, bh = bucket
         scale = max(bw / image.width, bh / image.height)
         rw, rh = max(bw, round(image.width * scale)), max(bh, round(image.height * scale))
-        if (rw, rh) != image.size:
-            resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-            resized = image.resize((rw, rh), resample)
-        else:
-            resized = image
         if self.augment and config.crop == "random":
             top, left = int(u_top * (rh - bh + 1)), int(u_left * (rw - bw + 1))
         else:
             top, left = (rh - bh) // 2, (rw - bw) // 2
-        pixels = resized.crop((left, top, left + bw, top + bh))
-        if self.augment and u_flip < config.flip_p:
-            pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        flip = self.augment and u_flip < config.flip_p
+
+        def place(picture: Image.Image) -> Image.Image:
+            """Resize, crop and flip: the same for the image and its mask."""
+            if (rw, rh) != picture.size:
+                picture = picture.resize((rw, rh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+            picture = picture.crop((left, top, left + bw, top + bh))
+            return picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else picture
+
+        pixels = place(image)
+        mask = load_mask(item)
+        if mask is not None:
+            mask = torch.from_numpy(np.asarray(place(mask), dtype=np.float32) / 255.0)[None]
+        if flip:
             left = rw - left - bw  # the same pixels are this crop of the mirrored resized image
 
         caption = item.caption
@@ -370,13 +477,18 @@ class ImageDataset:
             original_size=(image.height, image.width),
             crop_top_left=(top, left),
             target_size=(bh, bw),
+            mask=mask,
         )
 
     def cache_key(self, index: int, bucket: tuple[int, int]) -> str:
-        """A key for the latents of item `index`'s un-augmented sample at `bucket`; changes with the file."""
-        path = self.items[index].path
-        stat = path.stat()
-        text = f"{path.resolve().as_posix()}|{stat.st_mtime_ns}|{stat.st_size}|{bucket[0]}x{bucket[1]}"
+        """A key for the latents of item `index`'s un-augmented sample at `bucket`; changes with the file
+        and its mask file."""
+        item = self.items[index]
+        stat = item.path.stat()
+        text = f"{item.path.resolve().as_posix()}|{stat.st_mtime_ns}|{stat.st_size}|{bucket[0]}x{bucket[1]}"
+        if item.mask_file is not None:
+            stat = item.mask_file.stat()
+            text += f"|{item.mask_file.resolve().as_posix()}|{stat.st_mtime_ns}|{stat.st_size}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def summary(self) -> str:
@@ -386,7 +498,9 @@ class ImageDataset:
             counts[bucket] = counts.get(bucket, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], -kv[0][0] * kv[0][1], kv[0]))
         captioned = sum(item.caption_file is not None for item in self.items)
-        text = (f"{len(self.items)} {_plural(len(self.items), 'image')} ({captioned} captioned), "
+        masked = sum(item.masked for item in self.items)
+        text = (f"{len(self.items)} {_plural(len(self.items), 'image')} ({captioned} captioned"
+                f"{f', {masked} masked' if masked else ''}), "
                 f"{len(counts)} {_plural(len(counts), 'bucket')}: "
                 + ", ".join(f"{w}x{h} x{n}" for (w, h), n in ordered))
         samples = sum(item.repeats for item in self.items)

@@ -176,11 +176,12 @@ def train(config: TrainConfig, events: EventWriter | None = None, stop: StopRequ
                     torch.manual_seed(derive_seed(config.seed, index, 1))  # LoRA dropout
                     sync = micro == config.gradient_accumulation_steps - 1
                     with nullcontext() if sync else accelerator.no_sync(unet):
-                        latents, embeds, added = _batch_inputs(batch, index, first_sample, instance_data, class_data,
-                                                               base, encoders, cache, config, rng, device, weight_dtype)
+                        latents, embeds, added, weights = _batch_inputs(batch, index, first_sample, instance_data,
+                                                                        class_data, base, encoders, cache, config, rng,
+                                                                        device, weight_dtype)
                         with accelerator.autocast():
                             loss = diffusion_loss(unet_call, base.noise_scheduler, latents, embeds, added, config, rng,
-                                                  num_instance=len(batch))
+                                                  num_instance=len(batch), loss_weights=weights)
                         accelerator.backward(loss / config.gradient_accumulation_steps)
                     step_loss += loss.detach().float() / config.gradient_accumulation_steps
                 if config.max_grad_norm > 0:
@@ -637,10 +638,12 @@ def graphed_unet(unet, config: TrainConfig, accelerator, events: EventWriter) ->
 # --- the loss ------------------------------------------------------------------------------------
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeds: torch.Tensor, added: dict | None,
-                   config: TrainConfig, rng: torch.Generator, num_instance: int) -> torch.Tensor:
+                   config: TrainConfig, rng: torch.Generator, num_instance: int,
+                   loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss of one batch; the first `num_instance` samples are instance images, the rest class images.
 
     Noise and timesteps come from `rng` (seeded per step), so a resumed run draws the same ones.
+    `loss_weights` (B, 1, h, w) weight each latent pixel's squared error (masked training, `mask_loss_weights`).
     """
     device = latents.device
     noise = host_to_device(torch.randn(latents.shape, generator=rng), device)
@@ -654,13 +657,35 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, embeds: torch.T
     else:
         target = noise
     prediction = unet(noisy, timesteps, embeds, added_cond_kwargs=added).sample
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if loss_weights is not None:
+        squared_error = squared_error * loss_weights
+    loss = squared_error.mean(dim=(1, 2, 3))
     if config.snr_gamma:
         loss = loss * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
     instance_loss = loss[:num_instance].mean()
     if loss.shape[0] == num_instance:
         return instance_loss
     return instance_loss + config.prior_loss_weight * loss[num_instance:].mean()
+
+
+def mask_loss_weights(samples: list[Sample], latent_size: tuple[int, int], floor: float) -> torch.Tensor | None:
+    """Loss weights (B, 1, h, w) at latent resolution from the samples' masks: each mask averaged over the
+    pixels of a latent pixel (area), then mapped from [0, 1] to [floor, 1]; 1 for a sample without a mask.
+    None when no sample has a mask or `floor` is 1 (the plain loss).
+
+    The weighted error is averaged over all pixels (not over the mask's area), as kohya does: a pixel's
+    gradient is scaled by its weight whatever the size of the subject, so learning_rate keeps its meaning.
+    """
+    if floor >= 1 or all(s.mask is None for s in samples):
+        return None
+    masks = [torch.ones(1, *latent_size) if s.mask is None else latent_mask(s.mask, latent_size) for s in samples]
+    return floor + (1.0 - floor) * torch.stack(masks)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A (1, H, W) mask averaged down to (1, h, w) = `latent_size` (unchanged when already that size)."""
+    return F.interpolate(mask[None], size=latent_size, mode="area")[0]
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -705,7 +730,8 @@ class ConditioningCache:
 
 def _batch_inputs(batch, index, first_sample, instance_data, class_data, base: BaseModel, encoders, cache,
                   config: TrainConfig, rng, device, weight_dtype):
-    """Latents, prompt embeddings and SDXL added conditioning for micro-batch `index` (+ class images).
+    """Latents, prompt embeddings, SDXL added conditioning and the masks' loss weights (or None) for
+    micro-batch `index` (+ class images, which have no masks).
 
     `index` (the run's micro-batch number) and each image's place in the batch are its augmentation
     draw: every time an image comes round (in a later epoch, as a repeat in the same one, or twice in
@@ -732,7 +758,10 @@ def _batch_inputs(batch, index, first_sample, instance_data, class_data, base: B
     if base.info.arch == "sdxl":
         time_ids = torch.stack([sdxl_time_ids(s.original_size, s.crop_top_left, s.target_size) for s in samples])
         added = {"text_embeds": pooled.to(weight_dtype), "time_ids": host_to_device(time_ids, device).to(weight_dtype)}
-    return latents, embeds.to(weight_dtype), added
+    weights = mask_loss_weights(samples, tuple(latents.shape[-2:]), config.mask_floor)
+    if weights is not None:
+        weights = host_to_device(weights, device)
+    return latents, embeds.to(weight_dtype), added, weights
 
 
 def encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[int, int], base: BaseModel, cache,
@@ -748,8 +777,9 @@ def encode_image(dataset: ImageDataset, index: int, bucket, draw: int | tuple[in
     with torch.no_grad():
         dist = base.vae.encode(host_to_device(sample.pixels[None], device).to(base.vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
-    if cache.enabled:
-        cache.latents[key] = (dataclasses.replace(sample, pixels=None), mean, std)
+    if cache.enabled:  # the mask is kept at latent resolution, all the loss needs
+        mask = None if sample.mask is None else latent_mask(sample.mask, tuple(mean.shape[-2:]))
+        cache.latents[key] = (dataclasses.replace(sample, pixels=None, mask=mask), mean, std)
     return sample, mean, std
 
 
@@ -958,7 +988,7 @@ def _prepare_class_data(config: TrainConfig, base: BaseModel, events: EventWrite
     if _stop_everywhere(stop, accelerator):
         raise _Stopped
     class_config = dataclasses.replace(config, caption_mode="prompt", repeats=1)
-    scan = scan_images(class_dir, config.class_prompt, class_config)
+    scan = scan_images(class_dir, config.class_prompt, class_config, masks=False)
     scan = DatasetScan(scan.folder, scan.items[:config.num_class_images], scan.skipped, scan.warnings)
     return ImageDataset(scan, class_config)
 
