@@ -40,10 +40,11 @@ from .worker import WorkerProcess, check_num_processes, supervise, worker_comman
 CATEGORY = "DreamBooth LoRA"
 LOG = logging.getLogger("dreambooth_lora")
 
-Dataset = io.Custom("DREAMBOOTH_DATASET")
-BaseModel = io.Custom("DREAMBOOTH_BASE")
-Settings = io.Custom("DREAMBOOTH_SETTINGS")
-LoraModel = io.Custom("LORA_MODEL")
+# The pack's socket types (what links between its nodes carry).
+DatasetType = io.Custom("DREAMBOOTH_DATASET")
+BaseModelType = io.Custom("DREAMBOOTH_BASE")
+SettingsType = io.Custom("DREAMBOOTH_SETTINGS")
+LoraModelType = io.Custom("LORA_MODEL")
 
 DATASETS_PREFIX = "[datasets] "
 DIFFUSERS_PREFIX = "[diffusers] "
@@ -245,7 +246,7 @@ def _dataset_inputs() -> list[io.Input]:
 
 def _dataset_outputs() -> list[io.Output]:
     return [
-        Dataset.Output(display_name="dataset", tooltip="The training images and their captions; connect to Train LoRA."),
+        DatasetType.Output(display_name="dataset", tooltip="The training images and their captions; connect to Train LoRA."),
         io.Image.Output(display_name="preview", tooltip="A grid of up to 16 of the images, to check the folder."),
         io.String.Output(display_name="summary",
                          tooltip="Images, captions found and aspect-ratio buckets, in one line."),
@@ -416,7 +417,7 @@ class DreamBoothBaseModel(io.ComfyNode):
                                    tooltip="A single-file SD1.x / SDXL checkpoint (models/checkpoints) or a "
                                            "diffusers folder (models/diffusers, listed as '[diffusers] name')."),
                     option_input("prediction_type")],
-            outputs=[BaseModel.Output(display_name="base_model",
+            outputs=[BaseModelType.Output(display_name="base_model",
                                       tooltip="The base model to train; connect to Train LoRA (and Sample)."),
                      io.AnyType.Output(display_name="ckpt_name",
                                        tooltip="The checkpoint's name: connect it to Load Checkpoint's ckpt_name so "
@@ -455,11 +456,11 @@ class _SettingsNode(io.ComfyNode):
             category=CATEGORY,
             description=node.description + " Chain the settings nodes in any order into Train LoRA's settings "
                                            "input; a setting without its node keeps its default.",
-            inputs=[Settings.Input("settings", optional=True,
+            inputs=[SettingsType.Input("settings", optional=True,
                                    tooltip="From another DreamBooth settings node (optional): this node adds to "
                                            "its settings."),
                     *[widget_input(widget) for widget in node.widgets]],
-            outputs=[Settings.Output(display_name="settings",
+            outputs=[SettingsType.Output(display_name="settings",
                                      tooltip="Connect to Train LoRA's settings input or to another settings node.")],
         )
 
@@ -519,8 +520,8 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                         "and a partial LoRA are written first. Run folder: output/dreambooth_lora/runs/<output_name>.",
             is_output_node=True,
             inputs=[
-                BaseModel.Input("base_model", tooltip="From DreamBooth Base Model."),
-                Dataset.Input("dataset", tooltip="From DreamBooth Dataset (or Dataset from Images)."),
+                BaseModelType.Input("base_model", tooltip="From DreamBooth Base Model."),
+                DatasetType.Input("dataset", tooltip="From DreamBooth Dataset (or Dataset from Images)."),
                 io.String.Input("output_name", default="my_lora",
                                 tooltip="File name of the LoRA in models/loras (no folders; '.safetensors' is "
                                         "added). Also names the run folder, so resume finds its checkpoints."),
@@ -538,10 +539,10 @@ class DreamBoothTrainLoRA(io.ComfyNode):
                                  tooltip="Also train on class images with the dataset's class prompt, so the class "
                                          "('dog') keeps its meaning. Images come from class_images, else they are "
                                          "generated once with the base model and reused."),
-                Settings.Input("settings", optional=True,
+                SettingsType.Input("settings", optional=True,
                                tooltip="From the DreamBooth settings nodes (chained in any order); defaults where "
                                        "not connected."),
-                Dataset.Input("class_images", optional=True,
+                DatasetType.Input("class_images", optional=True,
                               tooltip="Class images for prior preservation (a DreamBooth Dataset node on a folder of "
                                       "them). Not connected: they are generated once into "
                                       "output/dreambooth_lora/class_images/ and reused."),
@@ -549,7 +550,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
             outputs=[
                 io.AnyType.Output(display_name="lora_name",
                                   tooltip="The LoRA's file name in models/loras; connect to Load LoRA's lora_name."),
-                LoraModel.Output(display_name="lora",
+                LoraModelType.Output(display_name="lora",
                                  tooltip="The UNet part of the LoRA as ComfyUI's LORA_MODEL (kohya keys), for "
                                          "Load LoRA Model. Text-encoder weights load through the file."),
                 io.Image.Output(display_name="loss_curve", tooltip="Training loss per step, with a moving average."),
@@ -742,7 +743,7 @@ class DreamBoothSample(io.ComfyNode):
             description="Images from the base model with a LoRA applied (a file from models/loras and/or a "
                         "LORA_MODEL), with ComfyUI's own samplers: one image per prompt line. SD1.x and SDXL.",
             inputs=[
-                BaseModel.Input("base_model", tooltip="From DreamBooth Base Model."),
+                BaseModelType.Input("base_model", tooltip="From DreamBooth Base Model."),
                 io.Combo.Input("lora_name", options=[NO_LORA] + folder_paths.get_filename_list("loras"),
                                tooltip="A LoRA file from models/loras (connect Train LoRA's lora_name here), or "
                                        f"{NO_LORA} for the base model alone."),
@@ -768,7 +769,7 @@ class DreamBoothSample(io.ComfyNode):
                                tooltip="The sampling algorithm (as KSampler's)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="The noise schedule (as KSampler's)."),
-                LoraModel.Input("lora", optional=True,
+                LoraModelType.Input("lora", optional=True,
                                 tooltip="A LORA_MODEL (e.g. Train LoRA's lora output), applied to the UNet at "
                                         "strength_model, on top of lora_name."),
             ],
