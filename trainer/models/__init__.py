@@ -15,6 +15,11 @@ the Hub: no config, no tokenizer, no weights.
 
 Models we cannot train (SD2.x, SD3, Flux, a LoRA, a lone VAE...) fail early with a
 `ModelError` that names the file, says what it is and what to do instead.
+
+This package's public API is here (`inspect_model`, `load_base_model`); its modules:
+`base` (BaseModel, ModelInfo, the training noise schedule), `files` (reading checkpoint
+files), `architecture` (detection from shapes, diffusers configs), `tokenizers`,
+`single_file` and `diffusers_folder` (the two loaders).
 """
 
 from __future__ import annotations
