@@ -409,7 +409,7 @@ def test_resume_refuses_changed_class_images_and_names_them(tiny_sd1, photos, tm
     draw_subject_image((40, 32), seed=99, subject=False).save(class_dir / "c1.png")  # another picture, same name
     with pytest.raises(ResumeError) as e:  # was taken silently
         loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
-    assert (f"the class images in {class_dir} changed since it was written (changed (size, repeats or caption): "
+    assert (f"the class images in {class_dir} changed since it was written (changed (size, repeats, caption or mask): "
             "c1.png)") in str(e.value)
 
 

@@ -477,9 +477,9 @@ def test_prior_preservation_generates_class_images_once_and_trains_on_them(tiny_
     seen = []
     real = loop.diffusion_loss
 
-    def spy(unet, scheduler, latents, embeds, added, cfg, rng, num_instance):
+    def spy(unet, scheduler, latents, embeds, added, cfg, rng, num_instance, **options):
         seen.append((latents.shape[0], num_instance))
-        return real(unet, scheduler, latents, embeds, added, cfg, rng, num_instance)
+        return real(unet, scheduler, latents, embeds, added, cfg, rng, num_instance, **options)
 
     monkeypatch.setattr(loop, "diffusion_loss", spy)
     loop.train(config)
