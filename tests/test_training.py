@@ -1157,16 +1157,18 @@ def test_a_run_resumes_with_gradient_checkpointing_turned_on(tiny_sd1, tmp_path)
 
 
 # The text encoders' adapters are saved and restored alike for every network: one case trains them (slower).
-@pytest.mark.parametrize("network, tensor, train_text_encoder",
-                         [("loha", "hada_w1_a", True), ("lokr", "lokr_w1", False)])
-def test_loha_and_lokr_runs_resume_exactly_and_export_lycoris_files(tiny_sd1, tmp_path, network, tensor,
+# One case per architecture: LoHa on SD1.x, LoKr on SDXL.
+@pytest.mark.parametrize("model, network, tensor, train_text_encoder",
+                         [("tiny_sd1", "loha", "hada_w1_a", True), ("tiny_sdxl", "lokr", "lokr_w1", False)])
+def test_loha_and_lokr_runs_resume_exactly_and_export_lycoris_files(request, tmp_path, model, network, tensor,
                                                                      train_text_encoder):
+    model = request.getfixturevalue(model)
     photos = make_demo_dataset(tmp_path / "photos", count=2, size=32, captions=False)
     common = dict(network=network, lora_targets="all_linear_and_conv", train_text_encoder=train_text_encoder,
                   max_train_steps=4)
-    whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
+    whole = make_config(model, photos, tmp_path / "whole", **common)
     loop.train(whole)
-    parts = make_config(tiny_sd1, photos, tmp_path / "parts", **common)
+    parts = make_config(model, photos, tmp_path / "parts", **common)
     assert_same_lora(whole, stopped_then_resumed(parts, 2))
 
     lora = lora_file(whole)
