@@ -151,7 +151,9 @@ SD15_NOTE = """DreamBooth LoRA, SD1.5: teach the model your subject, then draw i
 4. Train LoRA: output_name names the file in models/loras. About 100 steps per photo; learning rate 1e-4.
 5. Queue. The progress bar shows loss and sample images. Cancel is safe: a checkpoint and a partial LoRA are written; turn resume on and queue again to continue.
 
-The LoRA goes to models/loras/<output_name>.safetensors; DreamBooth Load LoRA below applies it (prompt with the trigger word) and reads it again after a retrain under the same name. DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in DreamBooth Memory & Speed. More settings nodes (optimizer, LoRA and text encoder, captions and class images) chain into the same settings input."""
+The LoRA goes to models/loras/<output_name>.safetensors; DreamBooth Load LoRA below applies it (prompt with the trigger word) and reads it again after a retrain under the same name. DreamBooth Sample draws the same with our own node. Small GPU? Pick a memory preset in DreamBooth Memory & Speed. More settings nodes (optimizer, LoRA and text encoder, captions and class images) chain into the same settings input.
+
+Only the subject, not its background: give a photo a mask (white = learn, black = ignore) as photo_mask.png beside it, or use DreamBooth Dataset from Images with Load Image's MASK (what you paint in the mask editor is learnt). LoHa or LoKr instead of LoRA: the network widget of DreamBooth LoRA & Text Encoder."""
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
