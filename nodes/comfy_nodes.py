@@ -792,19 +792,7 @@ class DreamBoothSample(io.ComfyNode):
         import nodes as comfy_nodes
         import torch
 
-        path = base_model.get("path", "")
-        if not allowed_base_model(path):
-            raise ValueError("base_model must come from the DreamBooth Base Model node")
-        embeddings = folder_paths.get_folder_paths("embeddings")
-        if base_model.get("kind") == "diffusers":
-            import comfy.diffusers_load
-
-            model, clip, vae = comfy.diffusers_load.load_diffusers(path, output_vae=True, output_clip=True,
-                                                                  embedding_directory=embeddings)[:3]
-        else:
-            model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                                     embedding_directory=embeddings)[:3]
-        model = sampled_as_predicted(model, base_model.get("prediction_type", ""))
+        model, clip, vae = load_for_sampling(base_model)
         if lora_name and lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             lora_sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
@@ -822,6 +810,25 @@ class DreamBoothSample(io.ComfyNode):
                                               positive, negative, latent)[0]
             images.append(vae.decode(out["samples"]))
         return io.NodeOutput(torch.cat(images, dim=0))
+
+
+def load_for_sampling(base_model: dict[str, Any]):
+    """ComfyUI's model, clip and vae of the Base Model node's model, sampled as that node says it predicts."""
+    import comfy.sd
+
+    path = base_model.get("path", "")
+    if not allowed_base_model(path):
+        raise ValueError("base_model must come from the DreamBooth Base Model node")
+    embeddings = folder_paths.get_folder_paths("embeddings")
+    if base_model.get("kind") == "diffusers":
+        import comfy.diffusers_load
+
+        model, clip, vae = comfy.diffusers_load.load_diffusers(path, output_vae=True, output_clip=True,
+                                                              embedding_directory=embeddings)[:3]
+    else:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                                 embedding_directory=embeddings)[:3]
+    return sampled_as_predicted(model, base_model.get("prediction_type", "")), clip, vae
 
 
 def sampled_as_predicted(model, prediction_type: str):
