@@ -20,14 +20,13 @@ from PIL import Image
 
 from comfyui_dreambooth_lora.nodes.config_build import SETTINGS_NODES
 from comfyui_dreambooth_lora.trainer.run_folder import events_path
-from comfyui_server import (SMALL_SD15_VERSION, SMALL_SDXL_VERSION, ComfyUIServer, execution_error, status_messages,
-                            truncate_copy, workflow_to_api, write_small_sd15_checkpoint, write_small_sdxl_checkpoint)
+from comfyui_demo import small_sd15_checkpoint, small_sdxl_checkpoint
+from comfyui_server import ComfyUIServer, execution_error, status_messages, truncate_copy, workflow_to_api
 
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "example_workflows"
-CACHE = REPO / ".cache" / "test_models"
 CATEGORY = "DreamBooth LoRA"
 OUR_NODES = {"DreamBoothDataset", "DreamBoothDatasetFromImages", "DreamBoothBaseModel", *SETTINGS_NODES,
              "DreamBoothTrainLoRA", "DreamBoothSample", "DreamBoothLoadLoRA"}
@@ -42,19 +41,13 @@ BASE, DATASET, SETTINGS, TRAIN, CKPT, LORA_LOADER, KSAMPLER, LATENT, SAVE, SAMPL
 @pytest.fixture(scope="session")
 def small_sd15(comfyui) -> Path:
     """The small SD1.5 checkpoint, built once and kept in .cache/ (about 15 s to build)."""
-    path = CACHE / f"small_sd15_v{SMALL_SD15_VERSION}.safetensors"
-    if not path.is_file():
-        write_small_sd15_checkpoint(path)
-    return path
+    return small_sd15_checkpoint()
 
 
 @pytest.fixture(scope="session")
 def small_sdxl(comfyui) -> Path:
     """The small SDXL-family checkpoint (Segmind Vega's depths), about 2 GiB, built once into .cache/ (~40 s)."""
-    path = CACHE / f"small_sdxl_v{SMALL_SDXL_VERSION}.safetensors"
-    if not path.is_file():
-        write_small_sdxl_checkpoint(path)
-    return path
+    return small_sdxl_checkpoint()
 
 
 def _link(source: Path, target: Path) -> None:
