@@ -373,8 +373,8 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
 
     `base` comes from the Base model node, `dataset` from a Dataset node, `settings` from the
     chain of settings nodes (or None), `train` holds the Train LoRA widgets, by their TrainConfig
-    names: output_name, max_train_steps, learning_rate, rank, alpha, seed, with_prior_preservation, and
-    resume (on: 'latest'). `class_images_available`: the
+    names: output_name, max_train_steps, learning_rate, rank, alpha, seed, with_prior_preservation and
+    resume. `class_images_available`: the
     number of images in a class folder the user chose, which is read and never written to, so
     at most that many class images are used (none are generated into it).
     """
@@ -395,7 +395,7 @@ def build_train_config(*, base: dict[str, Any], dataset: dict[str, Any], setting
         output_dir=str(run_dir),
         output_name=sanitize_output_name(train["output_name"]),
         lora_dir=str(lora_dir),
-        resume="latest" if train.get("resume") else "",
+        resume=bool(train.get("resume")),
     )
     if train.get("with_prior_preservation"):
         values.update(with_prior_preservation=True, class_prompt=dataset.get("class_prompt", ""),

@@ -102,10 +102,11 @@ def test_a_number_too_large_for_an_integer_option_is_a_config_error(tmp_path):
 def test_resume_folder_is_relative_to_the_config_file(tmp_path):
     checkpoint = tmp_path / "runs" / "checkpoints" / "step_00000004"
     checkpoint.mkdir(parents=True)
-    (tmp_path / "run.toml").write_text('resume = "runs/checkpoints/step_00000004"\n', encoding="utf-8")
-    assert Path(load_config(tmp_path / "run.toml", REQUIRED).resume) == checkpoint
-    (tmp_path / "latest.toml").write_text('resume = "latest"\n', encoding="utf-8")
-    assert load_config(tmp_path / "latest.toml", REQUIRED).resume == "latest"
+    (tmp_path / "run.toml").write_text('resume_from_checkpoint = "runs/checkpoints/step_00000004"\n',
+                                       encoding="utf-8")
+    assert Path(load_config(tmp_path / "run.toml", REQUIRED).resume_from_checkpoint) == checkpoint
+    (tmp_path / "resume.toml").write_text('resume = true\n', encoding="utf-8")
+    assert load_config(tmp_path / "resume.toml", REQUIRED).resume is True
 
 
 def test_home_is_expanded_and_command_line_paths_are_relative_to_where_it_ran(tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd1, tm
         assert abs(x - y) < 1e-4
 
     # The checkpoint written by 2 processes resumes in 1 process.
-    resumed = loop.train(dataclasses.replace(two, resume="latest", max_train_steps=6))
+    resumed = loop.train(dataclasses.replace(two, resume=True, max_train_steps=6))
     assert resumed.status == "done" and resumed.step == 6
     start = [e for e in read_events(events_path(two.output_dir)) if e["event"] == "start"][-1]
     assert start["start_step"] == 4

@@ -95,7 +95,7 @@ def test_build_train_config_maps_every_node_input(tmp_path):
     assert config.validation_prompts == ["one", "two"]
     assert (config.output_dir, config.lora_dir, config.output_name) == (str(tmp_path / "run"), str(tmp_path / "loras"),
                                                                         "my_dog")
-    assert config.resume == "" and not config.with_prior_preservation
+    assert config.resume is False and not config.with_prior_preservation
 
 
 def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
@@ -104,7 +104,7 @@ def test_sdxl_resolution_resume_prior_and_diffusers_tokenizer(tmp_path):
     config = cb.build_train_config(base=base, dataset=dataset, settings=None, train=widgets, run_dir=tmp_path / "r",
                                    lora_dir=tmp_path / "l", tokenizer="/tok", class_dir=tmp_path / "class",
                                    class_images_available=7)
-    assert config.resolution == 1024 and config.resume == "latest"
+    assert config.resolution == 1024 and config.resume is True
     assert config.tokenizer == ""  # a diffusers folder brings its own
     assert config.with_prior_preservation and config.class_prompt == "a photo of dog"
     assert config.class_dir == str(tmp_path / "class") and config.num_class_images == 7
@@ -683,7 +683,7 @@ def finished_run_folder(tmp_path: Path, options: dict, steps: int = 4) -> tuple[
     return tmp_path / "dog.safetensors", identity
 
 
-@pytest.mark.parametrize("changes", [{}, {"overwrite": True}, {"resume": "latest"}])
+@pytest.mark.parametrize("changes", [{}, {"overwrite": True}, {"resume": True}])
 def test_a_finished_run_is_reused_also_with_overwrite_or_resume_on(tmp_path, changes):
     # With overwrite or resume on (the resume workflow), the same graph queued after a restart ran
     # the worker again (minutes for the same LoRA: loading, export, end samples).

@@ -44,7 +44,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_naming_folder_sizes_and_la
     message = str(e.value)
     root = checkpoints_dir(config.output_dir)
     assert f"writing checkpoint step_00000004 in {root} needs about" in message and "0.0 MB free" in message
-    assert f"resume = 'latest' continues from the last good checkpoint, {root / 'step_00000002'}" in message
+    assert f"resume = true continues from the last good checkpoint, {root / 'step_00000002'}" in message
     assert checkpoint_names(config) == ["step_00000002"] and no_temp_files(config.output_dir)
     assert real_free(tmp_path) > 0
     error = read_events(events_path(config.output_dir))[-1]
@@ -176,10 +176,10 @@ def test_a_step_that_raises_leaves_a_checkpoint_of_the_step_before_that_resumes_
             loop.train(parts)
     root = checkpoints_dir(parts.output_dir)
     assert str(e.value).startswith("step 6 failed (RuntimeError: a CUDA kernel failed). The 5 steps done are saved in "
-                                   f"{root / 'step_00000005'}; resume = 'latest' continues from there.")
+                                   f"{root / 'step_00000005'}; resume = true continues from there.")
     assert not e.value.out_of_memory and isinstance(e.value.__cause__, RuntimeError)
     assert checkpoint_names(parts) == ["step_00000003", "step_00000005"]
-    assert loop.train(dataclasses.replace(parts, resume="latest")).step == 7
+    assert loop.train(dataclasses.replace(parts, resume=True)).step == 7
     assert_same_lora(whole, parts)
 
 
@@ -254,7 +254,7 @@ def test_start_up_removes_the_temp_files_a_killed_run_left_and_only_those(tiny_s
     half_checkpoint.mkdir()
     (half_checkpoint / "optimizer.pt").write_bytes(b"half")
 
-    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=5))
+    result = loop.train(dataclasses.replace(config, resume=True, max_train_steps=5))
     assert result.status == "done"
     assert [p for p in ours if p.exists()] == [] and not half_checkpoint.exists()
     assert [p for p in foreign if not p.exists()] == []
@@ -408,7 +408,7 @@ def test_resume_refuses_changed_class_images_and_names_them(tiny_sd1, photos, tm
     loop.train(config)
     draw_subject_image((40, 32), seed=99, subject=False).save(class_dir / "c1.png")  # another picture, same name
     with pytest.raises(ResumeError) as e:  # was taken silently
-        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+        loop.train(dataclasses.replace(config, resume=True, max_train_steps=3))
     assert (f"the class images in {class_dir} changed since it was written (changed (size, repeats, caption or mask): "
             "c1.png)") in str(e.value)
 
@@ -423,7 +423,7 @@ def test_resume_finds_a_moved_base_model_by_its_file_and_refuses_another(tiny_sd
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     loop.train(config)
     moved = Path(shutil.copytree(tiny_sd1, tmp_path / "models" / "renamed_model"))
-    result = loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=3))
+    result = loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume=True, max_train_steps=3))
     assert result.status == "done" and result.step == 3  # was refused: "pretrained_model: checkpoint has ..."
 
     weights = next((moved / "unet").glob("*.safetensors"))
@@ -433,11 +433,11 @@ def test_resume_finds_a_moved_base_model_by_its_file_and_refuses_another(tiny_sd
     save_file(tensors, weights)
     with pytest.raises(ResumeError, match=rf"the base model changed: the file {moved} is not the one it trained on "
                                           r"\(SHA-256 [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.\)"):
-        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))
+        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume=True, max_train_steps=4))
     shutil.rmtree(checkpoints_dir(config.output_dir) / "step_00000003")  # back to the first run's checkpoint
     with pytest.raises(ResumeError, match=rf"the base model changed: it trained on {tiny_sd1} \(SHA-256 [0-9a-f]{{12}}"
                                           rf"\.\.\.\); pretrained_model {moved} is another file"):
-        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume="latest", max_train_steps=4))
+        loop.train(dataclasses.replace(config, pretrained_model=str(moved), resume=True, max_train_steps=4))
 
 
 def test_the_cli_time_left_is_smoothed_so_one_slow_step_does_not_swing_it(capsys):

@@ -669,7 +669,7 @@ def test_stop_then_resume_equals_one_uninterrupted_run(tiny_sd1, photos, tmp_pat
     assert first.checkpoint.name == "step_00000004" and (first.checkpoint / "lora.safetensors").exists()
     assert first.lora_files[0].name == "test_lora_step000004.safetensors"
     assert not (Path(parts.output_dir) / "test_lora.safetensors").exists()
-    second = loop.train(dataclasses.replace(parts, resume="latest"))
+    second = loop.train(dataclasses.replace(parts, resume=True))
     assert second.status == "done" and second.step == 7
     assert losses(parts)[4:] == pytest.approx(losses(whole)[4:], rel=1e-5)
     for key, value in lora_file(whole).items():
@@ -694,13 +694,13 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_overwrite_deletes_t
         loop.train(dataclasses.replace(fresh, overwrite=True, instance_dir=str(tmp_path / "typo")))
     assert checkpoint_names(earlier) == ["step_00000002", "step_00000004"]
 
-    # Before, the earlier run's step 4 outlived this run's stop at step 2, and 'latest' resumed from it.
+    # Before, the earlier run's step 4 outlived this run's stop at step 2, and resume = true resumed from it.
     events = EventWriter(events_path(fresh.output_dir))
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, 2))
     assert loop.train(dataclasses.replace(fresh, overwrite=True), events=events, stop=stop).step == 2
     assert checkpoint_names(fresh) == ["step_00000002"]
-    resumed = loop.train(dataclasses.replace(fresh, resume="latest"))
+    resumed = loop.train(dataclasses.replace(fresh, resume=True))
     assert resumed.status == "done" and resumed.step == 8
     starts = [e for e in read_events(events_path(fresh.output_dir)) if e["event"] == "start"]
     assert starts[-1]["start_step"] == 2
@@ -725,7 +725,7 @@ def test_resuming_an_older_checkpoint_refuses_the_later_ones_and_overwrite_delet
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=6, checkpoint_every=2, keep_checkpoints=5)
     loop.train(config)
     older = checkpoints_dir(config.output_dir) / "step_00000002"
-    again = dataclasses.replace(config, resume=str(older), keep_checkpoints=1)
+    again = dataclasses.replace(config, resume_from_checkpoint=str(older), keep_checkpoints=1)
     with pytest.raises(loop.TrainingError, match=r"checkpoints after step_00000002, which this run resumes from "
                                                  r"\(step_00000004, step_00000006\)"):
         loop.train(again)
@@ -748,7 +748,7 @@ def test_resume_refuses_a_changed_dataset_and_names_the_changes(tiny_sd1, photos
     draw_subject_image((32, 32), seed=9).save(data / "new.png")
     (data / names[1]).with_suffix(".txt").write_text("a photo of sks disc, red", encoding="utf-8")
     with pytest.raises(ResumeError) as e:  # was accepted: the data order and repeats then followed neither run
-        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
+        loop.train(dataclasses.replace(config, resume=True, max_train_steps=4))
     assert f"added: new.png; removed: {names[0]}; changed (size, repeats, caption or mask): {names[1]}" in str(e.value)
 
 
@@ -797,7 +797,7 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tiny_sd1, photos, tmp_path, 
     path = checkpoints_dir(config.output_dir) / "step_00000002" / damaged
     path.write_bytes(path.read_bytes()[:10])  # cut short, as by a power loss
     with pytest.raises(ResumeError, match=rf"step_00000002: {message}.*Delete the folder"):
-        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+        loop.train(dataclasses.replace(config, resume=True, max_train_steps=3))
 
 
 def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(tiny_sd1, photos, tmp_path):
@@ -807,7 +807,7 @@ def test_a_copy_of_a_checkpoint_folder_is_not_taken_for_one(tiny_sd1, photos, tm
     loop.train(config)
     root = checkpoints_dir(config.output_dir)
     shutil.copytree(root / "step_00000002", root / "step_00000002 - Copy")  # a backup, as Explorer names it
-    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))  # was a ValueError
+    result = loop.train(dataclasses.replace(config, resume=True, max_train_steps=3))  # was a ValueError
     assert result.status == "done" and result.step == 3
 
 
@@ -819,7 +819,7 @@ def test_a_moved_dataset_resumes_where_its_images_are_the_same(tiny_sd1, photos,
     config = make_config(tiny_sd1, data, tmp_path / "run", max_train_steps=2)
     loop.train(config)
     moved = shutil.move(str(data), str(tmp_path / "elsewhere"))
-    result = loop.train(dataclasses.replace(config, instance_dir=moved, resume="latest", max_train_steps=3))
+    result = loop.train(dataclasses.replace(config, instance_dir=moved, resume=True, max_train_steps=3))
     assert result.status == "done" and result.step == 3  # was refused: "instance_dir: checkpoint has ..."
 
 
@@ -866,14 +866,14 @@ def test_resume_refuses_a_checkpoint_with_other_training_options(tiny_sd1, photo
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2)
     loop.train(config)
     with pytest.raises(Exception, match="rank: checkpoint has 4, config has 8"):
-        loop.train(dataclasses.replace(config, resume="latest", rank=8, alpha=8.0))
+        loop.train(dataclasses.replace(config, resume=True, rank=8, alpha=8.0))
 
 
 @pytest.mark.parametrize("schedule, warned", [("linear", True), ("constant", False)])
 def test_a_longer_resumed_run_warns_that_a_decaying_schedule_jumps(tiny_sd1, photos, tmp_path, schedule, warned):
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, lr_scheduler=schedule)
     loop.train(config)
-    loop.train(dataclasses.replace(config, resume="latest", max_train_steps=4))
+    loop.train(dataclasses.replace(config, resume=True, max_train_steps=4))
     logs = [e["message"] for e in read_events(events_path(config.output_dir)) if e["event"] == "log"]
     assert any("max_train_steps changed from 2 to 4 on resume" in m for m in logs) == warned
 
@@ -882,13 +882,13 @@ def test_resume_refuses_another_precision_and_accepts_options_added_since(tiny_s
     config = make_config(tiny_sd1, photos, tmp_path / "run", max_train_steps=2, checkpoint_every=1)
     loop.train(config)
     with pytest.raises(Exception, match="precision: checkpoint trained in 'no', this run would compute in 'bf16'"):
-        loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3, mixed_precision="bf16"))
+        loop.train(dataclasses.replace(config, resume=True, max_train_steps=3, mixed_precision="bf16"))
     # A checkpoint written before an option existed resumes with that option at its default.
     state_file = checkpoints_dir(config.output_dir) / "step_00000002" / "trainer_state.json"
     meta = json.loads(state_file.read_text())
     del meta["config"]["snr_gamma"]
     state_file.write_text(json.dumps(meta))
-    result = loop.train(dataclasses.replace(config, resume="latest", max_train_steps=3))
+    result = loop.train(dataclasses.replace(config, resume=True, max_train_steps=3))
     assert result.status == "done" and result.step == 3
 
 
@@ -1115,7 +1115,7 @@ def test_stop_file_left_by_an_earlier_run_is_ignored_but_a_new_one_stops_before_
     assert kinds[-2:] == ["loading", "stopped"]
 
 
-def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
+def test_resume_takes_the_newest_checkpoint_or_the_one_named_and_a_run_folder_points_at_its_newest(tmp_path):
     from comfyui_dreambooth_lora.trainer.checkpoints import resolve_resume
 
     for step in (2, 4):
@@ -1124,10 +1124,15 @@ def test_resume_naming_the_run_folder_points_at_its_newest_checkpoint(tmp_path):
     newest = checkpoints_dir(tmp_path / "run") / "step_00000004"
     for named in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # the run, or its checkpoints folder
         with pytest.raises(ResumeError, match=rf"not a checkpoint folder.*the newest {re.escape(str(newest))}"):
-            resolve_resume(TrainConfig(resume=str(named)))
-    assert resolve_resume(TrainConfig(resume=str(newest))) == newest
-    with pytest.raises(ResumeError, match="name a checkpoints/step_NNNNNNNN folder, or 'latest'"):
-        resolve_resume(TrainConfig(resume=str(tmp_path)))
+            resolve_resume(TrainConfig(resume_from_checkpoint=str(named)))
+    assert resolve_resume(TrainConfig(resume_from_checkpoint=str(newest))) == newest
+    older = checkpoints_dir(tmp_path / "run") / "step_00000002"
+    run = str(tmp_path / "run")
+    assert resolve_resume(TrainConfig(output_dir=run, resume=True)) == newest
+    assert resolve_resume(TrainConfig(output_dir=run, resume=True, resume_from_checkpoint=str(older))) == older
+    assert resolve_resume(TrainConfig(output_dir=run)) is None  # resume off: a fresh run (refused later if it would mix)
+    with pytest.raises(ResumeError, match="name a checkpoints/step_NNNNNNNN folder"):
+        resolve_resume(TrainConfig(resume_from_checkpoint=str(tmp_path)))
 
 
 def stopped_then_resumed(config: TrainConfig, at: int, **on_resume) -> TrainConfig:
@@ -1136,7 +1141,7 @@ def stopped_then_resumed(config: TrainConfig, at: int, **on_resume) -> TrainConf
     stop = StopRequest(handle_signals=False)
     events.listeners.append(StopAtStep(stop, at))
     assert loop.train(config, events=events, stop=stop).status == "stopped"
-    resumed = dataclasses.replace(config, resume="latest", **on_resume)
+    resumed = dataclasses.replace(config, resume=True, **on_resume)
     assert loop.train(resumed).status == "done"
     return resumed
 
@@ -1254,7 +1259,7 @@ def test_a_resumed_run_stopped_while_loading_names_its_step_and_checkpoint(tiny_
     first = loop.train(config, events=events, stop=stop)
     stop = StopRequest(handle_signals=False)
     stop.request("Cancel while loading")
-    result = loop.train(dataclasses.replace(config, resume="latest"), stop=stop)
+    result = loop.train(dataclasses.replace(config, resume=True), stop=stop)
     stopped = [e for e in read_events(events_path(config.output_dir)) if e["event"] == "stopped"][-1]
     assert result.step == stopped["step"] == 3  # was 0
     assert result.checkpoint == first.checkpoint and stopped["checkpoint"] == str(first.checkpoint)

@@ -5,7 +5,7 @@ learning-rate scheduler and fp16 loss-scaler states (`optimizer.pt`, loaded with
 `weights_only=True`), the data position, the config and the images trained on
 (`trainer_state.json`), and the partial LoRA as a kohya file (`lora.safetensors`). It is
 written under a temporary name, fsynced and renamed when complete, so a crash never leaves
-a half checkpoint that `latest` would pick.
+a half checkpoint that `resume` would pick.
 Random numbers in the loop are derived from (seed, step), so the step restores them.
 """
 
@@ -29,7 +29,7 @@ from .fileio import as_disk_full, ensure_free_space, fsync_directory, fsync_fold
 from .run_folder import CHECKPOINTS, checkpoint_dir
 
 # Options that may change between a stop and its resume without changing what is trained.
-RESUMABLE_CHANGES = {"max_train_steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
+RESUMABLE_CHANGES = {"max_train_steps", "resume", "resume_from_checkpoint", "overwrite", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
                      "sample_resolution", "validation_prompts", "output_dir", "lora_dir", "export_format",
                      "save_dtype", "compile_unet", "offload_frozen_models", "cuda_graphs",
@@ -145,18 +145,17 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 
 
 def resolve_resume(config: TrainConfig) -> Path | None:
-    """The checkpoint folder `config.resume` names, or None to start fresh."""
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        found = list_checkpoints(Path(config.output_dir))
+    """The checkpoint to continue from: `resume_from_checkpoint`, else with `resume` the newest
+    in output_dir; None to start fresh."""
+    if not config.resume_from_checkpoint:
+        found = list_checkpoints(Path(config.output_dir)) if config.resume else []
         return found[-1] if found else None
-    path = Path(config.resume)
+    path = Path(config.resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
         inside = list_checkpoints(path.parent if path.name == CHECKPOINTS else path)  # the run's folder, or its checkpoints/
-        hint = (f"; it holds checkpoints, the newest {inside[-1]} (or set resume = 'latest' with output_dir "
-                "set to the run's folder)") if inside else "; name a checkpoints/step_NNNNNNNN folder, or 'latest'"
-        raise ResumeError(f"resume: {path} is not a checkpoint folder (no trainer_state.json){hint}")
+        hint = (f"; it holds checkpoints, the newest {inside[-1]} (or set resume = true with output_dir "
+                "set to the run's folder)") if inside else "; name a checkpoints/step_NNNNNNNN folder"
+        raise ResumeError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no trainer_state.json){hint}")
     return path
 
 

@@ -137,7 +137,7 @@ class ProgressPrinter:
         elif kind == "checkpoint":
             print(f"\ncheckpoint: {event['path']}", file=sys.stderr)
         elif kind == "stopped" and not event.get("summary"):  # (a stop before training: the last line says it)
-            print(f"\nstopped ({event.get('reason')}); continue with resume = 'latest' (train: --set resume=latest)",
+            print(f"\nstopped ({event.get('reason')}); continue with resume = true (train: --set resume=true)",
                   file=sys.stderr)
 
 

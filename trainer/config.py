@@ -128,7 +128,8 @@ class TrainConfig:
     export_format: str = opt("kohya", "'kohya' loads in ComfyUI, A1111, Forge and diffusers; 'diffusers' is diffusers' own layout; 'both' writes both.", choices=("kohya", "diffusers", "both"), section="output")
     checkpoint_every: int = opt(250, "Write a resumable checkpoint (with the LoRA so far: checkpoints/step_NNNNNNNN/lora.safetensors) every N steps, and when the run ends or stops; 0: only then.", min=0, max=10_000_000, section="output")
     keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep.", min=1, max=1000, section="output")
-    resume: str = opt("", "'latest' continues from the newest checkpoint in output_dir; a checkpoint folder resumes from it; empty starts fresh.", section="output")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir (with none there, start from step 0).", section="output")
+    resume_from_checkpoint: str = opt("", "A checkpoint folder (output_dir/checkpoints/step_NNNNNNNN) to continue from, for an earlier one than the newest; empty: see resume.", section="output")
     overwrite: bool = opt(False, "Replace an existing LoRA of the same name, and delete the checkpoints in output_dir this run did not write: an earlier run's, or those after the checkpoint it resumes from (otherwise the run refuses to start).", section="output")
 
     # ---------------------------------------------------------------------------------------
@@ -194,8 +195,8 @@ class TrainConfig:
             if not self.class_dir:
                 problems.append("class_dir: required with with_prior_preservation; a folder for class images (created if missing)")
         problems += check_output_name(self.output_name) or _check_path_lengths(self)
-        if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
-            problems.append(f"resume: {self.resume!r} is neither 'latest' nor an existing checkpoint folder")
+        if self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
+            problems.append(f"resume_from_checkpoint: {self.resume_from_checkpoint!r} is not an existing checkpoint folder")
         if self.bucket_step % 8:
             problems.append(f"bucket_step: {self.bucket_step} must be a multiple of 8 (the VAE downsamples by 8)")
         if self.resolution % 8:
@@ -422,9 +423,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 def _absolute_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`values` with its path options made absolute: `~` expanded, relative ones joined to `folder`."""
     out = dict(values)
-    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume"):
+    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume_from_checkpoint"):
         value = out.get(key)
-        if isinstance(value, str) and value and value != "latest":
+        if isinstance(value, str) and value:
             value = os.path.expanduser(value)
             out[key] = value if os.path.isabs(value) else str((folder / value).resolve())
     return out

@@ -31,7 +31,7 @@ def run_demo(output: Path, steps: int = 200) -> int:
         resolution=32, bucket_step=16, rank=4, alpha=4.0, learning_rate=5e-3, max_train_steps=steps,
         checkpoint_every=max(1, steps // 2), sample_every=max(1, steps // 2), sample_steps=10,
         validation_prompts=["a photo of sks disc", "a photo of sks disc on grass"],
-        output_dir=str(output / "run"), output_name="demo_lora", overwrite=True, resume="",
+        output_dir=str(output / "run"), output_name="demo_lora", overwrite=True, resume=False,
     )
     config.validate()
     code = run_training(config)

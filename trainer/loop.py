@@ -272,10 +272,10 @@ def _checkpoint_to_resume(config: TrainConfig, accelerator, lora_path: Path,
     resume_from = resolve_resume(config)
     if lora_path.exists() and not config.overwrite and resume_from is None:
         raise InputError(f"{lora_path} already exists; choose another output_name, "
-                         "or set overwrite = true (or resume = 'latest' to continue its run)")
+                         "or set overwrite = true (or resume = true to continue its run)")
     state = load_checkpoint(resume_from, config, accelerator.mixed_precision) if resume_from else None
-    if config.resume == "latest" and state is None:
-        events.log(f"resume = 'latest': no checkpoint in {config.output_dir}, starting from step 0", level="info")
+    if config.resume and state is None:
+        events.log(f"resume = true: no checkpoint in {config.output_dir}, starting from step 0", level="info")
     if state is not None and config.lr_scheduler != "constant" \
             and state.config["max_train_steps"] != config.max_train_steps:
         events.log(f"max_train_steps changed from {state.config['max_train_steps']} to {config.max_train_steps} on "
@@ -490,7 +490,7 @@ def _remove_leftovers(config: TrainConfig, lora_path: Path, events: EventWriter)
 
 def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None) -> list[Path]:
     """Checkpoints in output_dir this run did not write, which it must not mix with: an earlier run's,
-    for a fresh run, or those after the checkpoint a run resumes from. Left there, `latest` and the
+    for a fresh run, or those after the checkpoint a run resumes from. Left there, `resume` and the
     pruning (which go by step) would take them for this run's: a resumed run could pick the other
     run's last state and finish with its LoRA. Without `overwrite` they are refused; with it they are
     returned, for `train` to delete once the run has got as far as its first step.
@@ -501,10 +501,10 @@ def _checkpoints_of_another_run(config: TrainConfig, state: TrainingState | None
     root, names = later[0].parent, ", ".join(p.name for p in later)
     if state is not None:
         raise InputError(f"{root} holds checkpoints after {state.path.name}, which this run resumes from ({names}); "
-                         "this run would mix with them. Set overwrite = true to delete them, resume = 'latest', "
+                         "this run would mix with them. Set overwrite = true to delete them, resume = true, "
                          "or choose another output_dir.")
     raise InputError(f"{root} holds checkpoints of an earlier run ({names}); this run would mix with them. "
-                     "Set resume = 'latest' to continue that run, overwrite = true to delete them and start "
+                     "Set resume = true to continue that run, overwrite = true to delete them and start "
                      "over, or choose another output_dir.")
 
 
@@ -539,7 +539,7 @@ def _after_failed_step(failure: Exception, steps_done: TrainingState, base: Base
     if step == 0:
         kept = "No step was done; nothing was written"
     elif checkpoint_dir(config.output_dir, step).is_dir():
-        kept = f"The {step} steps done are in the checkpoint {last_checkpoint}; resume = 'latest' continues from it"
+        kept = f"The {step} steps done are in the checkpoint {last_checkpoint}; resume = true continues from it"
     elif not main:
         kept = "The main process saves the steps done"
     else:
@@ -548,7 +548,7 @@ def _after_failed_step(failure: Exception, steps_done: TrainingState, base: Base
                 _report_step(done, config, events, last_checkpoint, steps_done.mixed_precision)
             _check_finite_weights(steps_done, last_checkpoint)
             path = _write_checkpoint(steps_done, base, unet, data, config, events)
-            kept = f"The {step} steps done are saved in {path}; resume = 'latest' continues from there"
+            kept = f"The {step} steps done are saved in {path}; resume = true continues from there"
         except Exception as e:  # noqa: BLE001 - whatever it is, the previous checkpoint stays
             kept = (f"Saving the {step} steps done failed too ({e}); the last good checkpoint, "
                     f"{last_checkpoint or 'none'}, is kept")
@@ -564,7 +564,7 @@ def _out_of_disk_space(error: DiskFullError, last_checkpoint: Path | None) -> Ou
     """A full disk's error, with what the run keeps and how it continues."""
     if last_checkpoint is None:
         return OutOfDiskSpace(f"{error}; no checkpoint was written yet, so the run starts over.")
-    return OutOfDiskSpace(f"{error}, then resume = 'latest' continues from the last good checkpoint, "
+    return OutOfDiskSpace(f"{error}, then resume = true continues from the last good checkpoint, "
                           f"{last_checkpoint}.")
 
 

@@ -45,7 +45,7 @@ class ForcedStop(KeyboardInterrupt):
         if self.last_checkpoint is None:
             return f"{self.signal_name} again: ended at once; no checkpoint was written"
         return (f"{self.signal_name} again: ended at once; the last checkpoint, {self.last_checkpoint}, is kept "
-                "(resume = 'latest' continues from it)")
+                "(resume = true continues from it)")
 
 
 class StopRequest:
