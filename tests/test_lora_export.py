@@ -398,7 +398,7 @@ def test_metadata_and_default_fp16(tmp_path):
     assert config.save_dtype == "fp16" and config.export_format == "kohya"
     unet, text_encoders = components("sdxl")
     add_lora(unet, text_encoders, config)
-    summary = {"num_images": 6, "tag_frequency": {"6_sks": {"sks dog": 6}}, "dataset_dirs": {"6_sks": {"n_repeats": 6, "img_count": 6}}}
+    summary = {"num_images": 6, "masked_images": 0, "tag_frequency": {"6_sks": {"sks dog": 6}}, "dataset_dirs": {"6_sks": {"n_repeats": 6, "img_count": 6}}}
     metadata = lora_metadata(config, arch="sdxl", base_model_name="sd_xl_base_1.0.safetensors",
                              base_model_hash="abc123", steps=120, dataset_summary=summary)
     path = tmp_path / "sks_dog.safetensors"
@@ -414,7 +414,7 @@ def test_metadata_and_default_fp16(tmp_path):
         "ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": "sd_xl_base_1.0.safetensors",
         "ss_sd_model_hash": "abc123", "ss_steps": "120", "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001",
         "ss_text_encoder_lr": "5e-05", "ss_resolution": "(512, 512)", "ss_training_comment": "a photo of sks dog",
-        "ss_v2": "False", "ss_num_train_images": "6", "modelspec.sai_model_spec": "1.0.0",
+        "ss_v2": "False", "ss_num_train_images": "6", "ss_masked_loss": "False", "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "modelspec.title": "sks_dog",
         "modelspec.trigger_phrase": "a photo of sks dog", "modelspec.resolution": "512x512",
     }

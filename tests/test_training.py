@@ -1372,6 +1372,9 @@ def test_masked_runs_resume_exactly_cache_the_same_and_refuse_a_changed_mask(tin
     common = dict(max_train_steps=5, batch_size=2, crop="random", flip_p=0.5, cache_latents="no")
     whole = make_config(tiny_sd1, photos, tmp_path / "whole", **common)
     loop.train(whole)
+    with safe_open(str(Path(whole.output_dir) / "test_lora.safetensors"), "pt") as f:  # as kohya records it
+        assert f.metadata()["ss_masked_loss"] == "True"
+        assert json.loads(f.metadata()["dreambooth_lora.dataset"])["masked_images"] == 4
     parts = stopped_then_resumed(make_config(tiny_sd1, photos, tmp_path / "parts", **common), 3)
     assert_same_lora(whole, parts)
     assert losses(parts)[3:] == pytest.approx(losses(whole)[3:], rel=1e-5)

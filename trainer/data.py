@@ -516,7 +516,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def dataset_summary(dataset: ImageDataset) -> dict:
-    """What a LoRA's metadata says about its data: counts, folders with repeats, caption tag frequencies."""
+    """What a LoRA's metadata says about its data: counts (images, masked images), folders with
+    repeats, caption tag frequencies."""
     dirs: dict[str, dict[str, int]] = {}
     tags: dict[str, dict[str, int]] = {}
     for item in dataset.items:
@@ -526,4 +527,5 @@ def dataset_summary(dataset: ImageDataset) -> dict:
         for tag in (t.strip() for t in item.caption.split(",")):
             if tag:
                 tags.setdefault(folder, {})[tag] = tags.get(folder, {}).get(tag, 0) + 1
-    return {"num_images": len(dataset), "summary": dataset.summary(), "dataset_dirs": dirs, "tag_frequency": tags}
+    return {"num_images": len(dataset), "masked_images": sum(item.masked for item in dataset.items),
+            "summary": dataset.summary(), "dataset_dirs": dirs, "tag_frequency": tags}

@@ -225,8 +225,9 @@ def lora_metadata(config: TrainConfig, *, arch: str, base_model_name: str, base_
 
     `dataset_summary` is any JSON-able dict; it is stored whole as `dreambooth_lora.dataset`,
     and its optional entries `tag_frequency` ({folder: {tag: count}}), `dataset_dirs`
-    ({folder: {"n_repeats": n, "img_count": n}}) and `num_images` also fill kohya's
-    `ss_tag_frequency`, `ss_dataset_dirs` and `ss_num_train_images`, which UIs show.
+    ({folder: {"n_repeats": n, "img_count": n}}), `num_images` and `masked_images` also fill
+    kohya's `ss_tag_frequency`, `ss_dataset_dirs`, `ss_num_train_images` and `ss_masked_loss`,
+    which UIs show.
     All values are strings, as the safetensors header requires.
     """
     _check_arch(arch)
@@ -276,6 +277,8 @@ def lora_metadata(config: TrainConfig, *, arch: str, base_model_name: str, base_
     }
     if config.prediction_type != "auto":  # 'auto' is resolved from the model, which the config does not record
         metadata["modelspec.prediction_type"] = "v" if config.prediction_type == "v_prediction" else "epsilon"
+    if "masked_images" in dataset_summary:
+        metadata["ss_masked_loss"] = str(dataset_summary["masked_images"] > 0)
     if "num_images" in dataset_summary:
         metadata["ss_num_train_images"] = str(dataset_summary["num_images"])
     if lora_sha256 is not None:
