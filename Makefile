@@ -48,21 +48,34 @@ comfyui-demo: comfyui
 screenshots: comfyui
 	$(BIN)/python tests/screenshots.py
 
-## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the newest
-## published version of every dependency and again at the oldest ones pyproject.toml allows
-test: newest
-	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q
-	$(MAKE) test-oldest
+PYTEST_NEWEST := $(BIN)/python -m pytest -m "not slow" -q
+PYTEST_OLDEST := DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q \
+                 -p no:cacheprovider
 
-## test-oldest: the same tests in .venv-oldest, at the floor of every dependency range (tests/oldest_versions.py)
+## test: what CI runs (unit tests on tiny models + tests against ComfyUI's code), at the newest
+## published version of every dependency and, side by side, at the oldest ones pyproject.toml allows
+test: newest $(OLDEST)/.installed
+	$(BIN)/python -m ruff check .
+	# Both suites at once, one thread each: a test keeps about one core busy on average (servers, workers and
+	# imports wait), so on 2 cores the pair takes about as long as the newest alone. The floors' output is
+	# written to $(OLDEST)/test.log and printed when both have ended.
+	@echo "the suite at the newest versions; at the floors, side by side, into $(OLDEST)/test.log"
+	OMP_NUM_THREADS=1 $(PYTEST_OLDEST) > $(OLDEST)/test.log 2>&1 & floors=$$!; \
+	OMP_NUM_THREADS=1 $(PYTEST_NEWEST); newest=$$?; \
+	wait $$floors; floors=$$?; \
+	echo "--- the same tests at the dependency floors (.venv-oldest):"; cat $(OLDEST)/test.log; \
+	test $$newest -eq 0 && test $$floors -eq 0
+
+## test-oldest: the same tests in .venv-oldest alone, at the floor of every dependency range (tests/oldest_versions.py)
 test-oldest: comfyui $(OLDEST)/.installed
-	DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
+	$(PYTEST_OLDEST)
 
 $(OLDEST)/.installed: pyproject.toml requirements-dev.txt tests/oldest_versions.py $(VENV)/.installed
 	# A copy of .venv made of hard links: torch (about 5 GB with its CUDA libraries) is stored on disk
 	# once, and pip replaces files rather than writing into them, so downgrading here leaves .venv whole.
 	test -x $(OLDEST)/bin/python || cp -al $(VENV) $(OLDEST) || { rm -rf $(OLDEST); $(PYTHON) -m venv $(OLDEST); }
+	# The copied stamp is .venv's own file: touching one would date both.
+	rm -f $@
 	$(OLDEST)/bin/python -c "import torch, torchvision, torchaudio" 2>/dev/null || \
 		$(OLDEST)/bin/python -m pip install --quiet $(TORCH_FOR_TESTS)
 	$(BIN)/python tests/oldest_versions.py > $(OLDEST)/constraints.txt

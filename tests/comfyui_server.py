@@ -138,8 +138,8 @@ class ComfyUIServer:
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGINT if os.name != "nt" else signal.SIGTERM)
-            try:
-                self._process.wait(timeout=20)
+            try:  # it exits in about 3 s; one that a browser's connection keeps waiting is not worth 20 s
+                self._process.wait(timeout=8)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(timeout=20)
