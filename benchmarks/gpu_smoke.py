@@ -1,8 +1,8 @@
 """The trainer's GPU paths on the tiny models, in seconds: the first thing a lent GPU runs.
 
 CI has no GPU, so these paths (bf16 autocast on CUDA, fused AdamW, class images generated
-on the device, offloading the frozen models, SDXL text-encoder LoRA, sampling) are only
-exercised here. Each run must finish, write its LoRA and samples, and keep its loss finite;
+on the device, offloading the frozen models, SDXL text-encoder LoRA, LoHa and LoKr, masked
+loss, sampling) are only exercised here. Each run must finish, write its LoRA and samples, and keep its loss finite;
 the script exits non-zero if one does not (gpu_session.sh reports it and benchmarks anyway:
 the benchmark's own cases show which paths work).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from comfyui_dreambooth_lora.trainer.config import TrainConfig  # noqa: E402
 from comfyui_dreambooth_lora.trainer.events import EventWriter  # noqa: E402
@@ -41,6 +44,11 @@ RUNS = {  # name -> (architecture, options)
     "sdxl, gradient checkpointing, offload, 5 class images (two turns of the models)": (
         "sdxl", dict(gradient_checkpointing=True, offload_frozen_models=True, with_prior_preservation=True,
                      class_prompt="a photo of disc", num_class_images=5)),
+    "sd1, LoHa on linear layers and convolutions": ("sd1", dict(network="loha", lora_targets="all_linear_and_conv")),
+    "sdxl, LoKr with the text encoders": ("sdxl", dict(network="lokr", train_text_encoder=True)),
+    # `masked`: the images with masks that keep their left half (the mask weights reach the loss on the GPU)
+    "sd1, masked loss, latents cached": ("sd1", dict(masked=True, cache_latents="yes")),
+    "sdxl, masked loss, random crops and flips": ("sdxl", dict(masked=True, crop="random", flip_p=0.5)),
 }
 
 
@@ -50,11 +58,15 @@ def main(workdir: Path, expected_device: str = "cuda", graphs_only: bool = False
         return 2
     data = workdir / "data"
     make_demo_dataset(data, count=4, size=96)
+    masked = with_half_masks(data, workdir / "data_masked")
     checks = {}
     for name, (arch, options) in RUNS.items() if not graphs_only else ():
         if options.get("mixed_precision") == "fp16" and expected_device == "cpu":
             continue  # the trainer refuses fp16 on the CPU
-        checks[name] = lambda arch=arch, options=options: check_run(workdir, data, arch, options, expected_device)
+        options = dict(options)
+        folder = masked if options.pop("masked", False) else data
+        checks[name] = lambda arch=arch, folder=folder, options=options: check_run(workdir, folder, arch, options,
+                                                                                  expected_device)
     if expected_device == "cuda":
         for name, (arch, options) in GRAPH_RUNS.items():
             checks[f"cuda_graphs, {name}"] = lambda arch=arch, options=options: compare_cuda_graphs(
@@ -80,6 +92,18 @@ def checked(name: str, check) -> bool:
         traceback.print_exc()
     print("gpu_smoke:", line, flush=True)
     return not problems
+
+
+def with_half_masks(data: Path, folder: Path) -> Path:
+    """A copy of `data` in which every image has a mask (`<name>_mask.png`) that keeps its left half."""
+    shutil.copytree(data, folder, dirs_exist_ok=True)
+    for image in sorted(folder.glob("*.png")):
+        if not image.stem.endswith("_mask"):
+            with Image.open(image) as picture:
+                mask = Image.new("L", picture.size, 0)
+            mask.paste(255, (0, 0, mask.width // 2, mask.height))
+            mask.save(folder / f"{image.stem}_mask.png")
+    return folder
 
 
 def train_tiny(workdir: Path, data: Path, arch: str, listener=None, **options):
@@ -122,6 +146,15 @@ def check_run(workdir: Path, data: Path, arch: str, options: dict, expected_devi
         problems.append(f"losses {losses}")
     if start["device"].split(":")[0] != expected_device:
         problems.append(f"trained on {start['device']}")
+    if result.lora_files:
+        with safe_open(str(result.lora_files[0]), "pt") as lora:
+            metadata = lora.metadata()
+        masked = any(p.stem.endswith("_mask") for p in data.glob("*.png"))
+        if metadata.get("ss_masked_loss") != str(masked):
+            problems.append(f"ss_masked_loss {metadata.get('ss_masked_loss')!r}, masks: {masked}")
+        if metadata.get("ss_network_module") != ("networks.lora" if options.get("network", "lora") == "lora"
+                                                 else "lycoris.kohya"):
+            problems.append(f"ss_network_module {metadata.get('ss_network_module')!r}")
     return problems, (f"{start['mixed_precision']}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
                       f"{time.time() - started:.1f} s{peak_memory()}")
 
