@@ -49,6 +49,7 @@ screenshots: comfyui
 	$(BIN)/python tests/screenshots.py
 
 PYTEST_NEWEST := $(BIN)/python -m pytest -m "not slow" -q
+FRONTEND_TESTS := tests/test_frontend.py
 PYTEST_OLDEST := DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/python -m pytest -m "not slow" -q \
                  -p no:cacheprovider
 
@@ -56,15 +57,19 @@ PYTEST_OLDEST := DREAMBOOTH_LORA_OLDEST=$(OLDEST)/constraints.txt $(OLDEST)/bin/
 ## published version of every dependency and, side by side, at the oldest ones pyproject.toml allows
 test: newest $(OLDEST)/.installed
 	$(BIN)/python -m ruff check .
-	# Both suites at once, one thread each: a test keeps about one core busy on average (servers, workers and
-	# imports wait), so on 2 cores the pair takes about as long as the newest alone. The floors' output is
-	# written to $(OLDEST)/test.log and printed when both have ended.
-	@echo "the suite at the newest versions; at the floors, side by side, into $(OLDEST)/test.log"
-	OMP_NUM_THREADS=1 $(PYTEST_OLDEST) > $(OLDEST)/test.log 2>&1 & floors=$$!; \
-	OMP_NUM_THREADS=1 $(PYTEST_NEWEST); newest=$$?; \
-	wait $$floors; floors=$$?; \
+	# Two lanes at once, one torch thread each: a test keeps about one core busy on average (servers, workers
+	# and imports wait). Lane 1: the suite at the newest versions, except the real-frontend tests. Lane 2: the
+	# suite at the floors, then the real-frontend tests (newest versions); the lanes take about as long. Lane
+	# 2's output goes to $(OLDEST)/test.log and $(VENV)/test_frontend.log, printed when both have ended.
+	@echo "the suite at the newest versions; at the floors and the real frontend, side by side, into logs"
+	( OMP_NUM_THREADS=1 $(PYTEST_OLDEST) > $(OLDEST)/test.log 2>&1; floors=$$?; \
+	  OMP_NUM_THREADS=1 $(PYTEST_NEWEST) -p no:cacheprovider $(FRONTEND_TESTS) > $(VENV)/test_frontend.log 2>&1; \
+	  frontend=$$?; test $$floors -eq 0 && test $$frontend -eq 0 ) & lane2=$$!; \
+	OMP_NUM_THREADS=1 $(PYTEST_NEWEST) --ignore=$(FRONTEND_TESTS); newest=$$?; \
+	wait $$lane2; lane2=$$?; \
 	echo "--- the same tests at the dependency floors (.venv-oldest):"; cat $(OLDEST)/test.log; \
-	test $$newest -eq 0 && test $$floors -eq 0
+	echo "--- the real-frontend tests (.venv):"; cat $(VENV)/test_frontend.log; \
+	test $$newest -eq 0 && test $$lane2 -eq 0
 
 ## test-oldest: the same tests in .venv-oldest alone, at the floor of every dependency range (tests/oldest_versions.py)
 test-oldest: comfyui $(OLDEST)/.installed
