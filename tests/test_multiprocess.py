@@ -20,6 +20,7 @@ from comfyui_dreambooth_lora.trainer.events import read_events
 from comfyui_dreambooth_lora.trainer.tiny import make_demo_dataset
 from comfyui_dreambooth_lora.trainer.run_folder import events_path, stop_path
 
+from comfyui_server import free_port
 from test_training import make_config
 
 
@@ -32,7 +33,7 @@ def launch(config, tmp_path: Path, processes: int, wait: bool = True, script: Pa
     # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes the processes talk over gloo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", *program]
+               str(free_port()), *program]  # a fixed port failed when make test's two lanes launched at once
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if not wait:  # in a session of its own, so the launcher and its workers can be killed together
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
