@@ -2,9 +2,9 @@
 
 CI has no GPU, so these paths (bf16 autocast on CUDA, fused AdamW, class images generated
 on the device, offloading the frozen models, SDXL text-encoder LoRA, LoHa and LoKr, masked
-loss, sampling) are only exercised here. Each run must finish, write its LoRA and samples, and keep its loss finite;
-the script exits non-zero if one does not (gpu_session.sh reports it and benchmarks anyway:
-the benchmark's own cases show which paths work).
+loss, sampling) are only exercised here. Each run must finish, write its LoRA and samples,
+and keep its loss finite; the script exits non-zero if one does not (gpu_session.sh reports
+it and benchmarks anyway: the benchmark's own cases show which paths work).
 
     python benchmarks/gpu_smoke.py [WORKDIR]
     python benchmarks/gpu_smoke.py --cpu     # the same runs on the CPU (to check this script itself)

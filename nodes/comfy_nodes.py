@@ -580,7 +580,7 @@ class DreamBoothTrainLoRA(io.ComfyNode):
         if reused is not None:
             say(reused.message())
             return train_outputs(plan, read_run_events(plan.run_dir), cls)
-        check_run_can_start(plan.run_dir, plan.lora_path, bool(plan.config.resume), plan.config.overwrite)
+        check_run_can_start(plan.run_dir, plan.lora_path, plan.config.resume, plan.config.overwrite)
         say("starting the training worker ...")
         outcome = supervise(_start_worker(plan), progress.show, _cancel_pressed, say)
         if outcome.finished:  # also when Cancel came after the last step: the LoRA is complete, a re-queue reuses it

@@ -107,6 +107,10 @@ def test_resume_folder_is_relative_to_the_config_file(tmp_path):
     assert Path(load_config(tmp_path / "run.toml", REQUIRED).resume_from_checkpoint) == checkpoint
     (tmp_path / "resume.toml").write_text('resume = true\n', encoding="utf-8")
     assert load_config(tmp_path / "resume.toml", REQUIRED).resume is True
+    (tmp_path / "missing.toml").write_text('resume_from_checkpoint = "runs/checkpoints/step_00000009"\n',
+                                           encoding="utf-8")
+    with pytest.raises(ConfigError, match="step_00000009.* is not an existing folder; name an output_dir/checkpoints"):
+        load_config(tmp_path / "missing.toml", REQUIRED)
 
 
 def test_home_is_expanded_and_command_line_paths_are_relative_to_where_it_ran(tmp_path, monkeypatch):

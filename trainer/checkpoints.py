@@ -29,7 +29,8 @@ from .fileio import as_disk_full, ensure_free_space, fsync_directory, fsync_fold
 from .run_folder import CHECKPOINTS, checkpoint_dir
 
 # Options that may change between a stop and its resume without changing what is trained.
-RESUMABLE_CHANGES = {"max_train_steps", "resume", "resume_from_checkpoint", "overwrite", "checkpoint_every", "keep_checkpoints",
+RESUMABLE_CHANGES = {"max_train_steps", "resume", "resume_from_checkpoint", "overwrite", "checkpoint_every",
+                     "keep_checkpoints",
                      "sample_every", "sample_at_end", "sample_steps", "sample_guidance", "sample_seed",
                      "sample_resolution", "validation_prompts", "output_dir", "lora_dir", "export_format",
                      "save_dtype", "compile_unet", "offload_frozen_models", "cuda_graphs",

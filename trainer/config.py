@@ -196,7 +196,8 @@ class TrainConfig:
                 problems.append("class_dir: required with with_prior_preservation; a folder for class images (created if missing)")
         problems += check_output_name(self.output_name) or _check_path_lengths(self)
         if self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
-            problems.append(f"resume_from_checkpoint: {self.resume_from_checkpoint!r} is not an existing checkpoint folder")
+            problems.append(f"resume_from_checkpoint: {self.resume_from_checkpoint!r} is not an existing folder; name "
+                            "an output_dir/checkpoints/step_NNNNNNNN folder, or leave it empty and set resume = true")
         if self.bucket_step % 8:
             problems.append(f"bucket_step: {self.bucket_step} must be a multiple of 8 (the VAE downsamples by 8)")
         if self.resolution % 8:
@@ -423,7 +424,8 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 def _absolute_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`values` with its path options made absolute: `~` expanded, relative ones joined to `folder`."""
     out = dict(values)
-    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir", "resume_from_checkpoint"):
+    for key in ("pretrained_model", "tokenizer", "instance_dir", "class_dir", "output_dir", "lora_dir",
+                "resume_from_checkpoint"):
         value = out.get(key)
         if isinstance(value, str) and value:
             value = os.path.expanduser(value)
